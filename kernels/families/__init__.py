@@ -1,0 +1,1 @@
+"""One module per model family (Llama, BLOOM, ...); each exposes the same small interface."""
