@@ -1,0 +1,99 @@
+"""petald settings: defaults, a TOML file, then command-line flags, in that order of precedence."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 31330
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and what to do."""
+
+
+def system_mode() -> bool:
+    """A system daemon (under systemd with StateDirectory=, or run as root) keeps state in /var/lib and /run."""
+    return bool(os.environ.get("STATE_DIRECTORY")) or os.geteuid() == 0
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if system_mode():
+        return Path("/var/lib/petal")
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "petal"
+
+
+def default_socket() -> Path:
+    """Where petald listens and petalctl looks: the same rule on both sides (see petal.ctl.client)."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "petald.sock"
+    if system_mode():
+        return Path("/run/petal/petald.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "petal" / "petald.sock"
+    return Path(f"/tmp/petal-{os.getuid()}") / "petald.sock"
+
+
+@dataclass
+class Config:
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket: Path = field(default_factory=default_socket)
+    listen: list[str] = field(default_factory=lambda: [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"])
+    dht_port: int | None = None  # None: the same number as the libp2p TCP port (UDP and TCP ports do not collide)
+    initial_peers: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    log_level: str = "info"
+    http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
+    announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
+
+    def validate(self) -> Config:
+        if not self.new_swarm and not self.initial_peers:
+            raise ConfigError(
+                "no swarm to join: pass --initial-peer MULTIADDR (an address printed by a running petald) "
+                "to join a swarm, or --new-swarm to start one"
+            )
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"--log-level {self.log_level!r}: use debug, info, warning or error")
+        if self.dht_port is not None and not 0 <= self.dht_port < 65536:
+            raise ConfigError(f"--dht-port {self.dht_port} is not a port number")
+        if self.announce_ttl < 3:
+            raise ConfigError("announce_ttl must be at least 3 seconds")
+        return self
+
+
+_PATH_FIELDS = {"state_dir", "socket"}
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, object]) -> Config:
+    """Defaults, then the TOML file (keys as in Config, dashes or underscores), then non-None overrides."""
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        known = {f.name for f in dataclasses.fields(Config)}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
+    for name in _PATH_FIELDS & values.keys():
+        values[name] = Path(os.path.expanduser(str(values[name])))
+    for name in ("listen", "initial_peers"):
+        if isinstance(values.get(name), (str, tuple)):
+            values[name] = [values[name]] if isinstance(values[name], str) else list(values[name])
+    try:
+        return Config(**values).validate()  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ConfigError(f"bad configuration: {e}") from None
