@@ -1,1 +1,27 @@
-"""One module per model family (Llama, BLOOM, ...); each exposes the same small interface."""
+"""One module per model family (Llama, BLOOM, ...); each exposes the interface described in `base.py`.
+
+Adding a family = one new module + one line in `_FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_FAMILIES: dict[str, str] = {
+    "llama": "petal.kernels.families.llama",
+    "bloom": "petal.kernels.families.bloom",
+}
+
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(_FAMILIES))
+
+
+def get_family(config: object) -> ModuleType:
+    """The family module for a transformers config, dispatching on `config.model_type`."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"unsupported model family {model_type!r}: petal supports {', '.join(SUPPORTED_FAMILIES)}; "
+            "pick a model of one of these families or add a module under kernels/families/"
+        )
+    return importlib.import_module(_FAMILIES[model_type])
