@@ -52,6 +52,8 @@ class Config:
     log_level: str = "info"
     http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
+    # block serving (see petal.daemon.server); `serve` is a model name in the models dir or a model dir path
+    serve: str | None = None
 
     def validate(self) -> Config:
         if not self.new_swarm and not self.initial_peers:

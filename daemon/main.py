@@ -1,16 +1,46 @@
-"""`petald`: the long-lived daemon every machine runs."""
+"""`petald`: the long-lived daemon every machine runs (in the foreground; systemd or a terminal supervises it)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+
 import click
 
+from .config import ConfigError, load_config
+from .systemd import setup_logging
 
-@click.group(invoke_without_command=True)
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with the settings below.")
+@click.option("--state-dir", help="Identity key and caches [XDG state dir, or /var/lib/petal for a system daemon].")
+@click.option("--socket", help="Control socket path [$XDG_RUNTIME_DIR/petal/petald.sock or /run/petal/petald.sock].")
+@click.option("--listen", multiple=True, help="libp2p listen multiaddr, repeatable [/ip4/0.0.0.0/tcp/31330].")
+@click.option("--dht-port", type=int, help="UDP port of the DHT [the same number as the libp2p TCP port].")
+@click.option("--initial-peer", "initial_peers", multiple=True, help="Address of a swarm member to join, repeatable.")
+@click.option("--new-swarm", is_flag=True, default=None, help="Start a new swarm instead of joining one.")
+@click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
-def cli(ctx: click.Context) -> None:
-    """Run the petal daemon (in the foreground)."""
-    if ctx.invoked_subcommand is None:
-        click.echo("petald: the swarm node is not implemented yet; `petald pull smollm2` fetches the default model")
+def cli(ctx: click.Context, config_file: str | None, **overrides: object) -> None:
+    """Run the petal daemon: join (or start) a swarm and serve the local control socket."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        config = load_config(config_file, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    setup_logging(config.log_level)
+    from .node import StartupError, run_node
+
+    try:
+        asyncio.run(run_node(config))
+    except StartupError as e:
+        logging.getLogger("petal").error("%s", e)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:
