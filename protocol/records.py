@@ -1,0 +1,333 @@
+"""DHT record schema and signatures (no I/O).
+
+A DHT key holds one entry per server. Each entry is signed by its server's ed25519 key over the canonical
+msgpack of ``[key, public_key, value, issued_at, expires_at]``, so any node can check it without trusting
+whoever relayed it, and a signature made for one key cannot be replayed under another.
+
+On the wire a record is ``signature (64 bytes) || payload`` where payload is exactly the signed bytes:
+the receiver verifies the bytes it got instead of re-encoding a decoded structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from petal.protocol.errors import WireError
+
+SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
+MAX_TTL = 3600.0
+"""Entries may not expire more than this many seconds after they were issued (owners re-announce)."""
+MAX_CLOCK_SKEW = 60.0
+"""How far in the future an ``issued_at`` may be before we call the signer's clock broken."""
+MAX_RECORD_BYTES = 640
+"""One server's entry, signature included. Keeps a full key's reply under one UDP datagram."""
+MAX_DATAGRAM = 8137
+"""Largest UDP message the kademlia/rpcudp stack delivers here (measured by the lead)."""
+VALUE_BUDGET = 6400
+"""Bytes of records one key may hold; the rest of a find_value reply carries the neighbour list."""
+MAX_DEPTH = 4
+
+MODELS_KEY = "_models"
+STATES = ("joining", "online", "offline")
+OFFLINE = "offline"
+STATE_FIELD = "st"
+
+
+class RecordError(WireError):
+    """A DHT record is malformed, badly signed, expired or too large (code ``too_large`` for size)."""
+
+    def __init__(self, message: str, code: str = "bad_frame") -> None:
+        super().__init__(code, message)
+
+
+class Signer(Protocol):
+    """What signing needs from a node identity (``petal.daemon.identity.Identity`` fits)."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def block_key(model_name: str, block: int) -> str:
+    """The DHT key under which servers of ``block`` of ``model_name`` announce themselves."""
+    if not isinstance(model_name, str) or not model_name or model_name == MODELS_KEY:
+        raise RecordError(f"invalid model name {model_name!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise RecordError(f"block index must be a non-negative int, got {block!r}")
+    return f"{model_name}.{block}"
+
+
+def key_digest(key: str) -> bytes:
+    """The 160-bit Kademlia id of a string key (what the ``kademlia`` package uses: SHA-1 of UTF-8)."""
+    return hashlib.sha1(key.encode("utf-8")).digest()
+
+
+# --- peer ids -------------------------------------------------------------------------------------------
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _base58(data: bytes) -> str:
+    n = int.from_bytes(data, "big")
+    out = []
+    while n:
+        n, r = divmod(n, 58)
+        out.append(_B58[r])
+    pad = len(data) - len(data.lstrip(b"\0"))
+    return "1" * pad + "".join(reversed(out))
+
+
+@lru_cache(maxsize=4096)
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """The libp2p peer id of an ed25519 key, without importing libp2p.
+
+    libp2p inlines small keys: identity multihash (code 0x00) of the protobuf ``PublicKey{Type=Ed25519(1),
+    Data=key}``, written in base58btc.
+    """
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise RecordError(f"ed25519 public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
+    proto = b"\x08\x01\x12" + bytes([PUBLIC_KEY_BYTES]) + public_key
+    return _base58(b"\x00" + bytes([len(proto)]) + proto)
+
+
+# --- canonical encoding ---------------------------------------------------------------------------------
+
+
+def _canonical(obj: Any, depth: int = 0) -> Any:
+    """Sort dict keys and normalise tuples, refusing types that would not round-trip identically."""
+    if depth > MAX_DEPTH:
+        raise RecordError(f"record value nested deeper than {MAX_DEPTH} levels")
+    if obj is None or isinstance(obj, (bool, int, str, bytes)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise RecordError("record values must be finite numbers")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(x, depth + 1) for x in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise RecordError("record value dicts must have string keys")
+        return {k: _canonical(obj[k], depth + 1) for k in sorted(obj)}
+    raise RecordError(f"type {type(obj).__name__} cannot appear in a DHT record")
+
+
+def _payload(key: str, public_key: bytes, value: dict, issued_at: float, expires_at: float) -> bytes:
+    return msgpack.packb(
+        [key, public_key, _canonical(value), float(issued_at), float(expires_at)], use_bin_type=True
+    )
+
+
+# --- entries --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One server's verified entry under one key. ``peer_id`` derives from ``public_key``, never from the value."""
+
+    peer_id: str
+    public_key: bytes
+    value: dict
+    issued_at: float
+    expires_at: float
+    key: str = ""
+    signature: bytes = field(default=b"", repr=False)
+
+    def to_record(self) -> bytes:
+        """The wire form: signature || signed payload."""
+        return self.signature + _payload(self.key, self.public_key, self.value, self.issued_at, self.expires_at)
+
+    @property
+    def state(self) -> str | None:
+        """The server state if the value carries one (block and model entries do)."""
+        state = self.value.get(STATE_FIELD)
+        return state if isinstance(state, str) else None
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at <= (time.time() if now is None else now)
+
+
+def sign_entry(signer: Signer, key: str, value: dict, *, issued_at: float, expires_at: float) -> Entry:
+    """Sign ``value`` under ``key``. Raises RecordError if the value is not encodable or the record too big."""
+    if not isinstance(value, dict):
+        raise RecordError(f"a DHT value must be a dict, got {type(value).__name__}")
+    if not expires_at > issued_at:
+        raise RecordError("expires_at must be after issued_at")
+    if expires_at - issued_at > MAX_TTL:
+        raise RecordError(f"TTL {expires_at - issued_at:.0f}s exceeds the {MAX_TTL:.0f}s maximum; re-announce instead")
+    value = _canonical(value)
+    public_key = bytes(signer.public_key)
+    payload = _payload(key, public_key, value, issued_at, expires_at)
+    if SIGNATURE_BYTES + len(payload) > MAX_RECORD_BYTES:
+        raise RecordError(
+            f"record for {key!r} is {SIGNATURE_BYTES + len(payload)} bytes, over the {MAX_RECORD_BYTES}-byte limit; "
+            "announce fewer addresses or shorter fields",
+            "too_large",
+        )
+    signature = signer.sign(payload)
+    return Entry(
+        peer_id_from_public_key(public_key), public_key, value, float(issued_at), float(expires_at), key, signature
+    )
+
+
+def verify_entry(
+    record: bytes,
+    *,
+    key: str | None = None,
+    now: float | None = None,
+    max_ttl: float = MAX_TTL,
+    max_skew: float = MAX_CLOCK_SKEW,
+) -> Entry:
+    """Check a wire record and return its Entry, or raise RecordError saying why it was refused.
+
+    ``key``: if given, the key inside the signed payload must equal it (a record signed for one key is not
+    valid under another). Expired records, TTLs over ``max_ttl`` and ``issued_at`` more than ``max_skew``
+    seconds in the future are refused, so a node cannot pin an entry in place for long.
+    """
+    if not isinstance(record, (bytes, bytearray)):
+        raise RecordError(f"record must be bytes, got {type(record).__name__}")
+    record = bytes(record)
+    if len(record) > MAX_RECORD_BYTES:
+        raise RecordError(f"record is {len(record)} bytes, over the {MAX_RECORD_BYTES}-byte limit", "too_large")
+    if len(record) <= SIGNATURE_BYTES:
+        raise RecordError("record too short to hold a signature")
+    signature, payload = record[:SIGNATURE_BYTES], record[SIGNATURE_BYTES:]
+    try:
+        decoded = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise RecordError(f"record payload is not msgpack: {e}") from None
+    if not (isinstance(decoded, list) and len(decoded) == 5):
+        raise RecordError("record payload must be [key, public_key, value, issued_at, expires_at]")
+    rkey, public_key, value, issued_at, expires_at = decoded
+    if not isinstance(rkey, str) or not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise RecordError("record key must be a string and public key 32 bytes")
+    if not isinstance(value, dict) or not all(isinstance(t, float) for t in (issued_at, expires_at)):
+        raise RecordError("record value must be a map and timestamps floats")
+    if key is not None and rkey != key:
+        raise RecordError(f"record was signed for key {rkey!r}, not {key!r}")
+    if _payload(rkey, public_key, value, issued_at, expires_at) != payload:
+        raise RecordError("record payload is not canonically encoded")
+    try:
+        VerifyKey(public_key).verify(payload, signature)
+    except (BadSignatureError, ValueError, TypeError):
+        raise RecordError("bad signature") from None
+    now = time.time() if now is None else now
+    if not math.isfinite(issued_at) or not math.isfinite(expires_at):
+        raise RecordError("record timestamps must be finite")
+    if expires_at <= now:
+        raise RecordError("record expired")
+    if issued_at > now + max_skew:
+        raise RecordError(f"record issued {issued_at - now:.0f}s in the future (clock skew?)")
+    if expires_at <= issued_at or expires_at - issued_at > max_ttl or expires_at > now + max_ttl + max_skew:
+        raise RecordError(f"record TTL out of bounds (max {max_ttl:.0f}s)")
+    return Entry(peer_id_from_public_key(public_key), public_key, value, issued_at, expires_at, rkey, signature)
+
+
+# --- value schemas --------------------------------------------------------------------------------------
+
+
+def _field(value: dict, name: str, types: type | tuple[type, ...], what: str) -> Any:
+    got = value.get(name)
+    if isinstance(got, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        got = None
+    if not isinstance(got, types):
+        raise RecordError(f"entry value field {name!r} ({what}) missing or of the wrong type")
+    return got
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """What a server announces under each block key it serves. Short field names on the wire."""
+
+    addrs: tuple[str, ...]
+    start: int
+    end: int
+    state: str
+    throughput: float
+    cache_tokens_left: int
+    dtype: str
+    version: int
+    peer_id: str = ""  # filled from the signed entry, not carried in the value
+
+    def to_value(self) -> dict:
+        if self.state not in STATES:
+            raise RecordError(f"state must be one of {STATES}, got {self.state!r}")
+        if not 0 <= self.start < self.end:
+            raise RecordError(f"span [{self.start}, {self.end}) is empty or negative")
+        return {
+            "a": list(self.addrs),
+            "s": [self.start, self.end],
+            STATE_FIELD: self.state,
+            "t": float(self.throughput),
+            "c": int(self.cache_tokens_left),
+            "d": self.dtype,
+            "v": int(self.version),
+        }
+
+    @classmethod
+    def from_value(cls, value: dict, peer_id: str = "") -> ServerRecord:
+        addrs = _field(value, "a", list, "addresses")
+        span = _field(value, "s", list, "span")
+        state = _field(value, STATE_FIELD, str, "state")
+        if not all(isinstance(a, str) for a in addrs):
+            raise RecordError("addresses must be multiaddr strings")
+        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+            raise RecordError("span must be [start, end)")
+        if state not in STATES or not 0 <= span[0] < span[1]:
+            raise RecordError(f"bad state {state!r} or span {span!r}")
+        return cls(
+            tuple(addrs),
+            span[0],
+            span[1],
+            state,
+            float(_field(value, "t", (int, float), "throughput")),
+            _field(value, "c", int, "cache tokens left"),
+            _field(value, "d", str, "dtype/quant"),
+            _field(value, "v", int, "version"),
+            peer_id,
+        )
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> ServerRecord:
+        return cls.from_value(entry.value, entry.peer_id)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What a server announces under MODELS_KEY so clients can discover which models the swarm serves."""
+
+    name: str
+    fingerprint: str
+    num_blocks: int
+    family: str
+    state: str = "online"
+
+    def to_value(self) -> dict:
+        if self.state not in STATES:
+            raise RecordError(f"state must be one of {STATES}, got {self.state!r}")
+        return {"n": self.name, "f": self.fingerprint, "b": int(self.num_blocks), "fm": self.family,
+                STATE_FIELD: self.state}
+
+    @classmethod
+    def from_value(cls, value: dict) -> ModelRecord:
+        state = value.get(STATE_FIELD, "online")
+        if state not in STATES:
+            raise RecordError(f"bad state {state!r}")
+        return cls(
+            _field(value, "n", str, "name"),
+            _field(value, "f", str, "fingerprint"),
+            _field(value, "b", int, "num_blocks"),
+            _field(value, "fm", str, "family"),
+            state,
+        )
