@@ -5,6 +5,8 @@ Each comparison states its tolerance and prints the measured max |diff| (run wit
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -239,3 +241,17 @@ def test_padded_batch_generation_matches_generate(model: torch.nn.Module) -> Non
     mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     ref = model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=8)
     assert greedy(model, prompt, mask, 8).tolist() == ref[:, 6:].tolist()
+
+
+def test_bf16_forward_and_steps_match_model(model: torch.nn.Module) -> None:
+    """Servers run in half precision: bf16 stays within a couple of bf16 ulps (eps 7.8e-3) of transformers."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.name = model.name
+    x = ids(2, 9)
+    ref = reference_block_outputs(half, x)
+    span = Span.from_model(half, 0, 4)
+    with torch.no_grad():
+        maxdiff("bf16 span [0,4) forward", half, span(ref[0]), ref[4], 2e-2)
+        cache = span.new_cache(2, 9, torch.bfloat16, "cpu")
+        outs = [span.step(ref[0][:, :4], cache)] + [span.step(ref[0][:, i : i + 1], cache) for i in range(4, 9)]
+    maxdiff("bf16 prefill 4 + 5 steps", half, torch.cat(outs, 1), ref[4], 2e-2)
