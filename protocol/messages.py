@@ -1,0 +1,323 @@
+"""The block-serving messages (info, forward, backward, inference) and their validators.
+
+Every request a server receives passes through one of the `parse_*` functions before anything touches it: they
+check field presence and types, ranges, and tensor shapes against what the server hosts (`ServedSpan`), and raise
+`WireError` (malformed) or `PetalError` (well-formed but unservable) with a message that says what to fix. The
+client-side `check_reply` does the same for answers. Pure functions: no I/O, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import torch
+
+from petal.protocol.errors import PetalError, WireError
+from petal.protocol.tensors import decode_tensor
+
+INFO_PROTOCOL: Final = "/petal/block/info/1"
+FORWARD_PROTOCOL: Final = "/petal/block/forward/1"
+BACKWARD_PROTOCOL: Final = "/petal/block/backward/1"
+INFERENCE_PROTOCOL: Final = "/petal/block/inference/1"
+
+CODECS: Final[tuple[str, ...]] = ("none", "float16", "bfloat16", "q8")
+DEFAULT_CODEC: Final = "q8"
+DEFAULT_MAX_TENSOR_BYTES: Final = 48 * 1024 * 1024
+"""Decoded size limit of one tensor; below the transport's 64 MiB frame so a legal request always fits a frame."""
+
+_MAX_NAME = 256
+
+
+@dataclass(frozen=True)
+class ServedSpan:
+    """What a server hosts and allows: the facts every request is validated against."""
+
+    model: str
+    fingerprint: str
+    start: int
+    end: int
+    hidden_size: int
+    max_batch: int
+    max_length: int
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_request_bytes: int = 2 * DEFAULT_MAX_TENSOR_BYTES
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """A validated forward or backward call; `grad` is set only for backward."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    codec: str
+    grad: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """A validated first message of an inference stream."""
+
+    start: int
+    end: int
+    max_length: int
+    batch: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """A validated inference step: `t` new tokens written at cache `position`."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    position: int
+    prompts: torch.Tensor | None
+
+
+# --- field helpers -------------------------------------------------------------------------------------------------
+
+
+def _message(msg: object, what: str) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        raise WireError("bad_frame", f"a {what} message must be a map, got {type(msg).__name__}")
+    return msg
+
+
+def _int(msg: dict[str, Any], name: str, what: str, *, low: int | None = None, high: int | None = None) -> int:
+    value = msg.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError("bad_frame", f"{what}: field {name!r} must be an integer, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise PetalError("bad_request", f"{what}: {name}={value} is outside {bounds}")
+    return value
+
+
+def _str(msg: dict[str, Any], name: str, what: str) -> str:
+    value = msg.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
+        raise WireError("bad_frame", f"{what}: field {name!r} must be a non-empty string of at most {_MAX_NAME} chars")
+    return value
+
+
+def _codec(msg: dict[str, Any], what: str) -> str:
+    codec = msg.get("codec", DEFAULT_CODEC)
+    if codec is None:
+        codec = DEFAULT_CODEC
+    if codec not in CODECS:
+        raise PetalError("bad_request", f"{what}: unknown reply codec {codec!r:.40}; use one of {', '.join(CODECS)}")
+    return codec
+
+
+def _tensor(msg: dict[str, Any], name: str, served: ServedSpan, *, optional: bool) -> torch.Tensor | None:
+    obj = msg.get(name)
+    if obj is None:
+        if optional:
+            return None
+        raise WireError("bad_frame", f"field {name!r} (a tensor) is missing")
+    return decode_tensor(obj, max_bytes=served.max_tensor_bytes)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _check_model(msg: dict[str, Any], served: ServedSpan, what: str) -> None:
+    model = _str(msg, "model", what)
+    if model != served.model:
+        raise PetalError("unknown_block", f"{what}: this server hosts model {served.model!r}, not {model!r:.80}")
+    fingerprint = msg.get("fingerprint")
+    if fingerprint is not None and fingerprint != served.fingerprint:
+        raise PetalError(
+            "unknown_block",
+            f"{what}: model {served.model!r} here has fingerprint {served.fingerprint}, not {fingerprint!r:.40}: "
+            "the weights differ; pick a server announcing your fingerprint",
+        )
+
+
+def _span(msg: dict[str, Any], served: ServedSpan, what: str) -> tuple[int, int]:
+    start = _int(msg, "start", what)
+    end = _int(msg, "end", what)
+    if not served.start <= start < end <= served.end:
+        raise PetalError(
+            "unknown_block",
+            f"{what}: blocks [{start}, {end}) are not inside the span [{served.start}, {served.end}) this server hosts",
+        )
+    return start, end
+
+
+def _check_hidden(hidden: torch.Tensor, served: ServedSpan, name: str = "hidden") -> tuple[int, int]:
+    if not hidden.is_floating_point():
+        raise WireError("bad_tensor", f"{name} must be a floating-point tensor, got {hidden.dtype}")
+    if hidden.dim() != 3 or hidden.shape[-1] != served.hidden_size:
+        raise PetalError(
+            "wrong_shape", f"{name} must be [batch, tokens, {served.hidden_size}], got {list(hidden.shape)}"
+        )
+    batch, t = int(hidden.shape[0]), int(hidden.shape[1])
+    if not 1 <= batch <= served.max_batch:
+        raise PetalError("wrong_shape", f"{name}: batch {batch} is outside [1, max_batch={served.max_batch}]")
+    if t < 1:
+        raise PetalError("wrong_shape", f"{name} has no tokens; send at least one")
+    if not bool(torch.isfinite(hidden).all()):
+        raise WireError("bad_tensor", f"{name} contains NaN or infinite values")
+    return batch, t
+
+
+def _check_mask(mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, total):
+        raise PetalError("wrong_shape", f"mask must be [batch, past + new tokens] = [{batch}, {total}], "
+                         f"got {list(mask.shape)}")
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise WireError("bad_tensor", "mask contains NaN or infinite values")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise PetalError("bad_request", "mask must contain only 0 (padding) and 1 (real token)")
+    return mask.to(torch.long)
+
+
+def _check_prompts(
+    prompts: torch.Tensor | None, blocks: int, batch: int, served: ServedSpan, max_prompt: int | None
+) -> torch.Tensor | None:
+    if prompts is None:
+        return None
+    if not prompts.is_floating_point():
+        raise WireError("bad_tensor", f"prompts must be a floating-point tensor, got {prompts.dtype}")
+    shape = list(prompts.shape)
+    if (
+        prompts.dim() != 4
+        or shape[0] != blocks
+        or shape[1] not in (1, batch)
+        or shape[2] < 1
+        or shape[3] != served.hidden_size
+    ):
+        raise PetalError(
+            "wrong_shape",
+            f"prompts must be [blocks={blocks}, batch={batch} (or 1), prompt_len, {served.hidden_size}], got {shape}",
+        )
+    if max_prompt is not None and shape[2] > max_prompt:
+        raise PetalError("wrong_shape", f"prompts are {shape[2]} tokens long but only {max_prompt} tokens were sent")
+    if not bool(torch.isfinite(prompts).all()):
+        raise WireError("bad_tensor", "prompts contain NaN or infinite values")
+    return prompts
+
+
+def _check_total(served: ServedSpan, *tensors: torch.Tensor | None) -> None:
+    total = _nbytes(*tensors)
+    if total > served.max_request_bytes:
+        raise WireError("too_large", f"request tensors take {total} bytes, over this server's "
+                        f"{served.max_request_bytes}; split the batch")
+
+
+# --- requests (server side) ----------------------------------------------------------------------------------------
+
+
+def parse_info_request(msg: object, served: ServedSpan) -> None:
+    """`{"model": name}`; raises if the server does not host that model."""
+    _check_model(_message(msg, "info"), served, "info")
+
+
+def parse_forward(msg: object, served: ServedSpan, *, backward: bool = False) -> ForwardRequest:
+    """A forward (or, with `backward`, a backward) call, fully validated against `served`."""
+    what = "backward" if backward else "forward"
+    m = _message(msg, what)
+    _check_model(m, served, what)
+    start, end = _span(m, served, what)
+    codec = _codec(m, what)
+    hidden = _tensor(m, "hidden", served, optional=False)
+    assert hidden is not None
+    batch, t = _check_hidden(hidden, served)
+    if t > served.max_length:
+        raise PetalError("max_length", f"{what}: {t} tokens exceed this server's max_length {served.max_length}")
+    mask = _check_mask(_tensor(m, "mask", served, optional=True), batch, t)
+    prompts = _check_prompts(_tensor(m, "prompts", served, optional=True), end - start, batch, served, t)
+    grad = None
+    if backward:
+        grad = _tensor(m, "grad", served, optional=False)
+        assert grad is not None
+        _check_hidden(grad, served, "grad")
+        if grad.shape != hidden.shape:
+            raise PetalError("wrong_shape", f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
+    _check_total(served, hidden, mask, prompts, grad)
+    return ForwardRequest(start, end, hidden, mask, prompts, codec, grad)
+
+
+def parse_open(msg: object, served: ServedSpan) -> OpenRequest:
+    """The first message of an inference stream."""
+    m = _message(msg, "inference open")
+    _check_model(m, served, "inference open")
+    start, end = _span(m, served, "inference open")
+    max_length = _int(m, "max_length", "inference open", low=1)
+    if max_length > served.max_length:
+        raise PetalError(
+            "max_length", f"max_length {max_length} exceeds this server's limit {served.max_length}; ask for less"
+        )
+    batch = _int(m, "batch", "inference open", low=1)
+    if batch > served.max_batch:
+        raise PetalError("wrong_shape", f"batch {batch} exceeds this server's max_batch {served.max_batch}")
+    return OpenRequest(start, end, max_length, batch, _codec(m, "inference open"))
+
+
+def parse_step(
+    msg: object, served: ServedSpan, *, blocks: int, batch: int, max_length: int, length: int
+) -> StepRequest:
+    """One inference step of a session opened with `batch` and `max_length` whose cache holds `length` tokens."""
+    m = _message(msg, "inference step")
+    hidden = _tensor(m, "hidden", served, optional=False)
+    assert hidden is not None
+    got_batch, t = _check_hidden(hidden, served)
+    if got_batch != batch:
+        raise PetalError("wrong_shape", f"this session was opened with batch {batch}, the step has {got_batch}")
+    position = m.get("position", length)
+    if position is None:
+        position = length
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise WireError("bad_frame", f"inference step: 'position' must be an integer, got {type(position).__name__}")
+    if not 0 <= position <= length:
+        raise PetalError(
+            "bad_request",
+            f"inference step: position {position} is outside [0, {length}] (the cache holds {length} tokens)",
+        )
+    if position + t > max_length:
+        raise PetalError(
+            "max_length",
+            f"{position} cached + {t} new tokens exceed the session's max_length {max_length}; "
+            "open a new session with a larger max_length",
+        )
+    mask = _check_mask(_tensor(m, "mask", served, optional=True), batch, position + t)
+    prompts = _check_prompts(_tensor(m, "prompts", served, optional=True), blocks, batch, served, None)
+    _check_total(served, hidden, mask, prompts)
+    return StepRequest(hidden, mask, position, prompts)
+
+
+# --- replies (client side) -----------------------------------------------------------------------------------------
+
+
+def error_reply(error: PetalError) -> dict[str, Any]:
+    """The error frame every handler sends instead of a result."""
+    return {"error": error.to_wire()}
+
+
+def check_reply(msg: object, *fields: str) -> dict[str, Any]:
+    """A reply map with `fields` present; raises the remote PetalError if it is an error frame."""
+    if isinstance(msg, dict) and "error" in msg:
+        raise PetalError.from_wire(msg["error"])
+    m = _message(msg, "reply")
+    missing = [f for f in fields if f not in m]
+    if missing:
+        raise WireError("bad_frame", f"reply lacks field(s) {', '.join(missing)}; the server may be incompatible")
+    return m
+
+
+def decode_reply_tensor(
+    reply: dict[str, Any], name: str, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, *, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Tensor `name` of a reply, checked for the expected shape (a server must not return anything else)."""
+    tensor = decode_tensor(reply[name], max_bytes=max_bytes)
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise WireError("bad_tensor", f"reply {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor
