@@ -1,0 +1,30 @@
+"""Shared fixtures. Keep each fixture small and documented; models here are tiny unless marked smollm2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel
+
+
+@pytest.fixture
+def save_model(tmp_path: Path) -> Callable[..., Path]:
+    """`save_model(model, name="m", max_shard_size=None) -> dir`: save a model as safetensors under tmp_path."""
+
+    def save(model: PreTrainedModel, name: str = "m", max_shard_size: str | int | None = None) -> Path:
+        out = tmp_path / name
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(out, safe_serialization=True, **kwargs)
+        return out
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, pulled once (about 30 s cold) into the default models dir and reused."""
+    from petal.daemon.pull import pull_model
+
+    return pull_model("smollm2", progress=False)
