@@ -78,7 +78,7 @@ def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> tor
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def client_param_names(parts: nn.Module, prefixes: dict[str, str]) -> dict[str, str]:
+def names_by_prefix(parts: nn.Module, prefixes: dict[str, str]) -> dict[str, str]:
     """Map every state-dict key of `parts` to its checkpoint name by swapping its prefix."""
     names = {}
     for key in parts.state_dict():

@@ -61,7 +61,7 @@ class ClientParts(nn.Module):
 def client_param_names(config: LlamaConfig) -> dict[str, str]:
     with torch.device("meta"):
         parts = ClientParts(config)
-    return base.client_param_names(parts, CLIENT_PREFIXES)
+    return base.names_by_prefix(parts, CLIENT_PREFIXES)
 
 
 class BlockRunner:
