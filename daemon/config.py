@@ -54,6 +54,16 @@ class Config:
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
     # block serving (see petal.daemon.server); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
+    blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
+    num_blocks: int | None = None  # host this many blocks where the swarm's throughput is worst
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quant: str = "none"  # none | int8 (weights)
+    max_cache_tokens: int | None = None  # KV budget in tokens x blocks, reserved at start [4096 x hosted blocks]
+    max_batch: int = 8
+    max_length: int = 4096  # longest inference session (tokens) and forward sequence
+    codec: str = "q8"  # default codec of replies: none | float16 | bfloat16 | q8
+    alloc_timeout: float = 10.0  # seconds a session waits for KV budget before "busy"
 
     def validate(self) -> Config:
         if not self.new_swarm and not self.initial_peers:
@@ -67,7 +77,31 @@ class Config:
             raise ConfigError(f"--dht-port {self.dht_port} is not a port number")
         if self.announce_ttl < 3:
             raise ConfigError("announce_ttl must be at least 3 seconds")
+        if self.serve:
+            self._validate_serving()
         return self
+
+    def _validate_serving(self) -> None:
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ConfigError("pass either --blocks A:B or --num-blocks N, not both")
+        if self.blocks is not None:
+            parts = self.blocks.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+                raise ConfigError(f"--blocks {self.blocks!r}: use START:END with START < END, e.g. 0:10")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"--num-blocks {self.num_blocks}: host at least one block")
+        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"), "quant": ("none", "int8"),
+                   "codec": ("none", "float16", "bfloat16", "q8")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("max_batch", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
+            raise ConfigError("max_cache_tokens must be at least 1 (tokens x blocks)")
+        if self.alloc_timeout < 0:
+            raise ConfigError("alloc_timeout must be >= 0 seconds")
 
 
 _PATH_FIELDS = {"state_dir", "socket"}

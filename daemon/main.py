@@ -21,6 +21,17 @@ from .systemd import setup_logging
 @click.option("--initial-peer", "initial_peers", multiple=True, help="Address of a swarm member to join, repeatable.")
 @click.option("--new-swarm", is_flag=True, default=None, help="Start a new swarm instead of joining one.")
 @click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
+@click.option("--serve", help="Host blocks of this model (a name in the models dir, or a model dir path).")
+@click.option("--blocks", help="Host blocks A:B (0-based, end exclusive) [all, or chosen with --num-blocks].")
+@click.option("--num-blocks", type=int, help="Host this many blocks where the swarm's throughput is worst.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where served blocks run [cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Served blocks' dtype [float32].")
+@click.option("--quant", type=click.Choice(["none", "int8"]), help="Weight quantization of served blocks [none].")
+@click.option("--max-cache-tokens", type=int, help="KV-cache budget in tokens x blocks [4096 x hosted blocks].")
+@click.option("--max-batch", type=int, help="Largest batch a request may carry [8].")
+@click.option("--max-length", type=int, help="Longest inference session / forward sequence in tokens [4096].")
+@click.option("--codec", type=click.Choice(["none", "float16", "bfloat16", "q8"]), help="Default reply codec [q8].")
+@click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, **overrides: object) -> None:
