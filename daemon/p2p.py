@@ -1,0 +1,565 @@
+"""The libp2p transport: py-libp2p (trio-native) runs in its own thread; a thin bridge gives asyncio the
+`Transport` interface of `petal.daemon.transport`.
+
+Why the bridge looks like this: per-message `trio.from_thread.run` from executor threads costs far more than
+the network itself. Both directions here are non-blocking hand-offs instead: asyncio -> trio through
+`TrioToken.run_sync_soon` (which spawns a task or feeds a per-stream trio channel), trio -> asyncio through
+`loop.call_soon_threadsafe` (resolving a future or feeding the stream's asyncio queue, one hop per read
+chunk, not per message). Cancelling an asyncio awaiter cancels the trio operation it waits for.
+
+Security is Noise only and muxing yamux only (never mplex); one connection per peer, reused by every stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from petal.daemon.identity import Identity
+from petal.daemon.transport import (
+    MAX_FRAME,
+    DialError,
+    Handler,
+    PeerAddr,
+    ProtocolNotSupported,
+    StreamBase,
+    StreamClosed,
+    StreamReset,
+    TransportError,
+    call_over,
+    serve_stream,
+)
+from petal.protocol.errors import WireError
+from petal.protocol.frames import FrameDecoder, encode_frame
+
+if TYPE_CHECKING:
+    from libp2p.abc import IHost, INetStream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+READ_CHUNK = 256 * 1024
+"""Bytes asked of yamux per read: large reads mean fewer thread hops per megabyte."""
+HIGH_WATER = 64
+"""Decoded-but-unread messages after which a stream stops reading from the network (yamux then pushes back)."""
+LOW_WATER = 16
+CLOSE_GRACE = 10.0
+"""After we close our side, how long the stream waits for the peer's EOF before resetting it."""
+
+
+def build_host(identity: Identity, listen: Sequence[str]) -> IHost:
+    """A libp2p host with Noise + yamux only and at most one connection per peer.
+
+    `max_connections_per_peer=1` matters beyond resource use: with the default (3) every dial to a connected
+    peer waits ~250 ms for extra connections.
+    """
+    import multiaddr
+    from libp2p import new_host
+    from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    key_pair = identity.libp2p_key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_ID: noise},
+        muxer_opt={YAMUX_ID: Yamux},
+        listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    # libp2p's AutoConnector keeps dialing every peer in the peerstore until ~100 connections are open. Our
+    # router decides whom to talk to, so it stays off (its start() is what arms it).
+    connector = host.get_network().auto_connector  # type: ignore[attr-defined]
+
+    async def _off() -> None:
+        return None
+
+    connector.start = _off
+    connector.stop = _off
+    return host
+
+
+def _strip_p2p(addr: str) -> str:
+    """The transport part of a multiaddr ("/ip4/1.2.3.4/tcp/5/p2p/Qm.." -> "/ip4/1.2.3.4/tcp/5")."""
+    i = addr.find("/p2p/")
+    return addr if i < 0 else addr[:i]
+
+
+class _Bridge:
+    """The two hand-offs between the asyncio loop and the trio thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.nursery: trio.Nursery | None = None
+
+    def to_trio(self, fn: Callable[..., object], *args: object) -> None:
+        """Run the sync `fn(*args)` soon in the trio thread (FIFO with other calls); never blocks."""
+        if self.token is None:
+            raise TransportError("the libp2p transport is not running: call start() first")
+        try:
+            self.token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise TransportError("the libp2p transport has stopped") from None
+
+    def to_asyncio(self, fn: Callable[..., object], *args: object) -> None:
+        """Run the sync `fn(*args)` soon in the asyncio loop; a closed loop means nobody is listening."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: object, discard: Callable[[T], None] | None = None) -> asyncio.Future[T]:
+        """Run the trio coroutine `fn(*args)` as a task of the transport's nursery; the future gets its outcome.
+
+        Cancelling the future cancels the trio task. If the task produced a result nobody will take (the
+        future was cancelled meanwhile), `discard(result)` runs in the trio thread so nothing leaks.
+        """
+        fut: asyncio.Future[T] = self.loop.create_future()
+        scope = trio.CancelScope()
+
+        def deliver(ok: bool, value: Any) -> None:
+            if fut.done():
+                if ok and discard is not None:
+                    self.to_trio_quiet(discard, value)
+                return
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        async def task() -> None:
+            delivered = False
+            try:
+                with scope:
+                    try:
+                        value = await fn(*args)
+                    except Exception as e:  # noqa: BLE001 - handed to the asyncio side
+                        self.to_asyncio(deliver, False, e)
+                    else:
+                        self.to_asyncio(deliver, True, value)
+                    delivered = True
+            finally:
+                if not delivered:
+                    self.to_asyncio(deliver, False, TransportError("the operation was cancelled (transport stopping)"))
+
+        def spawn() -> None:
+            if self.nursery is None:
+                self.to_asyncio(deliver, False, TransportError("the libp2p transport has stopped"))
+            else:
+                self.nursery.start_soon(task)
+
+        self.to_trio(spawn)
+        fut.add_done_callback(lambda f: f.cancelled() and self.to_trio_quiet(scope.cancel))
+        return fut
+
+    def to_trio_quiet(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            self.to_trio(fn, *args)
+        except TransportError:
+            pass
+
+
+class Libp2pStream(StreamBase):
+    """One libp2p stream. The asyncio side holds this object; its `_run` pump lives in the trio thread."""
+
+    def __init__(self, bridge: _Bridge, net_stream: INetStream, peer_id: str, protocol_id: str) -> None:
+        self.peer_id = peer_id
+        self.protocol_id = protocol_id
+        self._bridge = bridge
+        self._net = net_stream
+        # asyncio side
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._end: TransportError | None = None  # StreamClosed/StreamReset once the inbound side ended
+        self._closed = False  # we closed or reset our side
+        self._consumed = 0
+        # trio side
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        self._pump_scope = trio.CancelScope()
+        self._delivered = 0
+        self._paused: trio.Event | None = None
+        self._reset_requested = False
+
+    # -- asyncio side ------------------------------------------------------------------------------------------
+
+    async def send(self, message: object) -> None:
+        if self._closed:
+            raise StreamClosed(f"the {self.protocol_id} stream to {self.peer_id} is closed for sending")
+        if isinstance(self._end, StreamReset):
+            raise self._end
+        data = encode_frame(message)
+        fut: asyncio.Future[None] = self._bridge.loop.create_future()
+        self._bridge.to_trio(self._outbox_send.send_nowait, ("data", data, fut))
+        await fut
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Write bytes that are not a frame (tests use it to check how peers treat garbage)."""
+        fut: asyncio.Future[None] = self._bridge.loop.create_future()
+        self._bridge.to_trio(self._outbox_send.send_nowait, ("data", data, fut))
+        await fut
+
+    async def recv(self, timeout: float | None = None) -> object:
+        if self._end is not None and (self._inbox.empty() or self._reset_requested):
+            raise self._end
+        if timeout is None:
+            item = await self._inbox.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._inbox.get(), timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no message on {self.protocol_id} from {self.peer_id} within {timeout}s") from None
+        if isinstance(item, TransportError):
+            self._end = item
+            raise item
+        self._consumed += 1
+        if self._paused is not None and self._delivered - self._consumed <= LOW_WATER:
+            self._bridge.to_trio_quiet(self._resume)
+        return item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bridge.to_trio_quiet(self._outbox_send.send_nowait, ("close",))
+
+    async def reset(self) -> None:
+        if self._closed and self._reset_requested:
+            return
+        self._closed = True
+        self._reset_requested = True
+        if self._end is None:
+            self._end = StreamReset(f"the {self.protocol_id} stream to {self.peer_id} was reset by us")
+        self._bridge.to_trio_quiet(self._pump_scope.cancel)
+
+    def _on_inbound(self, items: list[object]) -> None:
+        for item in items:
+            self._inbox.put_nowait(item)
+
+    # -- trio side ---------------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if self._paused is not None:
+            self._paused.set()
+
+    def _deliver(self, items: list[object]) -> None:
+        self._delivered += sum(1 for i in items if not isinstance(i, TransportError))
+        self._bridge.to_asyncio(self._on_inbound, items)
+
+    async def _read_loop(self) -> None:
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        decoder = FrameDecoder(MAX_FRAME)
+        try:
+            while True:
+                data = await self._net.read(READ_CHUNK)
+                if not data:
+                    raise StreamEOF()
+                messages = decoder.feed(data)
+                if messages:
+                    self._deliver(messages)
+                    decoder.feed(b"")  # a bad frame behind good ones in the same chunk raises only now
+                if self._delivered - self._consumed > HIGH_WATER:
+                    self._paused = trio.Event()
+                    if self._delivered - self._consumed > LOW_WATER:  # recheck: recv may have drained meanwhile
+                        await self._paused.wait()
+                    self._paused = None
+        except StreamEOF:
+            try:
+                decoder.eof()
+            except WireError as e:
+                log.warning("malformed frame on %s from %s: %s; resetting the stream", self.protocol_id, self.peer_id, e)
+                self._deliver([StreamReset(f"malformed frame on {self.protocol_id} from {self.peer_id}: {e}")])
+                self._reset_requested = True
+                return
+            # yamux drops a stream's bookkeeping when a RST arrives, so a reset often surfaces as EOF here;
+            # its own flag still tells the two apart.
+            if getattr(self._net.muxed_stream, "reset_received", False):
+                self._deliver([StreamReset(f"peer {self.peer_id} reset the {self.protocol_id} stream")])
+            else:
+                self._deliver([StreamClosed(f"peer {self.peer_id} closed the {self.protocol_id} stream")])
+        except WireError as e:
+            log.warning("malformed frame on %s from %s: %s; resetting the stream", self.protocol_id, self.peer_id, e)
+            self._deliver([StreamReset(f"malformed frame on {self.protocol_id} from {self.peer_id}: {e}")])
+            self._reset_requested = True
+            self._pump_scope.cancel()
+        except Exception as e:  # noqa: BLE001 - StreamReset, connection closed, ...: all end the stream
+            self._deliver([StreamReset(f"the {self.protocol_id} stream from {self.peer_id} was reset ({type(e).__name__}: {e})")])
+            self._reset_requested = True
+
+    async def _write_loop(self) -> None:
+        async for item in self._outbox_recv:
+            if item[0] == "close":
+                try:
+                    await self._net.close_write()
+                except Exception as e:  # noqa: BLE001
+                    log.debug("close_write on %s to %s failed: %s", self.protocol_id, self.peer_id, e)
+                return
+            _, data, fut = item
+            try:
+                await self._net.write(data)
+            except Exception as e:  # noqa: BLE001 - reported to the sender
+                err = StreamReset(f"cannot send on {self.protocol_id} to {self.peer_id}: the stream was reset ({type(e).__name__})")
+                self._bridge.to_asyncio(_settle, fut, err)
+                self._reset_requested = True
+            else:
+                self._bridge.to_asyncio(_settle, fut, None)
+
+    async def _run(self) -> None:
+        """The stream's whole trio life: read and write until both sides closed, or reset."""
+        reader_done = trio.Event()
+
+        async def reader() -> None:
+            try:
+                await self._read_loop()
+            finally:
+                reader_done.set()
+
+        try:
+            with self._pump_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    await self._write_loop()
+                    with trio.move_on_after(CLOSE_GRACE) as grace:
+                        await reader_done.wait()
+                    if grace.cancelled_caught:
+                        self._reset_requested = True
+                    nursery.cancel_scope.cancel()
+        finally:
+            if not reader_done.is_set():
+                self._deliver([StreamReset(f"the {self.protocol_id} stream to {self.peer_id} was reset")])
+            self._outbox_send.close()
+            for item in _drain(self._outbox_recv):
+                if item[0] == "data":
+                    self._bridge.to_asyncio(_settle, item[2], StreamReset(f"the {self.protocol_id} stream to {self.peer_id} was reset"))
+            with trio.CancelScope(shield=True):
+                try:
+                    if self._reset_requested or self._pump_scope.cancelled_caught:
+                        await self._net.reset()
+                    else:
+                        await self._net.close()
+                except Exception as e:  # noqa: BLE001
+                    log.debug("closing %s stream to %s: %s", self.protocol_id, self.peer_id, e)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _drain(channel: trio.MemoryReceiveChannel[T]) -> list[T]:
+    items = []
+    while True:
+        try:
+            items.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return items
+
+
+class Libp2pTransport:
+    """`Transport` over py-libp2p (TCP, Noise, yamux). Construct, `await start()`, use, `await stop()`."""
+
+    def __init__(self, identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.listen_addrs: list[str] = []
+        self._listen = tuple(listen)
+        self._handlers: dict[str, Handler] = {}
+        self._bridge: _Bridge | None = None
+        self._host: IHost | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_event: trio.Event | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the trio thread and listen; returns once `listen_addrs` is known (raises if listening failed)."""
+        if self._thread is not None:
+            raise TransportError("this Libp2pTransport was already started; create a new one")
+        loop = asyncio.get_running_loop()
+        self._bridge = _Bridge(loop)
+        started: asyncio.Future[list[str]] = loop.create_future()
+        self._finished = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(started,), name=f"petal-libp2p-{self.peer_id[-6:]}", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.listen_addrs = await started
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _thread_main(self, started: asyncio.Future[list[str]]) -> None:
+        bridge = self._bridge
+        assert bridge is not None and self._finished is not None
+        error: BaseException | None = None
+        try:
+            trio.run(self._trio_main, started)
+        except BaseException as e:  # noqa: BLE001 - reported to whoever waits
+            error = e
+            log.exception("the libp2p thread failed")
+        finally:
+            bridge.token = None
+            bridge.nursery = None
+
+            def finish() -> None:
+                if not started.done():
+                    started.set_exception(
+                        TransportError(f"libp2p failed to start listening on {list(self._listen)}: {error!r}")
+                    )
+                assert self._finished is not None
+                if not self._finished.done():
+                    self._finished.set_result(None)
+
+            bridge.to_asyncio(finish)
+
+    async def _trio_main(self, started: asyncio.Future[list[str]]) -> None:
+        import multiaddr
+
+        bridge = self._bridge
+        assert bridge is not None
+        self._stop_event = trio.Event()
+        host = build_host(self.identity, self._listen)
+        self._host = host
+        for protocol_id in self._handlers:
+            self._register(protocol_id)
+        async with host.run([multiaddr.Multiaddr(a) for a in self._listen]):
+            async with trio.open_nursery() as nursery:
+                bridge.nursery = nursery
+                bridge.token = trio.lowlevel.current_trio_token()
+                addrs = [str(a) for a in host.get_addrs()]
+                bridge.to_asyncio(lambda: started.done() or started.set_result(addrs))
+                await self._stop_event.wait()
+                bridge.nursery = None
+                nursery.cancel_scope.cancel()
+            await host.close()
+
+    async def stop(self) -> None:
+        """Cancel handlers, close every stream and connection, and join the trio thread."""
+        for task in list(self._handler_tasks):
+            task.cancel()
+        await asyncio.gather(*self._handler_tasks, return_exceptions=True)
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._bridge is not None and self._stop_event is not None:
+            self._bridge.to_trio_quiet(self._stop_event.set)
+        if self._finished is not None:
+            await self._finished
+        thread.join()
+        self._thread = None
+
+    # -- handlers ----------------------------------------------------------------------------------------------
+
+    def set_handler(self, protocol_id: str, handler: Handler) -> None:
+        """Serve `protocol_id`: each inbound stream runs `handler(stream)` as an asyncio task."""
+        self._handlers[protocol_id] = handler
+        if self._bridge is not None and self._bridge.token is not None:
+            self._bridge.to_trio(self._register, protocol_id)
+
+    def _register(self, protocol_id: str) -> None:
+        from libp2p.custom_types import TProtocol
+
+        assert self._host is not None
+
+        async def on_stream(net_stream: INetStream) -> None:
+            # Runs in libp2p's connection nursery: it must never raise, or the whole connection goes down.
+            try:
+                peer_id = str(net_stream.muxed_conn.peer_id)
+                stream = Libp2pStream(self._bridge, net_stream, peer_id, protocol_id)  # type: ignore[arg-type]
+                assert self._bridge is not None
+                self._bridge.to_asyncio(self._start_handler, stream)
+                await stream._run()
+            except Exception:
+                log.exception("inbound %s stream failed", protocol_id)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    def _start_handler(self, stream: Libp2pStream) -> None:
+        handler = self._handlers.get(stream.protocol_id)
+        if handler is None:
+            self._bridge.to_trio_quiet(stream._pump_scope.cancel)  # type: ignore[union-attr]
+            return
+        task = asyncio.get_running_loop().create_task(serve_stream(stream, handler))
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    # -- outbound ----------------------------------------------------------------------------------------------
+
+    async def open_stream(self, peer: PeerAddr, protocol_id: str, timeout: float = 10.0) -> Libp2pStream:
+        """Open a stream, dialing the peer first if we hold no connection to it."""
+        if self._bridge is None or self._bridge.token is None:
+            raise DialError("the libp2p transport is not running: call start() first")
+
+        def discard(stream: Libp2pStream) -> None:
+            stream._reset_requested = True
+            stream._pump_scope.cancel()
+
+        return await self._bridge.run(self._open, peer, protocol_id, timeout, discard=discard)
+
+    async def _open(self, peer: PeerAddr, protocol_id: str, timeout: float) -> Libp2pStream:
+        import multiaddr
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        host, bridge = self._host, self._bridge
+        assert host is not None and bridge is not None and bridge.nursery is not None
+        try:
+            pid = ID.from_base58(peer.peer_id)
+        except Exception as e:  # noqa: BLE001
+            raise DialError(f"{peer.peer_id!r} is not a valid libp2p peer id: {e}") from None
+        try:
+            addrs = [multiaddr.Multiaddr(_strip_p2p(a)) for a in peer.addrs]
+        except Exception as e:  # noqa: BLE001
+            raise DialError(f"bad multiaddr in {peer.addrs}: {e}") from None
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    await host.connect(PeerInfo(pid, addrs))
+                except Exception as e:  # noqa: BLE001
+                    raise DialError(f"cannot reach peer {peer.peer_id} at {list(peer.addrs)}: {e}") from None
+                try:
+                    net_stream = await host.new_stream(pid, [TProtocol(protocol_id)])
+                except Exception as e:  # noqa: BLE001
+                    cause = e.__cause__ or e
+                    if "protocol" in str(cause).lower() or "multiselect" in type(cause).__name__.lower():
+                        raise ProtocolNotSupported(
+                            f"peer {peer.peer_id} does not serve protocol {protocol_id} ({cause})"
+                        ) from None
+                    raise DialError(f"cannot open a {protocol_id} stream to {peer.peer_id}: {e}") from None
+        except trio.TooSlowError:
+            raise TimeoutError(f"opening a {protocol_id} stream to {peer.peer_id} took longer than {timeout}s") from None
+        stream = Libp2pStream(bridge, net_stream, peer.peer_id, protocol_id)
+        bridge.nursery.start_soon(stream._run)
+        return stream
+
+    async def call(self, peer: PeerAddr, protocol_id: str, request: object, timeout: float = 30.0) -> object:
+        return await call_over(self, peer, protocol_id, request, timeout)
+
+    # -- introspection -----------------------------------------------------------------------------------------
+
+    def connection_count(self, peer_id: str) -> int:
+        """How many connections we hold to `peer_id` (tests check the one-connection-per-peer rule)."""
+        from libp2p.peer.id import ID
+
+        if self._host is None:
+            return 0
+        return len(self._host.get_network().connections.get(ID.from_base58(peer_id), []))
