@@ -11,18 +11,7 @@ from torch import nn
 
 from petal.kernels.cache import KVCache
 from petal.kernels.families import get_family
-
-
-def _max_length_error(message: str) -> Exception:
-    """The protocol's "max_length" error when the protocol package has it, else a ValueError."""
-    try:
-        from petal.protocol.errors import PetalError
-    except ImportError:
-        return ValueError(message)
-    try:
-        return PetalError("max_length", message)
-    except TypeError:
-        return ValueError(message)
+from petal.protocol.errors import PetalError
 
 
 class Span(nn.Module):
@@ -63,15 +52,18 @@ class Span(nn.Module):
         return self.config.hidden_size
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
-        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden states must be [batch, tokens, {self.hidden_size}], got {tuple(hidden.shape)}")
+        if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[-1] != self.hidden_size:
+            raise PetalError(
+                "wrong_shape", f"hidden states must be [batch, tokens >= 1, {self.hidden_size}], got {tuple(hidden.shape)}"
+            )
 
     @staticmethod
     def _key_mask(attention_mask: torch.Tensor | None, batch: int, total: int, device: torch.device) -> torch.Tensor:
         if attention_mask is None:
             return torch.ones(batch, total, dtype=torch.long, device=device)
         if tuple(attention_mask.shape) != (batch, total):
-            raise ValueError(
+            raise PetalError(
+                "wrong_shape",
                 f"attention_mask must be [batch, past + new tokens] = [{batch}, {total}], "
                 f"got {tuple(attention_mask.shape)}"
             )
@@ -107,15 +99,17 @@ class Span(nn.Module):
         self._check_hidden(hidden)
         batch, t, _ = hidden.shape
         if cache.num_layers != len(self.blocks) or cache.batch != batch:
-            raise ValueError(
+            raise PetalError(
+                "wrong_shape",
                 f"cache has {cache.num_layers} layers x batch {cache.batch}, but this span has "
                 f"{len(self.blocks)} blocks and the input batch is {batch}; allocate it with span.new_cache"
             )
         if cache.dtype != hidden.dtype:
-            raise ValueError(f"cache dtype {cache.dtype} differs from hidden states dtype {hidden.dtype}")
+            raise PetalError("wrong_shape", f"cache dtype {cache.dtype} differs from hidden states dtype {hidden.dtype}")
         total = cache.length + t
         if total > cache.max_length:
-            raise _max_length_error(
+            raise PetalError(
+                "max_length",
                 f"{cache.length} cached + {t} new tokens exceed max_length {cache.max_length}; "
                 "open a new session with a larger max_length"
             )

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from petal.kernels.cache import KVCache
 from petal.kernels.span import Span
+from petal.protocol.errors import PetalError
 
 
 def test_allocate_reserves_everything_up_front() -> None:
@@ -56,7 +57,16 @@ def test_span_steps_never_reallocate() -> None:
         span.step(torch.randn(1, 1, 32), cache)
     assert cache.length == 8
     assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
-    with pytest.raises(ValueError, match="batch"):
-        span.step(torch.randn(2, 1, 32), span.new_cache(1, 8, torch.float32, "cpu"))
-    with pytest.raises(ValueError, match="attention_mask"):
-        span.step(torch.randn(1, 2, 32), span.new_cache(1, 8, torch.float32, "cpu"), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize(
+    "hidden,batch,mask,match",
+    [((2, 1, 32), 1, None, "input batch is 2"), ((1, 2, 32), 1, (1, 3), "attention_mask"),
+     ((1, 0, 32), 1, None, "tokens >= 1"), ((1, 1, 16), 1, None, "hidden states")],
+)
+def test_bad_shapes_are_wrong_shape_errors(hidden: tuple, batch: int, mask: tuple | None, match: str) -> None:
+    span = Span.from_model(LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                        num_key_value_heads=2, num_hidden_layers=1, vocab_size=64)), 0, 1)
+    with pytest.raises(PetalError, match=match) as err:
+        span.step(torch.randn(hidden), span.new_cache(batch, 8, torch.float32, "cpu"), None if mask is None else torch.ones(mask))
+    assert err.value.code == "wrong_shape"

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from petal.kernels.families import get_family
+from petal.kernels.families import SUPPORTED_FAMILIES, get_family
 from petal.kernels.span import Span
+from petal.protocol.errors import PetalError
 
 # fp32 everywhere; the paths differ only in mask layout, op order and summation order. The tolerance is
 # relative to the reference's largest magnitude (activations here reach ~10): |diff| <= ATOL * max(1, max|ref|).
@@ -86,6 +87,15 @@ def reference_block_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> 
 def test_unknown_family_lists_supported() -> None:
     with pytest.raises(ValueError, match="bloom, llama"):
         get_family(type("Cfg", (), {"model_type": "gpt2"})())
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_FAMILIES)
+def test_every_family_exposes_the_interface(model_type: str) -> None:
+    family = get_family(type("Cfg", (), {"model_type": model_type})())
+    for name in ("make_block", "block_prefix", "CLIENT_PREFIXES", "ClientParts", "client_param_names", "kv_shape",
+                 "BlockRunner"):
+        assert hasattr(family, name), f"family {model_type} lacks {name} (see petal.kernels.families.base)"
+    assert family.block_prefix(7).endswith(".7.")
 
 
 def test_client_parts_match_model(model: torch.nn.Module) -> None:
@@ -163,8 +173,9 @@ def test_max_length_is_enforced(model: torch.nn.Module) -> None:
     span = Span.from_model(model, 0, 2)
     cache = span.new_cache(1, 6, torch.float32, "cpu")
     span.step(torch.randn(1, 5, model.config.hidden_size), cache)
-    with pytest.raises(Exception, match="max_length 6"):
+    with pytest.raises(PetalError, match="max_length 6") as err:
         span.step(torch.randn(1, 2, model.config.hidden_size), cache)
+    assert err.value.code == "max_length"
     assert cache.length == 5  # a refused step leaves the cache as it was
     span.step(torch.randn(1, 1, model.config.hidden_size), cache)
     assert cache.length == 6
