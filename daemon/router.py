@@ -94,7 +94,7 @@ def parse_server_value(peer_id: str, value: Mapping[str, Any]) -> ServerInfo | N
 
     Accepts both the long field names of the serving protocol (``span``, ``state``, ``throughput``, ``cache``,
     ``fp``, ``addrs``, ``quant``) and the short ones of ``records.ServerRecord`` (``s``, ``st``, ``t``, ``c``,
-    ``a``, ``d``), so the router keeps working whichever the server writes.
+    ``a``, plus ``q`` and ``fp``), so the router keeps working whichever the server writes.
     """
     if not isinstance(value, Mapping):
         return None
@@ -109,7 +109,7 @@ def parse_server_value(peer_id: str, value: Mapping[str, Any]) -> ServerInfo | N
     if not isinstance(addrs, (list, tuple)):
         addrs = []
     fp = value.get("fp", value.get("fingerprint"))
-    quant = value.get("quant", value.get("d", ""))
+    quant = value.get("quant", value.get("q", ""))
     return ServerInfo(
         peer_id=peer_id,
         start=start,
@@ -188,14 +188,21 @@ def uncovered(servers: Iterable[ServerInfo], start: int, end: int) -> list[tuple
     return gaps
 
 
-def no_route_error(model: str, start: int, end: int, servers: Sequence[ServerInfo], excluded: int = 0) -> PetalError:
-    """The "unavailable" error that says which blocks are missing and what the swarm has instead."""
-    gaps = uncovered(servers, start, end)
+def no_route_error(
+    model: str, start: int, end: int, usable: Sequence[ServerInfo], known: Sequence[ServerInfo] | None = None
+) -> PetalError:
+    """The "unavailable" error naming the blocks no usable server covers, and what the swarm has instead.
+
+    ``usable``: the servers the request may use; ``known``: every server the view knows (banned or excluded too).
+    """
+    known = usable if known is None else known
+    gaps = uncovered(usable, start, end)
     missing = ", ".join(f"{a}..{b}" for a, b in gaps) or f"{start}..{end}"
-    why = f" ({excluded} more are banned or excluded by the request's server lists)" if excluded else ""
+    excluded = len({s.peer_id for s in known} - {s.peer_id for s in usable})
+    why = f" ({excluded} of them banned after failures or excluded by the request's server lists)" if excluded else ""
     return PetalError(
         "unavailable",
-        f"no servers cover blocks {missing} of {model}; the swarm has {describe_swarm(servers)}{why}. "
+        f"no servers cover blocks {missing} of {model}; the swarm has {describe_swarm(known)}{why}. "
         f"Start a server for those blocks (petald --serve {model} --blocks A:B) or wait for one to join.",
     )
 
@@ -549,7 +556,7 @@ class Router:
                 return chain
             if attempt == 0:  # servers may have joined since the last refresh
                 view = await self.view(model, fresh=True)
-        raise no_route_error(model, start, end, list(view.servers.values()), len(view.servers) - len(usable))
+        raise no_route_error(model, start, end, usable, list(view.servers.values()))
 
     async def throughput_chain(
         self,
@@ -570,7 +577,7 @@ class Router:
                 return chain
             if attempt == 0:
                 view = await self.view(model, fresh=True)
-        raise no_route_error(model, start, end, list(view.servers.values()), len(view.servers) - len(usable))
+        raise no_route_error(model, start, end, usable, list(view.servers.values()))
 
     async def close(self) -> None:
         for view in self._views.values():

@@ -139,10 +139,10 @@ def test_select_servers_applies_bans_and_lists():
 def test_no_route_error_names_the_gap_and_the_swarm():
     servers = [S("peer-aaaaaa", 0, 10), S("peer-bbbbbb", 20, 30)]
     assert uncovered(servers, 0, 30) == [(10, 20)]
-    err = no_route_error("tiny", 0, 30, servers, excluded=1)
+    err = no_route_error("tiny", 0, 30, servers, servers + [S("peer-cccccc", 5, 25)])
     assert isinstance(err, PetalError) and err.code == "unavailable"
     assert "no servers cover blocks 10..20 of tiny" in err.message
-    assert "[0, 10) on aaaaaa" in err.message and "1 more are banned" in err.message
+    assert "[0, 10) on aaaaaa" in err.message and "1 of them banned" in err.message
 
 
 # --- entries -> servers ---------------------------------------------------------------------------------------------
@@ -151,10 +151,11 @@ def test_no_route_error_names_the_gap_and_the_swarm():
 def test_parse_and_group_accept_long_and_short_names_and_drop_other_fingerprints():
     long_v = {"span": [0, 10], "state": "online", "throughput": 50.0, "cache": 100, "quant": "none",
               "fp": "F1", "addrs": ["/ip4/127.0.0.1/tcp/1"]}
-    short_v = {"s": [10, 20], "st": "joining", "t": 20, "c": 5, "d": "int8", "a": ["/ip4/127.0.0.1/tcp/2"], "v": 1}
+    short_v = {"s": [10, 20], "st": "joining", "t": 20, "c": 5, "d": "float32", "q": "int8", "a": ["/ip4/127.0.0.1/tcp/2"], "v": 1}
     info = parse_server_value("p1", long_v)
     assert (info.start, info.end, info.throughput, info.fingerprint, info.cache_tokens_left) == (0, 10, 50.0, "F1", 100)
     assert parse_server_value("p2", short_v).addrs == ("/ip4/127.0.0.1/tcp/2",)
+    assert parse_server_value("p2", short_v).quant == "int8"
     assert parse_server_value("p", {"span": [5, 5]}) is None
     assert parse_server_value("p", {"span": [True, 3]}) is None
     pairs = [("p1", long_v)] * 10 + [("p2", short_v)] * 10 + [("p3", {**long_v, "fp": "OTHER"})]

@@ -1,0 +1,479 @@
+"""Running hidden states through a chain of remote spans: inference sessions with failover, forward and backward.
+
+An ``InferenceSession`` keeps, for every hop of its chain, each input it sent there. When a server fails mid-session
+it is banned, the router finds a replacement for exactly the blocks that server ran (possibly several servers), the
+stored inputs are replayed there as one prefill so the replacement holds the same KV cache, and the step goes on:
+the caller sees no error and the same output (within the wire codec's tolerance).
+
+``forward`` and ``backward`` are stateless calls through a throughput-weighted chain, retried hop by hop on other
+servers. Design choice: ``backward`` re-runs the forward along its chain to get each hop's input instead of
+keeping activations from an earlier ``forward`` call, so a training client needs no server-side or daemon-side
+state between the two calls (it costs one extra forward per hop except the last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from petal.protocol.errors import PetalError
+
+from .remote import RemoteInference, RemoteSpan
+from .router import Hop, Router, ServerInfo, SwarmView, no_route_error, split_batch, throughput_chain
+from .transport import TransportError
+
+log = logging.getLogger("petal.session")
+
+CALLER_ERROR_CODES = frozenset({"max_length", "bad_request", "wrong_shape", "bad_frame", "bad_tensor", "too_large"})
+"""Errors caused by the request itself: another server would refuse it too, so they reach the caller unchanged."""
+DEFAULT_MAX_RETRIES = 5
+"""Server failures one call (one step, one forward, one backward) survives before it gives up."""
+
+
+def is_server_fault(error: BaseException) -> bool:
+    """Whether ``error`` means "this server failed" (fail over) rather than "this request is wrong" (re-raise)."""
+    if isinstance(error, PetalError):
+        return error.code not in CALLER_ERROR_CODES
+    return isinstance(error, (TransportError, TimeoutError, ConnectionError, OSError, EOFError))
+
+
+def _gave_up(what: str, attempts: int, error: BaseException) -> PetalError:
+    return PetalError(
+        "unavailable",
+        f"{what} failed on {attempts} server(s) in a row; last error: {error}. The swarm may be short of healthy "
+        "servers for these blocks: retry later, or check `petalctl` swarm status.",
+    )
+
+
+def _check_hidden(hidden: torch.Tensor, batch: int | None = None) -> None:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise PetalError("wrong_shape", f"hidden states must be a [batch, tokens, hidden] tensor, got {getattr(hidden, 'shape', hidden)!r}")
+    if batch is not None and hidden.shape[0] != batch:
+        raise PetalError("wrong_shape", f"this session was opened for batch {batch}, got hidden states of batch {hidden.shape[0]}")
+    if hidden.shape[1] < 1:
+        raise PetalError("wrong_shape", "hidden states hold no tokens")
+
+
+def _slice_prompts(prompts: torch.Tensor | None, offset: int, hop: Hop) -> torch.Tensor | None:
+    """The deep prompts of ``hop``'s blocks, from prompts laid out for blocks [offset, ...)."""
+    return None if prompts is None else prompts[hop.start - offset : hop.end - offset]
+
+
+def remote_span(router: Router, view: SwarmView, hop: Hop, codec: str | None = None) -> RemoteSpan:
+    """The client of ``hop`` (a sub-range of a server's span)."""
+    return RemoteSpan(
+        router.transport, hop.server.peer, view.model, view.fingerprint or "", hop.start, hop.end, codec or router.codec
+    )
+
+
+# --- inference ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Link:
+    """One open hop of a session, and every input it was sent (one tensor per step, in order)."""
+
+    hop: Hop
+    remote: RemoteInference
+    history: list[torch.Tensor] = field(default_factory=list)
+
+    def replay_input(self) -> torch.Tensor | None:
+        return torch.cat(self.history, dim=1) if self.history else None
+
+
+class InferenceSession:
+    """A stateful generation session over blocks [start, end) of ``model`` (all of them by default).
+
+    ``step(hidden, mask)`` takes ``[batch, t, hidden]`` for the next t tokens and returns the chain's output.
+    ``mask`` is ``[batch, tokens so far + t]`` (1 = real, 0 = left padding), as for the servers. ``prompts``
+    (``[end - start, batch, P, hidden]``) are deep prompts, applied by the servers to the first P positions.
+    Use as ``async with``; ``close`` frees the servers' caches.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        model: str,
+        max_length: int,
+        batch: int = 1,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        codec: str | None = None,
+        allowed: Iterable[str] | None = None,
+        blocked: Iterable[str] | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        step_timeout: float = 60.0,
+        open_timeout: float = 30.0,
+    ) -> None:
+        if max_length < 1 or batch < 1:
+            raise PetalError("bad_request", f"max_length and batch must be positive, got {max_length} and {batch}")
+        self.router = router
+        self.model = model
+        self.max_length = max_length
+        self.batch = batch
+        self.start = start
+        self.end = end
+        self.prompts = prompts
+        self.codec = codec
+        self.allowed = None if allowed is None else list(allowed)
+        self.blocked = list(blocked or ())
+        self.max_retries = max_retries
+        self.step_timeout = step_timeout
+        self.open_timeout = open_timeout
+        self.position = 0
+        self.failovers = 0  # how many times a hop was replaced (for status and tests)
+        self._view: SwarmView | None = None
+        self._links: list[_Link] = []
+        self._last_mask: torch.Tensor | None = None
+        self._opened = False
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def chain(self) -> list[Hop]:
+        """The hops currently in use, in order."""
+        return [link.hop for link in self._links]
+
+    async def open(self) -> None:
+        """Find the minimum-latency chain and open an inference stream on each hop (done by the first step too)."""
+        if self._opened:
+            return
+        if self._closed:
+            raise PetalError("bad_request", "this inference session is closed; open a new one")
+        self._view = await self.router.view(self.model)
+        if self.end is None:
+            self.end = self._view.num_blocks
+        if self.prompts is not None and self.prompts.shape[0] != self.end - self.start:
+            raise PetalError(
+                "wrong_shape",
+                f"prompts cover {self.prompts.shape[0]} blocks but the session runs {self.end - self.start}",
+            )
+        failures: list[BaseException] = []
+        self._links = await self._open_range(self.start, self.end, None, failures)
+        self._opened = True
+
+    async def _open_range(
+        self, a: int, b: int, replay: torch.Tensor | None, failures: list[BaseException]
+    ) -> list[_Link]:
+        """Open a fresh chain for blocks [a, b) and, if ``replay`` is given, prefill it with that history.
+
+        Failed servers are banned and another chain is tried, up to the retry budget shared through ``failures``.
+        """
+        assert self._view is not None
+        while True:
+            chain = await self.router.inference_chain(
+                self.model, a, b, allowed=self.allowed, blocked=self.blocked
+            )
+            links: list[_Link] = []
+            hop = chain[0]
+            try:
+                x = replay
+                for hop in chain:
+                    span = remote_span(self.router, self._view, hop, self.codec)
+                    link = _Link(hop, await span.open_inference(self.max_length, self.batch, timeout=self.open_timeout))
+                    links.append(link)
+                    if x is not None:
+                        out = await link.remote.step(
+                            x, mask=self._last_mask, position=0,
+                            prompts=_slice_prompts(self.prompts, self.start, hop), timeout=self.step_timeout,
+                        )
+                        link.history.append(x)
+                        x = out
+                return links
+            except Exception as e:
+                await _close_links(links)
+                if not is_server_fault(e):
+                    raise
+                self.router.ban(hop.peer_id, e)
+                failures.append(e)
+                if len(failures) > self.max_retries:
+                    raise _gave_up(f"opening blocks {a}..{b} of {self.model}", len(failures), e) from e
+                log.info("could not open blocks [%d, %d) on %s (%s); trying another server", a, b, hop.peer_id, e)
+
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the next ``t`` tokens through the chain; fails over transparently when a server dies."""
+        _check_hidden(hidden, self.batch)
+        t = hidden.shape[1]
+        if self.position + t > self.max_length:
+            raise PetalError(
+                "max_length",
+                f"{self.position} tokens so far + {t} new exceed this session's max_length {self.max_length}; "
+                "open a session with a larger max_length",
+            )
+        if mask is not None and tuple(mask.shape) != (self.batch, self.position + t):
+            raise PetalError(
+                "wrong_shape",
+                f"mask must be [batch, tokens so far + new] = [{self.batch}, {self.position + t}], got {tuple(mask.shape)}",
+            )
+        async with self._lock:
+            await self.open()
+            failures: list[BaseException] = []
+            x = hidden.detach().clone()
+            i = 0
+            while i < len(self._links):
+                link = self._links[i]
+                prompts = (
+                    _slice_prompts(self.prompts, self.start, link.hop)
+                    if self.prompts is not None and self.position < self.prompts.shape[2] else None
+                )
+                try:
+                    out = await link.remote.step(x, mask=mask, position=self.position, prompts=prompts,
+                                                 timeout=self.step_timeout)
+                except Exception as e:
+                    if not is_server_fault(e):
+                        raise
+                    self.router.ban(link.hop.peer_id, e)
+                    failures.append(e)
+                    if len(failures) > self.max_retries:
+                        raise _gave_up(f"inference step at position {self.position}", len(failures), e) from e
+                    await self._replace(i, failures)
+                    continue  # the same input, now to the replacement's first hop
+                link.history.append(x)
+                x = out
+                i += 1
+            self.position += t
+            self._last_mask = None if mask is None else mask.detach().clone()
+            for link in self._links:
+                self.router.bans.succeeded(link.hop.peer_id)
+            return x
+
+    async def _replace(self, i: int, failures: list[BaseException]) -> None:
+        """Swap hop ``i`` for a fresh chain over exactly its blocks, replaying its history there."""
+        old = self._links[i]
+        await _close_links([old])
+        log.info(
+            "server %s failed for blocks [%d, %d) at position %d; replaying %d step(s) elsewhere",
+            old.hop.peer_id, old.hop.start, old.hop.end, self.position, len(old.history),
+        )
+        new = await self._open_range(old.hop.start, old.hop.end, old.replay_input(), failures)
+        self._links[i : i + 1] = new
+        self.failovers += 1
+
+    async def close(self) -> None:
+        """Close every hop's stream (the servers free their caches). Idempotent."""
+        self._closed = True
+        links, self._links = self._links, []
+        await _close_links(links)
+
+    async def __aenter__(self) -> InferenceSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _close_links(links: list[_Link]) -> None:
+    for link in links:
+        try:
+            await link.remote.close()
+        except Exception as e:  # noqa: BLE001 - the server may already be gone; its cache times out there
+            log.debug("closing the session on %s: %s", link.hop.peer_id, e)
+
+
+# --- forward and backward -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """Shared arguments of one forward/backward call."""
+
+    router: Router
+    view: SwarmView
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    offset: int  # the block the prompts' first row belongs to
+    codec: str | None
+    allowed: list[str] | None
+    blocked: list[str]
+    max_retries: int
+    timeout: float
+    split_min_rows: int
+    failures: list[BaseException] = field(default_factory=list)
+
+    def candidates(self) -> list[ServerInfo]:
+        return self.router.candidates(self.view, self.allowed, self.blocked)
+
+    def next_hop(self, a: int, b: int) -> Hop:
+        """A throughput-weighted server for block ``a`` onwards (up to ``b``)."""
+        chain = throughput_chain(self.candidates(), a, a + 1, self.router.rng)
+        if chain is None:
+            raise no_route_error(self.view.model, a, b, self.candidates(), list(self.view.servers.values()))
+        server = chain[0].server
+        return Hop(server, a, min(server.end, b))
+
+    def span(self, hop: Hop) -> RemoteSpan:
+        return remote_span(self.router, self.view, hop, self.codec)
+
+    def failed(self, hop: Hop, error: BaseException, what: str) -> None:
+        if not is_server_fault(error):
+            raise error
+        self.router.ban(hop.peer_id, error)
+        self.failures.append(error)
+        if len(self.failures) > self.max_retries:
+            raise _gave_up(what, len(self.failures), error) from error
+
+
+async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
+    """One hop's forward; a large batch is split across the servers that cover exactly this hop."""
+    prompts = _slice_prompts(call.prompts, call.offset, hop)
+    batch = x.shape[0]
+    peers = [s for s in call.candidates() if s.covers(hop.start, hop.end)]
+    if batch < 2 * call.split_min_rows or len(peers) < 2:
+        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout)
+    parts = split_batch(batch, [hop.server] + [s for s in peers if s.peer_id != hop.peer_id], call.split_min_rows)
+
+    async def part(server: ServerInfo, lo: int, hi: int) -> torch.Tensor:
+        sub = Hop(server, hop.start, hop.end)
+        return await call.span(sub).forward(
+            x[lo:hi], None if call.mask is None else call.mask[lo:hi],
+            None if prompts is None else prompts[:, lo:hi], timeout=call.timeout,
+        )
+
+    results = await asyncio.gather(*(part(*p) for p in parts), return_exceptions=True)
+    for (server, _, _), r in zip(parts, results):
+        if isinstance(r, BaseException):
+            call.failed(Hop(server, hop.start, hop.end), r, f"forward of blocks {hop.start}..{hop.end}")
+    if any(isinstance(r, BaseException) for r in results):
+        raise _Retry()
+    return torch.cat(results, dim=0)  # type: ignore[arg-type]
+
+
+class _Retry(Exception):
+    """A split hop lost a part: its servers are already banned and counted; choose again."""
+
+
+async def _forward_trace(call: _Call, a: int, b: int, x: torch.Tensor, *, last: bool = True) -> tuple[torch.Tensor | None, list[tuple[Hop, torch.Tensor]]]:
+    """Run [a, b) hop by hop; returns the output and each hop with its input.
+
+    With ``last=False`` the final hop is chosen but not run (backward only needs its input); output is then None.
+    """
+    trace: list[tuple[Hop, torch.Tensor]] = []
+    while a < b:
+        hop = call.next_hop(a, b)
+        if not last and hop.end == b:
+            trace.append((hop, x))
+            return None, trace
+        try:
+            out = await _forward_hop(call, hop, x)
+        except _Retry:
+            continue
+        except Exception as e:
+            call.failed(hop, e, f"forward of blocks {hop.start}..{hop.end} of {call.view.model}")
+            continue
+        trace.append((hop, x))
+        x, a = out, hop.end
+    return x, trace
+
+
+async def _backward_range(call: _Call, a: int, b: int, x: torch.Tensor, grad: torch.Tensor, grad_prompts: torch.Tensor | None) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` (input of block a) given ``grad`` w.r.t. the output of block b-1; fills grad_prompts."""
+    _, trace = await _forward_trace(call, a, b, x, last=False)
+    for hop, inp in reversed(trace):
+        prompts = _slice_prompts(call.prompts, call.offset, hop)
+        try:
+            grad, gp = await call.span(hop).backward(inp, grad, call.mask, prompts, timeout=call.timeout)
+        except Exception as e:
+            call.failed(hop, e, f"backward of blocks {hop.start}..{hop.end} of {call.view.model}")
+            grad = await _backward_range(call, hop.start, hop.end, inp, grad, grad_prompts)
+            continue
+        if grad_prompts is not None and gp is not None:
+            grad_prompts[hop.start - call.offset : hop.end - call.offset] = gp
+    return grad
+
+
+async def _prepare_call(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompts: torch.Tensor | None,
+    start: int,
+    end: int | None,
+    kwargs: dict[str, Any],
+) -> tuple[_Call, int]:
+    _check_hidden(hidden)
+    view = await router.view(model)
+    end = view.num_blocks if end is None else end
+    if not 0 <= start < end <= (view.num_blocks or 0):
+        raise PetalError("bad_request", f"block range [{start}, {end}) is outside {model}'s {view.num_blocks} blocks")
+    if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise PetalError("wrong_shape", f"mask must be [batch, tokens] = {list(hidden.shape[:2])}, got {list(mask.shape)}")
+    if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != end - start or prompts.shape[1] != hidden.shape[0]):
+        raise PetalError(
+            "wrong_shape",
+            f"prompts must be [blocks={end - start}, batch={hidden.shape[0]}, P, hidden], got {list(prompts.shape)}",
+        )
+    allowed = kwargs.get("allowed")
+    call = _Call(
+        router, view, mask, prompts, start, kwargs.get("codec"),
+        None if allowed is None else list(allowed), list(kwargs.get("blocked") or ()),
+        kwargs.get("max_retries", DEFAULT_MAX_RETRIES), kwargs.get("timeout", 60.0), kwargs.get("split_min_rows", 8),
+    )
+    return call, end
+
+
+async def forward(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    codec: str | None = None,
+    allowed: Iterable[str] | None = None,
+    blocked: Iterable[str] | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout: float = 60.0,
+    split_min_rows: int = 8,
+) -> torch.Tensor:
+    """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
+
+    Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
+    elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
+    """
+    call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, dict(
+        codec=codec, allowed=allowed, blocked=blocked, max_retries=max_retries, timeout=timeout,
+        split_min_rows=split_min_rows))
+    out, _ = await _forward_trace(call, start, end, hidden.detach())
+    assert out is not None
+    return out
+
+
+async def backward(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    codec: str | None = None,
+    allowed: Iterable[str] | None = None,
+    blocked: Iterable[str] | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout: float = 60.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients w.r.t. ``hidden`` (the input of block ``start``) and ``prompts``, given ``grad`` w.r.t. the output
+    of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see module doc).
+    """
+    call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, dict(
+        codec=codec, allowed=allowed, blocked=blocked, max_retries=max_retries, timeout=timeout, split_min_rows=1 << 30))
+    if tuple(grad.shape) != tuple(hidden.shape):
+        raise PetalError("wrong_shape", f"grad must have the shape of hidden {list(hidden.shape)}, got {list(grad.shape)}")
+    grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts)
+    return grad_in, grad_prompts
+
+
