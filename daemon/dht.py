@@ -242,7 +242,7 @@ class PetalProtocol(KademliaProtocol):
             self._solve(data, addr)
         except Exception as e:  # a bad datagram must never take the node down
             self.dropped += 1
-            log.warning("dropped bad datagram (%d bytes) from %s: %s", len(data), addr, e)
+            log.warning("dropped bad datagram (%d bytes) from %s: %s: %s", len(data), addr, type(e).__name__, e)
 
     def _solve(self, datagram: bytes, address: tuple) -> None:
         if len(datagram) < HEADER_BYTES + 1:
@@ -528,6 +528,11 @@ class DHT:
             if have is None or entry.issued_at > have.issued_at:
                 newest[entry.public_key] = entry
         return sorted(newest.values(), key=lambda e: -e.issued_at)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, list[Entry]]:
+        """``get`` for several keys at once (e.g. every block of a model), lookups running concurrently."""
+        results = await asyncio.gather(*(self.get(k) for k in keys))
+        return dict(zip(keys, results))
 
     def _issue_time(self) -> float:
         """Strictly increasing, so two announces in one clock tick still replace each other."""

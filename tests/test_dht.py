@@ -78,7 +78,10 @@ async def test_three_servers_read_back_from_every_node():
             assert {e.peer_id for e in entries} == expected
             for e in entries:
                 assert ServerRecord.from_entry(e).addrs[0].endswith(e.peer_id) and e.key == KEY
-        assert await nodes[4].get(block_key("HuggingFaceTB/SmolLM2-135M", 8)) == []
+        other = block_key("HuggingFaceTB/SmolLM2-135M", 8)
+        assert await nodes[4].get(other) == []
+        many = await nodes[3].get_many([KEY, other])
+        assert {e.peer_id for e in many[KEY]} == expected and many[other] == []
 
 
 async def test_get_asks_the_network_not_a_stale_local_copy():
