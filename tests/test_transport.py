@@ -341,6 +341,34 @@ async def test_two_processes(tmp_path):
             proc.wait()
 
 
+async def test_dialback_tells_live_port_from_dead_one():
+    import socket
+
+    from petal.daemon.p2p import DIALBACK_PROTOCOL, Libp2pTransport, check_reachability, serve_dialback
+
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    a, b = Libp2pTransport(Identity.generate()), Libp2pTransport(Identity.generate())
+    b.set_handler(DIALBACK_PROTOCOL, serve_dialback)
+    await a.start()
+    await b.start()
+    try:
+        helper = PeerAddr(b.peer_id, tuple(b.listen_addrs))
+        answer = await check_reachability(a, helper)
+        assert answer["observed_ip"] == "127.0.0.1"
+        assert [r["reachable"] for r in answer["results"]] == [True] * len(a.listen_addrs)
+        dead = f"/ip4/127.0.0.1/tcp/{dead_port}/p2p/{a.peer_id}"
+        answer = await a.call(helper, DIALBACK_PROTOCOL, {"addrs": [dead, "/ip4/127.0.0.1/udp/9"]})
+        assert [(r["dialed"], r["reachable"]) for r in answer["results"]] == [(f"127.0.0.1:{dead_port}", False), (None, False)]
+        with pytest.raises(StreamReset):  # a malformed request resets the stream, the helper keeps serving
+            await a.call(helper, DIALBACK_PROTOCOL, {"addrs": "nope"})
+        assert (await check_reachability(a, helper))["results"][0]["reachable"]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
