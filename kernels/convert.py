@@ -7,7 +7,9 @@ an ordinary Hugging Face dir. GGUF files are dequantized to float32 here: a serv
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +27,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
     The GGUF quantizer state is dropped before saving: otherwise transformers would write a
     `quantization_config` that makes every later load go through the GGUF path again. `name`, when given,
     is written into config.json as `petal_name` (the swarm-wide model name, see `petal.kernels.store`).
-    `quiet` silences transformers' own progress bars (they would spam logs when not on a terminal).
+    `quiet` silences transformers' own progress bars (they would spam logs when not on a terminal); its GGUF
+    reader uses a bare tqdm that ignores transformers' switch, so stderr is redirected while it runs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -33,7 +36,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext():
+            return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
