@@ -22,7 +22,7 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/petald pull smollm2
-	$(PY) -m petal.kernels.demo
+	$(PY) -m petal.daemon.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
