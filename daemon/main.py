@@ -9,6 +9,7 @@ import sys
 import click
 
 from .config import ConfigError, load_config
+from .pull import pull_command
 from .systemd import setup_logging
 
 
@@ -52,6 +53,9 @@ def cli(ctx: click.Context, config_file: str | None, **overrides: object) -> Non
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+cli.add_command(pull_command)
 
 
 def main() -> None:
