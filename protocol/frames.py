@@ -81,7 +81,8 @@ def unpack_message(payload: bytes | bytearray | memoryview, *, max_bin_len: int 
     except WireError:
         raise
     except Exception as e:  # msgpack raises ValueError subclasses, UnicodeDecodeError, TypeError, ...
-        raise WireError("bad_frame", f"malformed msgpack message ({type(e).__name__}: {e})"[:500]) from None
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise WireError("bad_frame", f"malformed msgpack message ({detail:.400})") from None
     _reject_timestamps(obj)
     return obj
 

@@ -157,15 +157,14 @@ def _quantize_torch(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     nblocks = -(-n // block)
     full = (n // block) * block
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-    values = flat.float()
+    # a private, truly unit-stride float32 copy: we normalise it in place and view its bits
+    values = torch.empty(n, dtype=torch.float32, device=flat.device).copy_(flat)
     if full:
         absmax[: full // block] = values[:full].view(-1, block).abs().amax(dim=1)
     if full < n:
         absmax[-1] = values[full:].abs().amax()
     _check_finite(absmax)
     scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    if values is flat:  # we normalise in place, so never touch the caller's tensor
-        values = values.clone()
     if full:
         values[:full].view(-1, block).div_(scale[: full // block, None])
     if full < n:
