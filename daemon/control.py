@@ -68,8 +68,8 @@ async def get_status(request: web.Request) -> web.Response:
 async def get_dht(request: web.Request) -> web.Response:
     entries = await node_of(request).dht.get(request.match_info["key"])
     return web.json_response(
-        {"entries": [{"peer_id": e.peer_id, "value": e.value, "issued_at": e.issued_at, "expires_at": e.expires_at}
-                     for e in entries]}
+        {"entries": [{"peer_id": e.peer_id, "state": e.state, "value": e.value, "issued_at": e.issued_at,
+                      "expires_at": e.expires_at} for e in entries]}
     )
 
 
