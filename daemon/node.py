@@ -39,6 +39,8 @@ class Node:
         self.dht: Any = None
         self.control: Any = None
         self.servers: list[Any] = []  # block servers hosted by this daemon (petal.daemon.server)
+        self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
+        self._helpers: list[Any] = []  # initial peers that answered (PeerAddr), asked to dial us back
 
     @property
     def peer_id(self) -> str:
@@ -46,15 +48,18 @@ class Node:
 
     async def start(self) -> None:
         from .control import ControlServer
-        from .p2p import Libp2pTransport
+        from .p2p import DIALBACK_PROTOCOL, Libp2pTransport, serve_dialback
 
         t0 = time.monotonic()
         self.transport = Libp2pTransport(self.identity, self.config.listen)
         await self.transport.start()
         self.transport.set_handler(NODE_INFO_PROTOCOL, self._serve_node_info)
+        self.transport.set_handler(DIALBACK_PROTOCOL, serve_dialback)
         first = parse_multiaddr(self.transport.listen_addrs[0])
         host = parse_multiaddr(self.config.listen[0]).host
         bootstrap = await self._resolve_initial_peers()
+        if self._helpers:
+            await self._check_reachability(self._helpers[0])
         port = self.config.dht_port if self.config.dht_port is not None else first.port
         self.dht = await self._start_dht(host, port, bootstrap)
         if bootstrap and self.dht.routing_table_size() == 0:
@@ -110,8 +115,10 @@ class Node:
             if not hp.peer_id:
                 raise StartupError(f"initial peer {addr!r} lacks /p2p/PEER_ID: copy the full address petald printed")
             try:
-                info = await self.transport.call(PeerAddr(hp.peer_id, (addr,)), NODE_INFO_PROTOCOL, {}, timeout=10.0)
+                peer = PeerAddr(hp.peer_id, (addr,))
+                info = await self.transport.call(peer, NODE_INFO_PROTOCOL, {}, timeout=10.0)
                 found.append((hp.host, int(info["dht_port"])))
+                self._helpers.append(peer)
             except Exception as e:  # noqa: BLE001 - one dead bootstrap peer must not stop the others
                 log.warning("initial peer %s did not answer (%s); trying the others", addr, e)
         if self.config.initial_peers and not found:
@@ -120,6 +127,23 @@ class Node:
                 "check the addresses and that those daemons are running"
             )
         return found
+
+    async def _check_reachability(self, helper) -> None:
+        """Ask a peer to dial our listen port back (libp2p's AutoNAT v1 here reports dead ports as reachable)."""
+        from .p2p import check_reachability
+
+        try:
+            answer = await check_reachability(self.transport, helper)
+        except Exception as e:  # noqa: BLE001 - reachability is advice, not a reason to stop
+            log.warning("could not check whether others can reach us: %s", e)
+            return
+        self.reachable = any(r.get("reachable") for r in answer["results"])
+        if not self.reachable:
+            log.warning(
+                "peer %s could not connect back to %s: others cannot reach this daemon, so it can use the swarm "
+                "but should not serve blocks; open the TCP port in your firewall or forward it",
+                helper.peer_id, ", ".join(self.transport.listen_addrs),
+            )
 
     async def _serve_node_info(self, stream) -> None:
         await stream.recv(timeout=10.0)
@@ -139,6 +163,7 @@ class Node:
             "uptime_s": round(time.time() - self.started_at, 3),
             "dht_peers": self.dht.routing_table_size() if self.dht else 0,
             "announced": sorted(self._announced),
+            "reachable": self.reachable,
             "socket": str(self.config.socket),
         }
 

@@ -56,6 +56,7 @@ def test_five_daemons_share_signed_entries_that_expire(swarm):
         d.client.request("PUT", f"/v1/dht/{key}", {"value": {"span": [i * 10, i * 10 + 10], "state": "online"}})
     ids = {d.status()["peer_id"]: i for i, d in enumerate(announcers)}
     assert len(ids) == 3
+    assert all(d.status()["reachable"] is True for d in others)  # the bootstrap peer dialled each one back
     for d in daemons:  # every daemon, announcer or not, reads all three from the network
         got = entries(d, key)
         assert set(got) == set(ids), f"{d.name} saw {sorted(got)}"
@@ -81,6 +82,7 @@ def test_five_daemons_share_signed_entries_that_expire(swarm):
 def test_restart_keeps_peer_id_and_sigterm_is_clean(swarm):
     d = swarm.start_bootstrap("solo")
     first = d.status()["peer_id"]
+    assert d.status()["reachable"] is None  # nobody to ask in a swarm of one
     assert d.stop() == 0
     assert not d.socket.exists(), "the control socket is removed on shutdown"
     assert "stopped" in d.log()
