@@ -351,3 +351,33 @@ async def test_malformed_reply_is_a_wire_error(swarm) -> None:
             await span.forward(torch.randn(1, 2, HIDDEN))
     finally:
         await liar.stop()
+
+
+async def test_bloom_forward_and_inference(tmp_path: Path) -> None:
+    """The server is family-agnostic: a tiny BLOOM (ALiBi, no rotary) matches transformers too."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(6)
+    BloomForCausalLM(BloomConfig(hidden_size=32, n_head=4, n_layer=6, vocab_size=64, initializer_range=0.1)) \
+        .save_pretrained(tmp_path / "bloom")
+    ref = BloomForCausalLM.from_pretrained(tmp_path / "bloom").eval()
+    info = open_model(tmp_path / "bloom")
+    network = MemoryNetwork()
+    server_t, client_t = MemoryTransport(network, "s"), MemoryTransport(network, "c")
+    await server_t.start()
+    await client_t.start()
+    server = BlockServer(load_span(info, 1, 5), model=info.name, fingerprint=info.fingerprint, family=info.family,
+                         num_blocks=6, transport=server_t, settings=ServeSettings(max_length=16, max_cache_tokens=64))
+    await server.start()
+    try:
+        remote = RemoteSpan(client_t, PeerAddr("s"), info.name, info.fingerprint, 1, 5, "none")
+        embeds = torch.randn(2, 5, 32)
+        hs = ref(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        assert close(await remote.forward(hs[1]), hs[5])
+        async with await remote.open_inference(8, 2) as session:
+            out = torch.cat([await session.step(hs[1][:, :2]), await session.step(hs[1][:, 2:])], dim=1)
+        assert close(out, hs[5])
+    finally:
+        await server.stop()
+        await client_t.stop()
+        await server_t.stop()
