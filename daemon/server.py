@@ -78,6 +78,7 @@ class ServeSettings:
     idle_timeout: float = 600.0  # an inference session with no step for this long is closed and its cache freed
     request_timeout: float = 300.0  # longest a forward/backward/step may queue + run
     max_queue: int = 64
+    refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
 
 
 # --- span choice -----------------------------------------------------------------------------------------------------
@@ -320,6 +321,8 @@ class BlockServer:
         self.worker: ComputeWorker | None = None
         self.sessions = 0
         self._running = False
+        self._refresher: asyncio.Task[None] | None = None
+        self._published_cache = -1
 
     # lifecycle
 
@@ -335,6 +338,8 @@ class BlockServer:
         self.transport.set_handler(BACKWARD_PROTOCOL, self._handle_backward)
         self.transport.set_handler(INFERENCE_PROTOCOL, self._handle_inference)
         await self.publish("online")
+        if self._announce is not None:
+            self._refresher = asyncio.create_task(self._refresh_loop(), name="block-server-refresh")
         log.info(
             "serving %s blocks [%d, %d) (%s, %s, quant %s): %.0f tokens/s, KV budget %d token-blocks (%.1f MiB)",
             self.model, self.span.start, self.span.end, self.settings.device, self.settings.dtype,
@@ -346,6 +351,9 @@ class BlockServer:
         if not self._running:
             return
         self._running = False
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         if self._withdraw is not None:
             for key in self.keys:
                 try:
@@ -369,10 +377,19 @@ class BlockServer:
         ).to_value()
         return {**value, "q": self.settings.quant, "fp": self.fingerprint}
 
+    async def _refresh_loop(self) -> None:
+        """Re-announce when the free KV budget moved by over a tenth of the total, so routers see real capacity."""
+        while True:
+            await asyncio.sleep(self.settings.refresh_period)
+            left = self.pool.free_units // len(self.span.blocks)
+            if abs(left - self._published_cache) * 10 > self.pool.units // len(self.span.blocks):
+                await self.publish("online")
+
     async def publish(self, state: str) -> None:
         if self._announce is None:
             return
         value = self.record(state)
+        self._published_cache = value["c"]
         model = ModelRecord(self.model, self.fingerprint, self.num_blocks, self.family).to_value()
         results = await asyncio.gather(
             *(self._announce(key, value) for key in self.keys), self._announce(MODELS_KEY, model),

@@ -381,3 +381,45 @@ async def test_bloom_forward_and_inference(tmp_path: Path) -> None:
         await server.stop()
         await client_t.stop()
         await server_t.stop()
+
+
+async def test_announcements_follow_the_free_cache(model_dir: Path) -> None:
+    """Under every hosted block key and the models key; re-announced when the free KV budget moves; withdrawn."""
+    info = open_model(model_dir)
+    network = MemoryNetwork()
+    server_t, client_t = MemoryTransport(network, "s"), MemoryTransport(network, "c")
+    await server_t.start()
+    await client_t.start()
+    announced: list[tuple[str, dict]] = []
+    withdrawn: list[str] = []
+
+    async def announce(key: str, value: dict) -> None:
+        announced.append((key, value))
+
+    async def withdraw(key: str) -> None:
+        withdrawn.append(key)
+
+    settings = ServeSettings(max_length=16, max_cache_tokens=4 * 16, refresh_period=0.02)
+    server = BlockServer(load_span(info, 4, 8), model=info.name, fingerprint=info.fingerprint, family=info.family,
+                         num_blocks=LAYERS, transport=server_t, settings=settings, announce=announce,
+                         withdraw=withdraw, throughput=12.5)
+    await server.start()
+    try:
+        keys = {k for k, _ in announced}
+        assert keys == {f"{info.name}.{b}" for b in range(4, 8)} | {"_models"}
+        value = ServerRecord.from_value(announced[0][1])
+        assert (value.start, value.end, value.state, value.cache_tokens_left, value.throughput) == (4, 8, "online",
+                                                                                                    16, 12.5)
+        remote = RemoteSpan(client_t, PeerAddr("s"), info.name, info.fingerprint, 4, 8)
+        session = await remote.open_inference(8, 1)
+        def cache_left() -> int:
+            return [v for k, v in announced if k != "_models"][-1]["c"]
+
+        await eventually(lambda: cache_left() == 8)
+        await session.close()
+        await eventually(lambda: cache_left() == 16)
+    finally:
+        await server.stop()
+        await client_t.stop()
+        await server_t.stop()
+    assert sorted(withdrawn) == sorted(f"{info.name}.{b}" for b in range(4, 8))
