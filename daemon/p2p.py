@@ -8,6 +8,11 @@ the network itself. Both directions here are non-blocking hand-offs instead: asy
 chunk, not per message). Cancelling an asyncio awaiter cancels the trio operation it waits for.
 
 Security is Noise only and muxing yamux only (never mplex); one connection per peer, reused by every stream.
+
+Circuit relay v2 (libp2p's own implementation, wired by hand because 0.8.1 does not plug it into the swarm): every
+transport accepts relayed connections (STOP); one started with `relay_service=True` also relays for others
+(HOP, within `RELAY_LIMITS`); `use_relay(relay)` reserves a slot and returns the circuit address to announce;
+`open_stream` dials `/.../p2p/RELAY/p2p-circuit/p2p/PEER` addresses through the relay.
 """
 
 from __future__ import annotations
@@ -88,6 +93,22 @@ def build_host(identity: Identity, listen: Sequence[str]) -> IHost:
     connector.start = _off
     connector.stop = _off
     return host
+
+
+RELAY_LIMITS = dict(duration=3600, data=1 << 30, max_circuit_conns=8, max_reservations=16)
+"""What a relaying daemon grants: per circuit at most an hour and 1 GiB, 8 circuits per reserved peer, 16 peers.
+A circuit that hits a limit is reset; the next `open_stream` dials a fresh one."""
+DIRECT_FIRST_TIMEOUT = 3.0
+"""When a peer has both direct and circuit addresses, how long the direct dial may take before we use the relay."""
+
+
+class RelayError(DialError):
+    """A relay refused us: it offers no relay service, has no room, or the target holds no reservation on it."""
+
+
+def is_circuit(addr: str) -> bool:
+    """Whether `addr` is a relayed address (`.../p2p/RELAY/p2p-circuit/p2p/PEER`)."""
+    return "/p2p-circuit" in addr
 
 
 def _strip_p2p(addr: str) -> str:
@@ -377,8 +398,14 @@ def _drain(channel: trio.MemoryReceiveChannel[T]) -> list[T]:
 class Libp2pTransport:
     """`Transport` over py-libp2p (TCP, Noise, yamux). Construct, `await start()`, use, `await stop()`."""
 
-    def __init__(self, identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> None:
+    def __init__(
+        self, identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), relay_service: bool = False
+    ) -> None:
         self.identity = identity
+        self.relay_service = relay_service
+        self.circuit_addrs: list[str] = []  # also appended to listen_addrs: what others dial through relays
+        self._relay_proto: Any = None  # libp2p CircuitV2Protocol (trio side)
+        self._relay_transport: Any = None  # libp2p CircuitV2Transport (trio side)
         self.peer_id = identity.peer_id
         self.listen_addrs: list[str] = []
         self._listen = tuple(listen)
@@ -444,7 +471,7 @@ class Libp2pTransport:
         self._host = host
         for protocol_id in self._handlers:
             self._register(protocol_id)
-        async with host.run([multiaddr.Multiaddr(a) for a in self._listen]):
+        async with host.run([multiaddr.Multiaddr(a) for a in self._listen]), self._relay_running(host):
             async with trio.open_nursery() as nursery:
                 bridge.nursery = nursery
                 bridge.token = trio.lowlevel.current_trio_token()
@@ -454,6 +481,21 @@ class Libp2pTransport:
                 bridge.nursery = None
                 nursery.cancel_scope.cancel()
             await host.close()
+
+    def _relay_running(self, host: IHost) -> Any:
+        """Run libp2p's circuit relay v2 service on `host`: STOP always (we accept relayed connections), HOP
+        (relaying for others) when `relay_service` is set."""
+        from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+        from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+        from libp2p.relay.circuit_v2.resources import RelayLimits
+        from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+        from libp2p.tools.anyio_service import background_trio_service
+
+        limits = RelayLimits(**RELAY_LIMITS)
+        self._relay_proto = CircuitV2Protocol(host, limits=limits, allow_hop=self.relay_service)
+        # Role STOP only: with CLIENT, every dial through a relay would first reserve a slot there too.
+        self._relay_transport = CircuitV2Transport(host, self._relay_proto, RelayConfig(roles=RelayRole.STOP, limits=limits))
+        return background_trio_service(self._relay_proto)
 
     async def stop(self) -> None:
         """Cancel handlers, close every stream and connection, and join the trio thread."""
@@ -531,15 +573,13 @@ class Libp2pTransport:
         except Exception as e:  # noqa: BLE001
             raise DialError(f"{peer.peer_id!r} is not a valid libp2p peer id: {e}") from None
         try:
-            addrs = [multiaddr.Multiaddr(_strip_p2p(a)) for a in peer.addrs]
+            addrs = [multiaddr.Multiaddr(_strip_p2p(a)) for a in peer.addrs if not is_circuit(a)]
+            circuits = [multiaddr.Multiaddr(a) for a in peer.addrs if is_circuit(a)]
         except Exception as e:  # noqa: BLE001
             raise DialError(f"bad multiaddr in {peer.addrs}: {e}") from None
         try:
             with trio.fail_after(timeout):
-                try:
-                    await host.connect(PeerInfo(pid, addrs))
-                except Exception as e:  # noqa: BLE001
-                    raise DialError(f"cannot reach peer {peer.peer_id} at {list(peer.addrs)}: {e}") from None
+                await self._connect(pid, addrs, circuits, peer)
                 try:
                     net_stream = await host.new_stream(pid, [TProtocol(protocol_id)])
                 except Exception as e:  # noqa: BLE001
@@ -554,6 +594,131 @@ class Libp2pTransport:
         stream = Libp2pStream(bridge, net_stream, peer.peer_id, protocol_id)
         bridge.nursery.start_soon(stream._run)
         return stream
+
+    async def _connect(self, pid: Any, addrs: list[Any], circuits: list[Any], peer: PeerAddr) -> None:
+        """Reuse a connection to `pid`, else dial direct addresses (briefly, if a relay is the fallback), then
+        circuits."""
+        from libp2p.peer.peerinfo import PeerInfo
+
+        host = self._host
+        assert host is not None
+        if host.get_network().connections.get(pid):
+            return
+        errors: list[str] = []
+        if addrs:
+            try:
+                if circuits:
+                    with trio.fail_after(DIRECT_FIRST_TIMEOUT):
+                        await host.connect(PeerInfo(pid, addrs))
+                else:
+                    await host.connect(PeerInfo(pid, addrs))
+                return
+            except (Exception, trio.TooSlowError) as e:  # noqa: BLE001
+                errors.append(f"direct: {e or type(e).__name__}")
+        for circuit in circuits:
+            try:
+                await self._dial_circuit(circuit)
+                return
+            except RelayError as e:
+                errors.append(str(e))
+        if not errors:
+            raise DialError(f"no address to dial peer {peer.peer_id}: pass its multiaddrs in PeerAddr.addrs")
+        raise (RelayError if circuits and not addrs else DialError)(
+            f"cannot reach peer {peer.peer_id} at {list(peer.addrs)}: {'; '.join(errors)}"
+        )
+
+    async def _dial_circuit(self, circuit: Any) -> None:
+        """Connect through the relay named in `circuit`; the relayed connection joins the swarm like any other."""
+        try:
+            await self._relay_transport.dial(circuit)
+        except Exception as e:  # noqa: BLE001 - libp2p raises ConnectionError/RelayConnectionError/SwarmException
+            text = str(e)
+            if "NO_RESERVATION" in text or "status 204" in text:
+                hint = "the peer holds no reservation on that relay (it may have restarted or moved: look it up again)"
+            elif "protocol" in text.lower() or "multiselect" in text.lower() or "negotiat" in text.lower():
+                hint = "that peer offers no relay service (it runs with --no-relay or is not reachable itself)"
+            else:
+                hint = text
+            raise RelayError(f"relaying through {circuit} failed: {hint}") from None
+
+    async def use_relay(self, relay: PeerAddr, timeout: float = 15.0) -> str:
+        """Reserve a slot on `relay` (a peer started with relay_service) and return our circuit address through it,
+        `<relay addr>/p2p/RELAY/p2p-circuit/p2p/US`, also appended to `listen_addrs` and `circuit_addrs`.
+
+        For daemons that others cannot dial: peers reach us through the relay instead. libp2p refreshes the
+        reservation before it expires for as long as the transport runs."""
+        if self._bridge is None or self._bridge.token is None:
+            raise TransportError("the libp2p transport is not running: call start() first")
+        direct = [a for a in relay.addrs if not is_circuit(a)]
+        if not direct:
+            raise RelayError(f"relay {relay.peer_id} needs a direct address (relays cannot be chained): got {relay.addrs}")
+        circuit = await self._bridge.run(self._reserve, relay, direct, timeout)
+        if circuit not in self.circuit_addrs:
+            self.circuit_addrs.append(circuit)
+            self.listen_addrs.append(circuit)
+        return circuit
+
+    async def _reserve(self, relay: PeerAddr, direct: list[str], timeout: float) -> str:
+        import multiaddr
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
+
+        host, bridge = self._host, self._bridge
+        assert host is not None and bridge is not None and bridge.nursery is not None
+        try:
+            pid = ID.from_base58(relay.peer_id)
+        except Exception as e:  # noqa: BLE001
+            raise DialError(f"{relay.peer_id!r} is not a valid libp2p peer id: {e}") from None
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(_strip_p2p(a)) for a in direct]))
+                except Exception as e:  # noqa: BLE001
+                    raise DialError(f"cannot reach relay {relay.peer_id} at {direct}: {e}") from None
+                try:
+                    hop = await host.new_stream(pid, [HOP_ID])
+                except Exception:  # noqa: BLE001
+                    raise RelayError(
+                        f"peer {relay.peer_id} offers no relay service (it runs with --no-relay, or is not reachable "
+                        "itself); reserve on another publicly reachable daemon"
+                    ) from None
+                try:
+                    ok = await self._relay_transport.reserve(hop, pid, bridge.nursery)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await hop.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+        except trio.TooSlowError:
+            raise TimeoutError(f"reserving a relay slot on {relay.peer_id} took longer than {timeout}s") from None
+        if not ok:
+            raise RelayError(
+                f"relay {relay.peer_id} refused a reservation (it is full: at most {RELAY_LIMITS['max_reservations']} "
+                "peers per relay); try another relay"
+            )
+        return f"{_strip_p2p(direct[0])}/p2p/{relay.peer_id}/p2p-circuit/p2p/{self.peer_id}"
+
+    def set_relay_service(self, enabled: bool) -> None:
+        """Start or stop relaying for others (HOP) on a running transport: a daemon learns only after start
+        whether it is publicly reachable, which is what makes it a useful relay."""
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
+
+        self.relay_service = enabled
+
+        def apply() -> None:
+            proto, host = self._relay_proto, self._host
+            if proto is None or host is None:
+                return
+            proto.allow_hop = enabled
+            if enabled:
+                host.set_stream_handler(HOP_ID, proto._handle_hop_stream)
+            else:
+                host.remove_stream_handler(HOP_ID)
+
+        if self._bridge is not None and self._bridge.token is not None:
+            self._bridge.to_trio(apply)
 
     async def call(self, peer: PeerAddr, protocol_id: str, request: object, timeout: float = 30.0) -> object:
         return await call_over(self, peer, protocol_id, request, timeout)
@@ -614,7 +779,7 @@ async def serve_dialback(stream: Libp2pStream) -> None:
         return
     ip = remote[0]
     addrs = addrs[:MAX_DIALBACK_ADDRS]
-    ports = [_tcp_port(a) for a in addrs]
+    ports = [None if is_circuit(a) else _tcp_port(a) for a in addrs]
     checks = [_tcp_reachable(ip, p, DIALBACK_TIMEOUT) if p else asyncio.sleep(0, False) for p in ports]
     reachable = await asyncio.gather(*checks)
     results = [
@@ -627,7 +792,8 @@ async def serve_dialback(stream: Libp2pStream) -> None:
 async def check_reachability(transport: Libp2pTransport, helper: PeerAddr, timeout: float = 10.0) -> dict[str, Any]:
     """Ask `helper` (a peer serving DIALBACK_PROTOCOL) whether our listen addresses' ports accept connections
     from outside. Returns {"observed_ip": str | None, "results": [{"addr", "dialed", "reachable"}, ...]}."""
-    answer = await transport.call(helper, DIALBACK_PROTOCOL, {"addrs": transport.listen_addrs}, timeout=timeout)
+    direct = [a for a in transport.listen_addrs if not is_circuit(a)]  # a circuit's port is the relay's
+    answer = await transport.call(helper, DIALBACK_PROTOCOL, {"addrs": direct}, timeout=timeout)
     if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
         raise TransportError(f"peer {helper.peer_id} sent a malformed dialback answer: {answer!r:.200}")
     return answer
