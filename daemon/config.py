@@ -52,6 +52,7 @@ class Config:
     log_level: str = "info"
     http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
+    relay: bool = True  # relay for unreachable peers when reachable; reserve on the bootstrap peer when not
     # block serving (see petal.daemon.server); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
     blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
@@ -64,6 +65,7 @@ class Config:
     max_length: int = 4096  # longest inference session (tokens) and forward sequence
     codec: str = "q8"  # default codec of replies: none | float16 | bfloat16 | q8
     alloc_timeout: float = 10.0  # seconds a session waits for KV budget before "busy"
+    rebalance_period: float = 60.0  # with num_blocks: how often (± jitter) to check whether moving would help
 
     def validate(self) -> Config:
         if not self.new_swarm and not self.initial_peers:
@@ -100,6 +102,8 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError("max_cache_tokens must be at least 1 (tokens x blocks)")
+        if self.rebalance_period <= 0:
+            raise ConfigError("rebalance_period must be > 0 seconds")
         if self.alloc_timeout < 0:
             raise ConfigError("alloc_timeout must be >= 0 seconds")
 

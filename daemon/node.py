@@ -51,7 +51,7 @@ class Node:
         from .p2p import DIALBACK_PROTOCOL, Libp2pTransport, serve_dialback
 
         t0 = time.monotonic()
-        self.transport = Libp2pTransport(self.identity, self.config.listen)
+        self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
         await self.transport.start()
         self.transport.set_handler(NODE_INFO_PROTOCOL, self._serve_node_info)
         self.transport.set_handler(DIALBACK_PROTOCOL, serve_dialback)
@@ -144,6 +144,19 @@ class Node:
                 "but should not serve blocks; open the TCP port in your firewall or forward it",
                 helper.peer_id, ", ".join(self.transport.listen_addrs),
             )
+            if self.config.relay:
+                await self._reach_through_relay(helper)
+
+    async def _reach_through_relay(self, helper) -> None:
+        """Unreachable: stop offering relay service (nobody could use it) and reserve a slot on `helper` instead;
+        the circuit address joins transport.listen_addrs, so node-info and block announcements carry it."""
+        self.transport.set_relay_service(False)
+        try:
+            circuit = await self.transport.use_relay(helper)
+        except Exception as e:  # noqa: BLE001 - without a relay we still use the swarm, we just cannot serve
+            log.warning("peer %s cannot relay for us either (%s): others still cannot reach this daemon", helper.peer_id, e)
+            return
+        log.info("others reach this daemon through relay %s at %s", helper.peer_id, circuit)
 
     async def _serve_node_info(self, stream) -> None:
         await stream.recv(timeout=10.0)
@@ -193,7 +206,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.control:
             await self.control.stop()
-        for server in self.servers:
+        for server in reversed(self.servers):  # managers (the rebalancer) before the servers they manage
             await server.stop()
         if self.dht:
             for key in list(self._announced):

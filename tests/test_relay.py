@@ -126,3 +126,24 @@ async def test_relay_service_can_be_switched_on_after_start(trio_nodes):
     circuit = await private.use_relay(direct(dialer))
     # A third node (the former relay) now reaches the private one through the dialer acting as relay.
     assert await relay.call(PeerAddr(private.peer_id, (circuit,)), ECHO, "x") == {"echo": "x", "to": "private"}
+
+
+async def test_unreachable_node_reserves_on_its_helper_and_announces_the_circuit(trio_nodes, tmp_path):
+    """daemon/node.py's fallback, on a Node whose reachability check failed (the check itself is tested elsewhere)."""
+    from petal.daemon.config import Config
+    from petal.daemon.node import Node
+
+    relay, private, dialer = trio_nodes
+    node = Node(Config(state_dir=tmp_path, socket=tmp_path / "s.sock"), identity=private.identity)
+    node.transport = private
+    private.set_relay_service(True)  # as a daemon starts, before it knows
+    await node._reach_through_relay(direct(relay))
+    assert private.relay_service is False
+    circuits = [a for a in node.node_info()["addrs"] if is_circuit(a)]
+    assert circuits == [f"{direct(relay).addrs[0]}/p2p-circuit/p2p/{private.peer_id}"]
+    assert await dialer.call(PeerAddr(private.peer_id, tuple(circuits)), ECHO, 1) == {"echo": 1, "to": "private"}
+
+    # A helper that offers no relay leaves the node as it was, with a warning rather than a crash.
+    before = list(private.listen_addrs)
+    await node._reach_through_relay(direct(dialer))
+    assert private.listen_addrs == before
