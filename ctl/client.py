@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -48,34 +49,68 @@ class Client:
         self.socket_path = str(socket_path or default_socket())
         self.timeout = timeout
 
+    def _send(self, conn: _UnixConnection, method: str, path: str, body: Any) -> http.client.HTTPResponse:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonError(
+                "unavailable",
+                f"no petald listening on {self.socket_path}: start one with `petald --new-swarm` "
+                "(or `systemctl start petald`), or pass --socket",
+            ) from None
+        return conn.getresponse()
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            try:
-                conn.request(method, path, body=payload, headers=headers)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise DaemonError(
-                    "unavailable",
-                    f"no petald listening on {self.socket_path}: start one with `petald --new-swarm` "
-                    "(or `systemctl start petald`), or pass --socket",
-                ) from None
-            response = conn.getresponse()
+            response = self._send(conn, method, path, body)
             data = response.read()
         finally:
             conn.close()
+        return _decode(response, data)
+
+    def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """Yield each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            decoded = json.loads(data) if data else None
-        except json.JSONDecodeError:
-            raise DaemonError("bad_response", f"daemon sent non-JSON ({response.status}): {data[:200]!r}") from None
-        if response.status >= 400:
-            err = (decoded or {}).get("error", {}) if isinstance(decoded, dict) else {}
-            raise DaemonError(err.get("code", "error"), err.get("message", str(decoded)), response.status)
-        return decoded
+            response = self._send(conn, method, path, body)
+            if response.status >= 400 or "ndjson" not in (response.getheader("Content-Type") or ""):
+                yield _decode(response, response.read())
+                return
+            while line := response.readline():
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DaemonError("bad_response", f"daemon sent a non-JSON line: {line[:200]!r}") from None
+                if isinstance(obj, dict) and "error" in obj:
+                    err = obj["error"] if isinstance(obj["error"], dict) else {}
+                    raise DaemonError(err.get("code", "error"), err.get("message", str(obj)))
+                yield obj
+        finally:
+            conn.close()
+
+    def generate(self, model: str, prompt: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+        """Stream ``/v1/generate``: ``{"token", "text"}`` objects, then the final ``{"done": true, ...}``."""
+        body = {"model": model, "stream": True, **({"prompt": prompt} if prompt is not None else {}), **options}
+        return self.stream("POST", "/v1/generate", body)
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
     def status(self) -> dict[str, Any]:
         return self.get("/v1/status")
+
+
+def _decode(response: http.client.HTTPResponse, data: bytes) -> Any:
+    try:
+        decoded = json.loads(data) if data else None
+    except json.JSONDecodeError:
+        raise DaemonError("bad_response", f"daemon sent non-JSON ({response.status}): {data[:200]!r}") from None
+    if response.status >= 400:
+        err = (decoded or {}).get("error", {}) if isinstance(decoded, dict) else {}
+        raise DaemonError(err.get("code", "error"), err.get("message", str(decoded)), response.status)
+    return decoded

@@ -50,8 +50,8 @@ async def errors_as_json(request: web.Request, handler):
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "bad_request", f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, "bad_request", f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "request body must be a JSON object")
     return body
@@ -103,6 +103,9 @@ def make_app(node: Node) -> web.Application:
     app.router.add_get("/v1/dht/{key}", get_dht)
     app.router.add_put("/v1/dht/{key}", put_dht)
     app.router.add_delete("/v1/dht/{key}", delete_dht)
+    from .api import add_routes
+
+    add_routes(app, node)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
