@@ -1,13 +1,19 @@
-"""`python -m petal.daemon.demo`: chat with SmolLM2 through three chained spans, streaming tokens.
+"""`python -m petal.daemon.demo` (`make demo`): chat with SmolLM2 through a swarm of three local petald daemons.
 
-A stand-in until the swarm serves blocks: the same pieces a client and three servers would use (client
-parts, spans [0,10) [10,20) [20,30) with their own KV caches), wired together in one process.
+Three daemons on loopback serve blocks [0,10), [10,20) and [20,30); the first is also the client's local daemon,
+and `petalctl generate` asks it over its socket, so the answer streams through the whole real path. `--local`
+runs the same spans in one process instead (no daemons), which is what `greedy_tokens` is for.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import click
 import torch
@@ -52,13 +58,88 @@ def _cuts(num_blocks: int, pieces: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def _wait_ready(proc: subprocess.Popen, socket_path: Path, log: Path, timeout: float = 180.0) -> dict:
+    from petal.ctl.client import Client, DaemonError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"petald exited with {proc.returncode}; its log:\n{log.read_text()[-3000:]}")
+        if socket_path.exists():
+            try:
+                return Client(socket_path, timeout=5).status()
+            except (DaemonError, OSError):
+                pass
+        time.sleep(0.3)
+    raise TimeoutError(f"petald not ready after {timeout} s; see {log}")
+
+
+def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
+    """Start three serving daemons, generate through them with petalctl, stop them by PID; returns petalctl's code."""
+    from petal.ctl.client import Client, DaemonError
+    from petal.daemon.pull import pull_model
+
+    pull_model("smollm2")
+    root = Path(tempfile.mkdtemp(prefix="petal-demo-", dir="/tmp"))
+    procs: list[subprocess.Popen] = []
+    try:
+        first_addr = None
+        sockets = []
+        for i, blocks in enumerate(["0:10", "10:20", "20:30"]):
+            sock, log = root / f"d{i}.sock", root / f"d{i}.log"
+            join = ["--new-swarm"] if first_addr is None else ["--initial-peer", first_addr]
+            cmd = [sys.executable, "-m", "petal.daemon", "--state-dir", str(root / f"d{i}"), "--socket", str(sock),
+                   "--listen", "/ip4/127.0.0.1/tcp/0", *join, "--serve", "smollm2", "--blocks", blocks]
+            with open(log, "ab") as out:
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+            t0 = time.monotonic()
+            status = _wait_ready(procs[-1], sock, log)
+            first_addr = first_addr or status["addrs"][0]
+            sockets.append(sock)
+            click.echo(f"# daemon {i} (pid {procs[-1].pid}) serves blocks {blocks}, ready in "
+                       f"{time.monotonic() - t0:.1f} s", err=True)
+        client = Client(sockets[0])
+        deadline = time.monotonic() + 60
+        while True:  # the last server's announcement may take a moment to be readable
+            try:
+                chain = client.get("/v1/route?model=smollm2")["chain"]
+                break
+            except DaemonError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        click.echo("# route: " + " -> ".join(f"{h['start']}:{h['end']}@{h['peer_id'][-6:]}" for h in chain), err=True)
+        click.echo(f"# petalctl --socket {sockets[0]} generate -m smollm2 --chat {prompt!r}", err=True)
+        t0 = time.monotonic()
+        code = subprocess.call([sys.executable, "-c", "from petal.ctl.cli import main; main()", "--socket",
+                                str(sockets[0]), "generate", "-m", "smollm2", "--chat", "--max-new-tokens",
+                                str(max_new_tokens), prompt])
+        click.echo(f"# answered in {time.monotonic() - t0:.1f} s", err=True)
+        return code
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 @click.command()
 @click.option("--prompt", default="What is the capital of France? Answer in one sentence.", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--spans", "pieces", default=3, show_default=True, help="How many chained spans to split blocks into.")
-@click.option("--quant", type=click.Choice(["none", "int8"]), default="none", show_default=True)
-def main(prompt: str, max_new_tokens: int, pieces: int, quant: str) -> None:
-    """Pull SmolLM2 (once) and answer PROMPT greedily through chained spans, streaming to stdout."""
+@click.option("--local", is_flag=True, help="No daemons: run the spans in this process.")
+@click.option("--spans", "pieces", default=3, show_default=True, help="With --local: how many chained spans.")
+@click.option("--quant", type=click.Choice(["none", "int8"]), default="none", show_default=True, help="With --local.")
+def main(prompt: str, max_new_tokens: int, local: bool, pieces: int, quant: str) -> None:
+    """Pull SmolLM2 (once) and answer PROMPT greedily through three local daemons, streaming to stdout."""
+    if not local:
+        sys.exit(swarm_demo(prompt, max_new_tokens))
     from transformers import AutoTokenizer
 
     from petal.daemon.pull import pull_model
