@@ -106,6 +106,22 @@ class RelayError(DialError):
     """A relay refused us: it offers no relay service, has no room, or the target holds no reservation on it."""
 
 
+class _RelayStreamEndFilter(logging.Filter):
+    """libp2p 0.8.1's relay logs each ordinary end of a hop or circuit stream (EOF, reset) at ERROR, and a
+    first dial to a peer it has no addresses for at WARNING; drop those so that real relay failures stand out."""
+
+    BENIGN = ("stream is reset", "peer ID not found", "stream is closed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage().rstrip()
+        return not (message.endswith(":") or any(b in message for b in self.BENIGN))
+
+
+_RELAY_FILTER = _RelayStreamEndFilter()
+for _name in ("libp2p.relay.circuit_v2.protocol", "libp2p.relay.circuit_v2.transport"):
+    logging.getLogger(_name).addFilter(_RELAY_FILTER)
+
+
 def is_circuit(addr: str) -> bool:
     """Whether `addr` is a relayed address (`.../p2p/RELAY/p2p-circuit/p2p/PEER`)."""
     return "/p2p-circuit" in addr
