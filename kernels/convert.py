@@ -36,8 +36,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext():
-            return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
+        with open(os.devnull, "w") as devnull:
+            with contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext():
+                return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()

@@ -257,7 +257,8 @@ def _read_layout(path: Path) -> dict[str, _TensorEntry]:
             if name == "__metadata__":
                 continue
             begin, stop = meta["data_offsets"]
-            tensors[name] = _TensorEntry(file, meta["dtype"], tuple(meta["shape"]), 8 + header_len + begin, stop - begin)
+            offset = 8 + header_len + begin
+            tensors[name] = _TensorEntry(file, meta["dtype"], tuple(meta["shape"]), offset, stop - begin)
     return tensors
 
 
