@@ -205,3 +205,70 @@ def test_petalctl(swarm, tokenizer):
     assert r.exit_code == 1 and "petalctl models pull nope" in r.output
     r = runner.invoke(cli, ["--socket", "/tmp/petal-no-such.sock", "status"])
     assert r.exit_code == 2 and "petald --new-swarm" in r.output
+
+
+# --- the OpenAPI file describes what the daemon really sends -----------------------------------------------------
+
+
+def raw(socket_path: Path, method: str, path: str, body: object = None) -> tuple[int, str, bytes]:
+    import http.client
+    import socket
+
+    conn = http.client.HTTPConnection("localhost", timeout=120)
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.connect(str(socket_path))
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, (r.getheader("Content-Type") or "").split(";")[0], r.read()
+    conn.close()
+    return out
+
+
+def test_responses_match_docs_api_yaml(swarm):
+    import jsonschema
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parent.parent / "docs" / "api.yaml").read_text())
+
+    def check(method: str, template: str, path: str, body: object = None) -> None:
+        op = spec["paths"][template][method.lower()]
+        if body is not None:
+            request_schema = op["requestBody"]["content"]["application/json"]["schema"]
+            jsonschema.validate(body, {**request_schema, "components": spec["components"]})
+        status, ctype, data = raw(swarm.socket, method, path, body)
+        response = op["responses"][str(status)]
+        if "$ref" in response:
+            response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+        schema = {**response["content"][ctype]["schema"], "components": spec["components"]}
+        if ctype == "application/x-ndjson":
+            items = [json.loads(line) for line in data.splitlines() if line.strip()]
+        elif ctype == "text/event-stream":
+            events = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            items = [json.loads(e) for e in events[:-1]]
+        else:
+            items = [json.loads(data)]
+        assert items
+        for item in items:
+            jsonschema.validate(item, schema)
+
+    check("GET", "/v1/status", "/v1/status")
+    check("GET", "/v1/models", "/v1/models")
+    check("GET", "/v1/swarm", "/v1/swarm")
+    check("GET", "/v1/swarm", f"/v1/swarm?model={MODEL}")
+    check("GET", "/v1/route", f"/v1/route?model={MODEL}")
+    check("GET", "/v1/route", "/v1/route?model=nope")
+    check("GET", "/v1/dht/{key}", "/v1/dht/_models")
+    check("POST", "/v1/generate", "/v1/generate", {"model": MODEL, "prompt": "Hello", "max_new_tokens": 3})
+    check("POST", "/v1/generate", "/v1/generate", {"model": MODEL, "input_ids": [1, 2], "max_new_tokens": 3,
+                                                   "stream": False, "stop": "x"})
+    check("POST", "/v1/generate", "/v1/generate", {"model": "nope", "prompt": "x"})
+    check("POST", "/v1/completions", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+    check("POST", "/v1/completions", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3,
+                                                         "stream": True})
+    check("POST", "/v1/chat/completions", "/v1/chat/completions",
+          {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    check("POST", "/v1/chat/completions", "/v1/chat/completions",
+          {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True})
+    check("POST", "/v1/models/pull", "/v1/models/pull", {"name": "no-such-model"})
