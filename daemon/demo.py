@@ -7,6 +7,7 @@ runs the same spans in one process instead (no daemons), which is what `greedy_t
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -58,25 +59,28 @@ def _cuts(num_blocks: int, pieces: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _wait_ready(proc: subprocess.Popen, socket_path: Path, log: Path, timeout: float = 180.0) -> dict:
-    from petal.ctl.client import Client, DaemonError
+PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]  # a process: daemon/ never imports ctl/
 
+
+def _petalctl_json(socket_path: Path, *args: str) -> dict | None:
+    """Run `petalctl --json ARGS` against the socket; None if it failed (daemon not up yet, no route yet)."""
+    done = subprocess.run([*PETALCTL, "--socket", str(socket_path), "--json", *args], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _wait_ready(proc: subprocess.Popen, socket_path: Path, log: Path, timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"petald exited with {proc.returncode}; its log:\n{log.read_text()[-3000:]}")
-        if socket_path.exists():
-            try:
-                return Client(socket_path, timeout=5).status()
-            except (DaemonError, OSError):
-                pass
+        if socket_path.exists() and (status := _petalctl_json(socket_path, "status")) is not None:
+            return status
         time.sleep(0.3)
     raise TimeoutError(f"petald not ready after {timeout} s; see {log}")
 
 
 def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
     """Start three serving daemons, generate through them with petalctl, stop them by PID; returns petalctl's code."""
-    from petal.ctl.client import Client, DaemonError
     from petal.daemon.pull import pull_model
 
     pull_model("smollm2")
@@ -98,20 +102,16 @@ def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
             sockets.append(sock)
             click.echo(f"# daemon {i} (pid {procs[-1].pid}) serves blocks {blocks}, ready in "
                        f"{time.monotonic() - t0:.1f} s", err=True)
-        client = Client(sockets[0])
         deadline = time.monotonic() + 60
-        while True:  # the last server's announcement may take a moment to be readable
-            try:
-                chain = client.get("/v1/route?model=smollm2")["chain"]
-                break
-            except DaemonError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        while (route := _petalctl_json(sockets[0], "route", "-m", "smollm2")) is None:
+            if time.monotonic() > deadline:  # the last server's announcement may take a moment to be readable
+                raise RuntimeError(f"no route through the demo swarm after 60 s; see the logs in {root}")
+            time.sleep(0.5)
+        chain = route["chain"]
         click.echo("# route: " + " -> ".join(f"{h['start']}:{h['end']}@{h['peer_id'][-6:]}" for h in chain), err=True)
         click.echo(f"# petalctl --socket {sockets[0]} generate -m smollm2 --chat {prompt!r}", err=True)
         t0 = time.monotonic()
-        code = subprocess.call([sys.executable, "-c", "from petal.ctl.cli import main; main()", "--socket",
+        code = subprocess.call([*PETALCTL, "--socket",
                                 str(sockets[0]), "generate", "-m", "smollm2", "--chat", "--max-new-tokens",
                                 str(max_new_tokens), prompt])
         click.echo(f"# answered in {time.monotonic() - t0:.1f} s", err=True)
