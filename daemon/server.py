@@ -116,20 +116,53 @@ def block_throughputs(entries_by_block: Mapping[int, Sequence[Any]], total: int,
 
 
 def choose_span(entries_by_block: Mapping[int, Sequence[Any]], num_blocks: int, total: int) -> tuple[int, int]:
-    """The `num_blocks` consecutive blocks where the swarm is weakest: lowest minimum, then lowest sum, throughput.
+    """The `num_blocks` consecutive blocks where the swarm is weakest (see `weakest_window`).
 
-    `entries_by_block` maps a block index to the DHT entries (or bare announcement values) under its key. The
-    minimum decides because a chain is as fast as its slowest block; ties go to the earliest start.
+    `entries_by_block` maps a block index to the DHT entries (or bare announcement values) under its key.
     """
     if total < 1:
         raise ValueError("the model has no blocks")
+    return weakest_window(block_throughputs(entries_by_block, total), num_blocks)
+
+
+def weakest_window(per_block: Sequence[float], num_blocks: int) -> tuple[int, int]:
+    """Lowest minimum throughput, then lowest sum, then earliest start: a chain is as fast as its slowest block."""
+    total = len(per_block)
     num_blocks = max(1, min(num_blocks, total))
-    per_block = block_throughputs(entries_by_block, total)
     best = min(
         range(total - num_blocks + 1),
         key=lambda s: (min(per_block[s : s + num_blocks]), sum(per_block[s : s + num_blocks]), s),
     )
     return best, best + num_blocks
+
+
+def should_move(
+    entries_by_block: Mapping[int, Sequence[Any]],
+    peer_id: str,
+    span: tuple[int, int],
+    throughput: float,
+    total: int,
+    min_gain: float = 1.25,
+) -> tuple[int, int] | None:
+    """Where this server should move, or None to stay (paper §3.2: servers close the swarm's worst bottleneck).
+
+    The swarm is as fast as its slowest block. Compare that minimum with this server staying put and with it moved
+    to the span `choose_span` picks from everyone else's announcements; move only for a clear gain (`min_gain`), or
+    when moving closes a gap (no server at all on some block) without opening another.
+    """
+    others = block_throughputs(entries_by_block, total, exclude_peer=peer_id)
+    size = span[1] - span[0]
+
+    def bottleneck(where: tuple[int, int]) -> float:
+        return min(t + (throughput if where[0] <= b < where[1] else 0.0) for b, t in enumerate(others))
+
+    target = weakest_window(others, size)
+    if target == span:
+        return None
+    stay, moved = bottleneck(span), bottleneck(target)
+    if (stay == 0 and moved > 0) or (stay > 0 and moved > stay * min_gain):
+        return target
+    return None
 
 
 # --- KV budget -------------------------------------------------------------------------------------------------------
@@ -682,7 +715,7 @@ async def _swarm_entries(dht: Any, model: str, total: int) -> dict[int, list[Any
 
 async def start_serving(node: Any) -> list[BlockServer]:
     """Load the configured span, measure it, serve it on `node.transport` and announce it on `node.dht`."""
-    from petal.kernels.store import ModelStoreError, load_span, open_model
+    from petal.kernels.store import ModelStoreError, open_model
 
     from .node import StartupError
 
@@ -706,18 +739,74 @@ async def start_serving(node: Any) -> list[BlockServer]:
             start, end = 0, total
     except ServeError as e:
         raise StartupError(str(e)) from None
+    servers = [await _load_and_serve(node, info, start, end, settings)]
+    if config.num_blocks and not config.blocks:
+        servers.append(Rebalancer(node, info, servers, settings, config.rebalance_period))
+        servers[-1].start()
+    return servers
+
+
+async def _load_and_serve(node: Any, info: Any, start: int, end: int, settings: ServeSettings) -> BlockServer:
+    from petal.kernels.store import load_span
+
     log.info("loading %s blocks [%d, %d) from %s", info.name, start, end, info.path)
     span = await asyncio.to_thread(
         load_span, info, start, end, dtype=DTYPES[settings.dtype], device=settings.device, quant=settings.quant
     )
     server = BlockServer(
-        span, model=info.name, fingerprint=info.fingerprint, family=info.family, num_blocks=total,
+        span, model=info.name, fingerprint=info.fingerprint, family=info.family, num_blocks=info.num_blocks,
         transport=node.transport, settings=settings, announce=node.announce, withdraw=node.withdraw,
     )
     await server.publish("joining")
-    server.throughput = await asyncio.to_thread(cached_throughput, server, Path(config.state_dir))
+    server.throughput = await asyncio.to_thread(cached_throughput, server, Path(node.config.state_dir))
     await server.start()
-    return [server]
+    return server
+
+
+class Rebalancer:
+    """Every `period` seconds (± 30% jitter, so servers never all move at once) asks `should_move` and moves.
+
+    It lives in `node.servers` beside the block server it manages (replacing it there when it moves) and is stopped
+    with them. A move stops the old server first (withdrawing its entries; its sessions fail over on the client side).
+    """
+
+    def __init__(self, node: Any, info: Any, servers: list[Any], settings: ServeSettings, period: float) -> None:
+        self.node, self.info, self.servers, self.settings, self.period = node, info, servers, settings, period
+        self._task: asyncio.Task[None] | None = None
+        self.moves = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="rebalance")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        import random
+
+        while True:
+            await asyncio.sleep(self.period * random.uniform(0.7, 1.3))
+            try:
+                await self.check()
+            except Exception as e:  # noqa: BLE001 - keep serving; the next round tries again
+                log.warning("rebalancing check failed: %s", e)
+
+    async def check(self) -> bool:
+        current: BlockServer = self.servers[0]
+        total = self.info.num_blocks
+        entries = await _swarm_entries(self.node.dht, self.info.name, total)
+        target = should_move(entries, self.node.peer_id, (current.span.start, current.span.end),
+                             current.throughput, total)
+        if target is None:
+            return False
+        log.info("moving from blocks [%d, %d) to [%d, %d): the swarm's slowest blocks are there",
+                 current.span.start, current.span.end, *target)
+        await current.stop()
+        self.servers[0] = await _load_and_serve(self.node, self.info, *target, self.settings)
+        self.moves += 1
+        return True
 
 
 __all__ = [
@@ -729,6 +818,9 @@ __all__ = [
     "TransportError",
     "block_throughputs",
     "choose_span",
+    "should_move",
+    "weakest_window",
+    "Rebalancer",
     "measure_throughput",
     "parse_blocks",
     "start_serving",
