@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -545,18 +545,13 @@ class Router:
         blocked: Iterable[str] | None = None,
     ) -> list[Hop]:
         """The minimum-latency chain for [start, end) (the whole model by default), probing servers first."""
-        view = await self.view(model)
-        start, end = self._check_range(view, start, end)
-        for attempt in range(2):
-            usable = [s for s in self.candidates(view, allowed, blocked) if s.start < end and s.end > start]
+
+        async def pick(usable: list[ServerInfo], a: int, b: int) -> list[Hop] | None:
+            usable = [s for s in usable if s.start < b and s.end > a]
             await self.probe_all(model, usable)
-            usable = [s for s in usable if not self.is_banned(s.peer_id)]
-            chain = min_latency_chain(usable, start, end, self.latency)
-            if chain is not None:
-                return chain
-            if attempt == 0:  # servers may have joined since the last refresh
-                view = await self.view(model, fresh=True)
-        raise no_route_error(model, start, end, usable, list(view.servers.values()))
+            return min_latency_chain([s for s in usable if not self.is_banned(s.peer_id)], a, b, self.latency)
+
+        return await self._route(model, start, end, allowed, blocked, pick)
 
     async def throughput_chain(
         self,
@@ -568,11 +563,28 @@ class Router:
         blocked: Iterable[str] | None = None,
     ) -> list[Hop]:
         """A throughput-weighted random chain for [start, end) (forward/backward)."""
+
+        async def pick(usable: list[ServerInfo], a: int, b: int) -> list[Hop] | None:
+            return throughput_chain(usable, a, b, self.rng)
+
+        return await self._route(model, start, end, allowed, blocked, pick)
+
+    async def _route(
+        self,
+        model: str,
+        start: int,
+        end: int | None,
+        allowed: Iterable[str] | None,
+        blocked: Iterable[str] | None,
+        pick: Callable[[list[ServerInfo], int, int], Awaitable[list[Hop] | None]],
+    ) -> list[Hop]:
+        """Ask `pick` for a chain over the usable servers; once more after a fresh DHT read (servers may have
+        joined since the last refresh); else a clear error naming what the swarm has."""
         view = await self.view(model)
         start, end = self._check_range(view, start, end)
         for attempt in range(2):
             usable = self.candidates(view, allowed, blocked)
-            chain = throughput_chain(usable, start, end, self.rng)
+            chain = await pick(usable, start, end)
             if chain is not None:
                 return chain
             if attempt == 0:
