@@ -253,13 +253,7 @@ class Libp2pStream(StreamBase):
     async def recv(self, timeout: float | None = None) -> object:
         if self._end is not None and (self._inbox.empty() or self._reset_requested):
             raise self._end
-        if timeout is None:
-            item = await self._inbox.get()
-        else:
-            try:
-                item = await asyncio.wait_for(self._inbox.get(), timeout)
-            except TimeoutError:
-                raise TimeoutError(f"no message on {self.protocol_id} from {self.peer_id} within {timeout}s") from None
+        item = await self._next_item(timeout)
         if isinstance(item, TransportError):
             self._end = item
             raise item
@@ -579,15 +573,11 @@ class Libp2pTransport:
     async def _open(self, peer: PeerAddr, protocol_id: str, timeout: float) -> Libp2pStream:
         import multiaddr
         from libp2p.custom_types import TProtocol
-        from libp2p.peer.id import ID
         from libp2p.peer.peerinfo import PeerInfo
 
         host, bridge = self._host, self._bridge
         assert host is not None and bridge is not None and bridge.nursery is not None
-        try:
-            pid = ID.from_base58(peer.peer_id)
-        except Exception as e:  # noqa: BLE001
-            raise DialError(f"{peer.peer_id!r} is not a valid libp2p peer id: {e}") from None
+        pid = _parse_peer_id(peer.peer_id)
         try:
             addrs = [multiaddr.Multiaddr(_strip_p2p(a)) for a in peer.addrs if not is_circuit(a)]
             circuits = [multiaddr.Multiaddr(a) for a in peer.addrs if is_circuit(a)]
@@ -676,16 +666,12 @@ class Libp2pTransport:
 
     async def _reserve(self, relay: PeerAddr, direct: list[str], timeout: float) -> str:
         import multiaddr
-        from libp2p.peer.id import ID
         from libp2p.peer.peerinfo import PeerInfo
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
 
         host, bridge = self._host, self._bridge
         assert host is not None and bridge is not None and bridge.nursery is not None
-        try:
-            pid = ID.from_base58(relay.peer_id)
-        except Exception as e:  # noqa: BLE001
-            raise DialError(f"{relay.peer_id!r} is not a valid libp2p peer id: {e}") from None
+        pid = _parse_peer_id(relay.peer_id)
         try:
             with trio.fail_after(timeout):
                 try:
@@ -760,6 +746,16 @@ class Libp2pTransport:
 DIALBACK_PROTOCOL = "/petal/dialback/1"
 DIALBACK_TIMEOUT = 3.0
 MAX_DIALBACK_ADDRS = 8
+
+
+def _parse_peer_id(peer_id: str):  # -> libp2p.peer.id.ID
+    """A base58 peer id as libp2p's ID, or DialError saying which id is bad."""
+    from libp2p.peer.id import ID
+
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as e:  # noqa: BLE001 - base58 and multihash raise several types
+        raise DialError(f"{peer_id!r} is not a valid libp2p peer id: {e}") from None
 
 
 def _tcp_port(addr: str) -> int | None:
