@@ -5,6 +5,7 @@ Every error is JSON `{"error": {"code", "message"}}` with a fitting HTTP status;
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -139,8 +140,6 @@ class ControlServer:
 
 
 async def _socket_alive(path: Path) -> bool:
-    import asyncio
-
     try:
         _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout=1.0)
     except (OSError, asyncio.TimeoutError):

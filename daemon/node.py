@@ -40,7 +40,6 @@ class Node:
         self.control: Any = None
         self.servers: list[Any] = []  # block servers hosted by this daemon (petal.daemon.server)
         self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
-        self._helpers: list[Any] = []  # initial peers that answered (PeerAddr), asked to dial us back
 
     @property
     def peer_id(self) -> str:
@@ -57,9 +56,9 @@ class Node:
         self.transport.set_handler(DIALBACK_PROTOCOL, serve_dialback)
         first = parse_multiaddr(self.transport.listen_addrs[0])
         host = parse_multiaddr(self.config.listen[0]).host
-        bootstrap = await self._resolve_initial_peers()
-        if self._helpers:
-            await self._check_reachability(self._helpers[0])
+        bootstrap, helpers = await self._resolve_initial_peers()
+        if helpers:
+            await self._check_reachability(helpers[0])
         port = self.config.dht_port if self.config.dht_port is not None else first.port
         self.dht = await self._start_dht(host, port, bootstrap)
         if bootstrap and self.dht.routing_table_size() == 0:
@@ -99,11 +98,15 @@ class Node:
         await dht.start(bootstrap)
         return dht
 
-    async def _resolve_initial_peers(self) -> list[tuple[str, int]]:
-        """Each initial peer is a libp2p address; ask it (over libp2p) which UDP port its DHT listens on."""
+    async def _resolve_initial_peers(self) -> tuple[list[tuple[str, int]], list[Any]]:
+        """Each initial peer is a libp2p address; ask it (over libp2p) which UDP port its DHT listens on.
+
+        Returns the DHT bootstrap addresses and the peers that answered (PeerAddr; they can dial us back).
+        """
         from .transport import PeerAddr
 
         found: list[tuple[str, int]] = []
+        helpers: list[PeerAddr] = []
         for addr in self.config.initial_peers:
             try:
                 hp = parse_multiaddr(addr)
@@ -118,7 +121,7 @@ class Node:
                 peer = PeerAddr(hp.peer_id, (addr,))
                 info = await self.transport.call(peer, NODE_INFO_PROTOCOL, {}, timeout=10.0)
                 found.append((hp.host, int(info["dht_port"])))
-                self._helpers.append(peer)
+                helpers.append(peer)
             except Exception as e:  # noqa: BLE001 - one dead bootstrap peer must not stop the others
                 log.warning("initial peer %s did not answer (%s); trying the others", addr, e)
         if self.config.initial_peers and not found:
@@ -126,7 +129,7 @@ class Node:
                 f"none of the initial peers answered ({', '.join(self.config.initial_peers)}): "
                 "check the addresses and that those daemons are running"
             )
-        return found
+        return found, helpers
 
     async def _check_reachability(self, helper) -> None:
         """Ask a peer to dial our listen port back (libp2p's AutoNAT v1 here reports dead ports as reachable)."""
