@@ -26,7 +26,8 @@ from .router import Router, parse_model_value
 log = logging.getLogger("petal.api")
 
 STATUS_OF_CODE = {"not_found": 404, "bad_request": 400, "wrong_shape": 400, "max_length": 400, "conflict": 409,
-                  "busy": 503, "unavailable": 503, "no_route": 503, "too_large": 413}
+                  "busy": 503, "unavailable": 503, "no_route": 503, "too_large": 413, "bad_tensor": 400,
+                  "bad_frame": 400, "unknown_block": 400, "timeout": 504}
 MAX_PROMPT_TOKENS = 8192
 MAX_NEW_TOKENS = 4096
 
@@ -43,7 +44,7 @@ class ApiState:
     @property
     def router(self) -> Router:
         if self._router is None:
-            self._router = Router.for_node(self.node)
+            self._router = Router.for_node(self.node, codec=self.node.config.codec)  # --codec: this daemon's wire codec
         return self._router
 
     async def frontend(self, model: str) -> ModelFrontend:
@@ -145,8 +146,15 @@ def _server_json(s: Any, latency: float | None) -> dict[str, Any]:
 
 
 async def get_models(request: web.Request) -> web.Response:
+    """Models announced in the swarm; those also in the local store carry their ``path`` (clients load parts there)."""
     state = request.app[STATE_KEY]
-    return web.json_response({"object": "list", "data": await swarm_models(state)})
+    models = await swarm_models(state)
+    for m in models:
+        try:
+            m["path"] = str(resolve_model(m["id"]))
+        except PetalError:
+            pass
+    return web.json_response({"object": "list", "data": models})
 
 
 async def get_swarm(request: web.Request) -> web.Response:

@@ -1,0 +1,124 @@
+"""SmolLM2 end to end: three real petald daemons serve [0,10) [10,20) [20,30); `petalctl` and the OpenAI client
+talk to the first one's socket, and the text equals transformers' greedy `generate` on the same model dir.
+
+This is the path a user takes (the README's demo), so it runs the real CLI as a subprocess, not in-process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from daemons import Daemon, Swarm
+from petal.ctl.client import DaemonError
+
+pytestmark = pytest.mark.smollm2
+
+MODEL = "smollm2"
+NEW_TOKENS = 24
+PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]
+
+
+def wait_for_route(daemon: Daemon, model: str, num_blocks: int, timeout: float = 60.0) -> list[dict]:
+    """The last server's announcement can take a moment to be readable from the client's DHT node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            chain = daemon.client.get(f"/v1/route?model={model}")["chain"]
+            if chain and chain[0]["start"] == 0 and chain[-1]["end"] == num_blocks:
+                return chain
+        except DaemonError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no route over {model}'s {num_blocks} blocks after {timeout} s:\n{daemon.log()[-2000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2_dir):
+    root = Path(tempfile.mkdtemp(prefix="petal-", dir="/tmp"))  # short: AF_UNIX paths are limited to 108 bytes
+    s = Swarm(root)
+    env = {"PETAL_MODELS_DIR": str(smollm2_dir.parent), "OMP_NUM_THREADS": "1"}
+    try:
+        serve = ("--serve", MODEL, "--codec", "none")  # q8 on the wire changes SmolLM2's greedy text after ~15 tokens
+        first = s.make("s0", "--new-swarm", *serve, "--blocks", "0:10").start(extra_env=env)
+        boot = first.address
+        with ThreadPoolExecutor(max_workers=2) as pool:  # startup is mostly loading and waiting: overlap it
+            futures = [pool.submit(s.make(f"s{i}", "--initial-peer", boot, *serve, "--blocks", blocks).start,
+                                   env) for i, blocks in ((1, "10:20"), (2, "20:30"))]
+            for f in futures:
+                f.result()
+        chain = wait_for_route(first, MODEL, 30)
+        assert [(h["start"], h["end"]) for h in chain] == [(0, 10), (10, 20), (20, 30)]
+        yield first
+    finally:
+        s.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+    def greedy_text(ids: list[int], n: int = NEW_TOKENS) -> str:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    return tokenizer, greedy_text
+
+
+def petalctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*PETALCTL, "--socket", str(socket_path), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_petalctl_generate_equals_transformers(swarm, reference):
+    tokenizer, greedy_text = reference
+    prompt = "The capital of France is"
+    done = petalctl(swarm.socket, "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\n")
+    want = greedy_text(tokenizer(prompt)["input_ids"])
+    assert want.strip(), "the reference produced no text: the comparison would prove nothing"
+    assert done.stdout[:-1] == want
+
+
+def test_petalctl_generate_chat_equals_transformers(swarm, reference):
+    tokenizer, greedy_text = reference
+    prompt = "What is the capital of France?"
+    done = petalctl(swarm.socket, "generate", "-m", MODEL, "--chat", prompt, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    assert done.stdout[:-1] == greedy_text(list(ids))
+
+
+def test_openai_chat_streamed_equals_non_streamed(swarm, reference):
+    import httpx
+    import openai
+
+    tokenizer, greedy_text = reference
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.socket)), timeout=300)
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+    text = chat.choices[0].message.content
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    assert text == greedy_text(list(ids))
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0, stream=True)]
+    assert len([p for p in pieces if p]) > 1, "the answer should arrive in several pieces"
+    assert "".join(pieces) == text
+    http.close()
