@@ -17,6 +17,7 @@ What callers (the router and sessions) must catch, and what it means for failove
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,14 +30,16 @@ from petal.protocol.messages import (
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
+    SESSION_ID_RE,
     check_reply,
     decode_reply_tensor,
 )
+from petal.protocol.lora import Lora, decode_lora_grads, encode_lora
 from petal.protocol.tensors import encode_tensor
 
 from .transport import PeerAddr, Stream, StreamClosed, Transport
 
-__all__ = ["RemoteInference", "RemoteSpan"]
+__all__ = ["RemoteInference", "RemoteSpan", "StepReply"]
 
 
 def _enc(tensor: torch.Tensor | None, codec: str) -> dict[str, Any] | None:
@@ -89,16 +92,28 @@ class RemoteSpan:
         reply = await self.transport.call(self.peer, INFO_PROTOCOL, {"model": self.model}, timeout=timeout)
         return check_reply(reply, "start", "end", "hidden_size")
 
+    def _lora(self, lora: Lora | None) -> tuple[Lora | None, dict[str, Any] | None]:
+        """This span's share of ``lora`` and its wire form; weights always travel exactly (codec "none")."""
+        sub = None if lora is None else lora.for_blocks(self.start, self.end)
+        return sub, None if sub is None else encode_lora(sub, "none")
+
     async def forward(
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
         timeout: float = 60.0,
+        lora: Lora | None = None,
     ) -> torch.Tensor:
-        """The span's output for `hidden` `[B, T, H]` (no cache), in `hidden`'s dtype."""
+        """The span's output for `hidden` `[B, T, H]` (no cache), in `hidden`'s dtype.
+
+        `lora` may hold weights for any blocks: only those of this span are sent.
+        """
         request = {**self._header(), "hidden": _enc(hidden, self.codec), "mask": _enc_mask(mask),
                    "prompts": _enc(prompts, self.codec)}
+        _, wire_lora = self._lora(lora)
+        if wire_lora is not None:
+            request["lora"] = wire_lora
         reply = check_reply(await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout), "hidden")
         out = decode_reply_tensor(reply, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
         return out.to(hidden.dtype)
@@ -110,10 +125,17 @@ class RemoteSpan:
         mask: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
         timeout: float = 60.0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients w.r.t. the span's input `hidden` (and w.r.t. `prompts` if given), given `grad` w.r.t. its output."""
+        lora: Lora | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Gradients w.r.t. the span's input `hidden`, `prompts` and this span's `lora` weights, given `grad` w.r.t.
+        its output. The LoRA gradients (None when no weight of `lora` falls in this span) have exactly the sent keys
+        and shapes.
+        """
         request = {**self._header(), "hidden": _enc(hidden, self.codec), "grad": _enc(grad, self.codec),
                    "mask": _enc_mask(mask), "prompts": _enc(prompts, self.codec)}
+        sub, wire_lora = self._lora(lora)
+        if wire_lora is not None:
+            request["lora"] = wire_lora
         reply = check_reply(await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout), "grad")
         grad_in = decode_reply_tensor(reply, "grad", self.max_reply_bytes, shape=tuple(hidden.shape)).to(hidden.dtype)
         grad_prompts = None
@@ -123,16 +145,26 @@ class RemoteSpan:
             grad_prompts = decode_reply_tensor(
                 reply, "grad_prompts", self.max_reply_bytes, shape=tuple(prompts.shape)
             ).to(prompts.dtype)
-        return grad_in, grad_prompts
+        grad_lora = None
+        if sub is not None:
+            grad_lora = decode_lora_grads(reply.get("grad_lora"), sub, max_bytes=self.max_reply_bytes)
+        return grad_in, grad_prompts, grad_lora
 
-    async def open_inference(self, max_length: int, batch: int, timeout: float = 30.0) -> RemoteInference:
+    async def open_inference(
+        self, max_length: int, batch: int, timeout: float = 30.0, push: bool = False
+    ) -> RemoteInference:
         """Open a session holding a KV cache of `max_length` tokens for `batch` sequences on the server.
 
-        Raises PetalError "busy" if the server cannot reserve the cache within its allocation timeout.
+        With `push` the server also accepts this session's inputs pushed by the previous hop; whether it does is
+        `RemoteInference.accepts_push` (False for servers that predate push). Raises PetalError "busy" if the server
+        cannot reserve the cache within its allocation timeout.
         """
         stream = await self.transport.open_stream(self.peer, INFERENCE_PROTOCOL, timeout=timeout)
         try:
-            await stream.send({**self._header(), "max_length": max_length, "batch": batch})
+            request: dict[str, Any] = {**self._header(), "max_length": max_length, "batch": batch}
+            if push:
+                request["push"] = True
+            await stream.send(request)
             try:
                 reply = check_reply(await stream.recv(timeout=timeout), "ok", "max_length")
             except StreamClosed:
@@ -140,20 +172,54 @@ class RemoteSpan:
         except BaseException:
             await stream.reset()
             raise
-        return RemoteInference(self, stream, int(reply["max_length"]), batch)
+        session = reply.get("session")
+        if not (isinstance(session, str) and SESSION_ID_RE.fullmatch(session)):
+            session = None
+        accepts = push and reply.get("push") is True and session is not None
+        return RemoteInference(self, stream, int(reply["max_length"]), batch, session, accepts)
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """One reply of an inference stream: the output, or None if the server skipped a step that waited for a push
+    because the client's next message came first; `pushed` says whether the output also went to the next hop."""
+
+    hidden: torch.Tensor | None
+    pushed: bool
 
 
 class RemoteInference:
-    """One open inference session on one server. Steps are serialized; use as `async with`."""
+    """One open inference session on one server. Steps are serialized; use as `async with`.
 
-    def __init__(self, span: RemoteSpan, stream: Stream, max_length: int, batch: int) -> None:
+    `step` is one request and its reply. For push, `send_step` and `recv_step` split it: the caller sends every hop
+    its message first and then reads the replies in order (one per message sent); the caller serializes them.
+    """
+
+    def __init__(
+        self,
+        span: RemoteSpan,
+        stream: Stream,
+        max_length: int,
+        batch: int,
+        session_id: str | None = None,
+        accepts_push: bool = False,
+    ) -> None:
         self.span = span
         self.stream = stream
         self.max_length = max_length
         self.batch = batch
+        self.session_id = session_id  # the server's id of this session (None from servers that predate push)
+        self.accepts_push = accepts_push  # the server takes this session's inputs by push from the previous hop
         self.position = 0  # tokens in the server's cache
         self.closed = False
+        self.outstanding = 0  # messages sent whose reply was not read yet
         self._lock = asyncio.Lock()
+
+    def push_target(self) -> dict[str, Any]:
+        """Where the previous hop pushes this session's inputs (the `push_to` field of its step message)."""
+        if self.session_id is None:
+            raise PetalError("bad_request", f"{self.span!r} did not open a push session; step it without push")
+        return {"peer": self.span.peer.peer_id, "addrs": list(self.span.peer.addrs), "session": self.session_id}
 
     async def step(
         self,
@@ -168,34 +234,78 @@ class RemoteInference:
         A `position` below the current one truncates the server's cache first (history replay). `mask` is
         `[B, position + t]`. Returns the output `[B, t, H]` in `hidden`'s dtype.
         """
+        async with self._lock:
+            await self.send_step(hidden, mask, position, prompts)
+            reply = await self.recv_step(tuple(hidden.shape), hidden.dtype, timeout)
+            if reply.hidden is None:
+                raise PetalError("internal", f"{self.span!r} skipped a step that carried its input")
+            return reply.hidden
+
+    async def send_step(
+        self,
+        hidden: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        position: int | None = None,
+        prompts: torch.Tensor | None = None,
+        *,
+        step: int | None = None,
+        tokens: int | None = None,
+        push_from: str | None = None,
+        push_to: dict[str, Any] | None = None,
+    ) -> None:
+        """Send one step message. `hidden=None` with `push_from` (the previous hop's peer id), `step` and `tokens`:
+        take the input from that peer's push. `push_to` (another session's `push_target()`): push the output there.
+        """
         if self.closed:
             raise PetalError("bad_request", f"the inference session on {self.span!r} is closed; open a new one")
-        async with self._lock:
-            message = {
-                "hidden": _enc(hidden, self.span.codec),
-                "mask": _enc_mask(mask),
-                "position": self.position if position is None else position,
-                "prompts": _enc(prompts, self.span.codec),
-            }
-            try:
-                await self.stream.send(message)
-                raw = await self.stream.recv(timeout=timeout)
-            except TimeoutError:
-                await self._abort()
-                raise TimeoutError(f"inference step on {self.span!r} got no answer within {timeout}s") from None
-            except StreamClosed:
-                self.closed = True
-                raise StreamClosed(f"{self.span!r} closed the inference stream") from None
-            except BaseException:
-                await self._abort()
-                raise
-            reply = check_reply(raw, "hidden", "position")
-            out = decode_reply_tensor(reply, "hidden", self.span.max_reply_bytes, shape=tuple(hidden.shape))
-            new_position = reply["position"]
-            if not isinstance(new_position, int) or isinstance(new_position, bool):
-                raise PetalError("internal", f"the server sent a non-integer position {new_position!r:.40}")
-            self.position = new_position
-            return out.to(hidden.dtype)
+        message: dict[str, Any] = {
+            "hidden": _enc(hidden, self.span.codec),
+            "mask": _enc_mask(mask),
+            "position": self.position if position is None else position,
+            "prompts": _enc(prompts, self.span.codec),
+        }
+        if step is not None:
+            message["step"] = step
+        if hidden is None:
+            message.update(push_from=push_from, tokens=tokens)
+        if push_to is not None:
+            message["push_to"] = push_to
+        try:
+            await self.stream.send(message)
+        except StreamClosed:
+            self.closed = True
+            raise StreamClosed(f"{self.span!r} closed the inference stream") from None
+        except BaseException:
+            await self._abort()
+            raise
+        self.outstanding += 1
+
+    async def recv_step(
+        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, timeout: float = 60.0
+    ) -> StepReply:
+        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepReply)."""
+        try:
+            raw = await self.stream.recv(timeout=timeout)
+        except TimeoutError:
+            await self._abort()
+            raise TimeoutError(f"inference step on {self.span!r} got no answer within {timeout}s") from None
+        except StreamClosed:
+            self.closed = True
+            raise StreamClosed(f"{self.span!r} closed the inference stream") from None
+        except BaseException:
+            await self._abort()
+            raise
+        self.outstanding -= 1
+        reply = check_reply(raw, "position")
+        new_position = reply["position"]
+        if not isinstance(new_position, int) or isinstance(new_position, bool):
+            raise PetalError("internal", f"the server sent a non-integer position {new_position!r:.40}")
+        self.position = new_position
+        if reply.get("skipped") is True:
+            return StepReply(None, False)
+        check_reply(reply, "hidden")
+        out = decode_reply_tensor(reply, "hidden", self.span.max_reply_bytes, shape=shape)
+        return StepReply(out.to(dtype), reply.get("pushed") is True)
 
     async def _abort(self) -> None:
         self.closed = True

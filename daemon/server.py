@@ -20,15 +20,17 @@ import logging
 import os
 import platform
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from petal.kernels.lora import apply_lora
 from petal.protocol import PROTOCOL_VERSION
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import (
@@ -36,6 +38,7 @@ from petal.protocol.messages import (
     CODECS,
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
+    PUSH_PROTOCOL,
     INFO_PROTOCOL,
     ForwardRequest,
     ServedSpan,
@@ -44,12 +47,18 @@ from petal.protocol.messages import (
     parse_forward,
     parse_info_request,
     parse_open,
+    parse_push,
     parse_step,
+    PushRequest,
+    PushTarget,
+    check_pushed,
+    check_reply,
 )
+from petal.protocol.lora import Lora, encode_lora_grads
 from petal.protocol.records import MODELS_KEY, OFFLINE, ModelRecord, RecordError, ServerRecord, block_key
-from petal.protocol.tensors import encode_tensor
+from petal.protocol.tensors import decode_tensor, encode_tensor
 
-from .transport import Stream, StreamClosed, TransportError
+from .transport import PeerAddr, Stream, StreamClosed, TransportError
 
 log = logging.getLogger("petal.server")
 
@@ -304,6 +313,124 @@ class ComputeWorker:
         self._thread.join(timeout=60)
 
 
+# --- push: inputs sent server to server ------------------------------------------------------------------------------
+
+PUSH_WINDOW = 4
+"""Pushed inputs one session buffers ahead of the step that takes them; more are refused with "busy"."""
+PUSH_ACK_TIMEOUT = 10.0
+"""Longest a server waits to dial the next hop or for its ack of a push before telling the client it did not push."""
+
+
+class PushInbox:
+    """Inputs pushed to one inference session, by step number: at most PUSH_WINDOW, only for steps not yet taken.
+
+    A push may arrive before or after the client's step message that waits for it. While that step waits, a push
+    for it is checked at once (so the pusher gets the error); one that came earlier is checked when taken.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.last = -1  # highest step number this session has run
+        self._items: dict[int, tuple[str, torch.Tensor]] = {}
+        self._waiting: tuple[int, int, str] | None = None  # (step, tokens, sender) of the step now waiting
+        self._event = asyncio.Event()
+
+    def expect(self, step: int | None, tokens: int = 0, sender: str = "") -> None:
+        """Announce the step now waiting (tokens and the peer whose push it takes), or None when it stops waiting."""
+        self._waiting = None if step is None else (step, tokens, sender)
+
+    def _check(self, sender: str, step: int, hidden: torch.Tensor) -> None:
+        if self._waiting is None or self._waiting[0] != step:
+            return
+        _, tokens, expected = self._waiting
+        if sender != expected:
+            raise PetalError("bad_request", f"push for step {step}: this session takes it from peer {expected}, "
+                             f"not from {sender}")
+        check_pushed(hidden, self.batch, tokens)
+
+    def put(self, sender: str, step: int, hidden: torch.Tensor) -> None:
+        """Buffer a push; raises PetalError (for the pusher's error frame) if it does not fit the session."""
+        if step <= self.last:
+            raise PetalError("bad_request", f"push for step {step}: this session has already run step {self.last}")
+        if hidden.shape[0] != self.batch:
+            raise PetalError("wrong_shape", f"push: this session has batch {self.batch}, the push {hidden.shape[0]}")
+        if step in self._items:
+            raise PetalError("bad_request", f"push for step {step}: this session already holds one")
+        if len(self._items) >= PUSH_WINDOW:
+            raise PetalError("busy", f"push: this session already buffers {PUSH_WINDOW} pushed steps")
+        self._check(sender, step, hidden)
+        self._items[step] = (sender, hidden)
+        self._event.set()
+
+    def take(self, step: int) -> torch.Tensor | None:
+        """The pushed input of `step` if it is here and fits the waiting step (a misfit is dropped and logged)."""
+        item = self._items.pop(step, None)
+        if item is None:
+            return None
+        try:
+            self._check(item[0], step, item[1])
+        except PetalError as e:
+            log.info("dropping a push that came before its step: %s", e)
+            return None
+        return item[1]
+
+    def taken(self, step: int) -> None:
+        """Step `step` ran (from a push or the client's own input): older and equal pushes are stale now."""
+        self.last = max(self.last, step)
+        for s in [s for s in self._items if s <= self.last]:
+            del self._items[s]
+
+    async def changed(self) -> None:
+        """Return once a push arrived since the last call."""
+        await self._event.wait()
+        self._event.clear()
+
+
+class Pusher:
+    """One session's push stream to the next hop: opened on first use, reused every step, reopened for a new peer."""
+
+    def __init__(self, transport: Any, local: Callable[[str, PushRequest], None]) -> None:
+        self.transport = transport
+        self._local = local  # delivers pushes whose next hop is this same server
+        self._stream: Stream | None = None
+        self._peer: PeerAddr | None = None
+
+    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any]) -> bool:
+        """Send one step's encoded output; True once the next hop acked it, False (logged) on any failure.
+
+        The client learns the outcome from its reply's `pushed` and sends the next hop the input itself when False.
+        """
+        try:
+            if target.peer == self.transport.peer_id:
+                self._local(target.peer, PushRequest(target.session, step, decode_tensor(hidden)))
+                return True
+            peer = PeerAddr(target.peer, target.addrs)
+            if self._stream is None or self._peer != peer:
+                await self.close()
+                self._stream = await self.transport.open_stream(peer, PUSH_PROTOCOL, timeout=PUSH_ACK_TIMEOUT)
+                self._peer = peer
+            await self._stream.send({"session": target.session, "step": step, "hidden": hidden})
+            check_reply(await self._stream.recv(timeout=PUSH_ACK_TIMEOUT), "ok")
+            return True
+        except PetalError as e:  # the next hop refused the push (or sent a malformed ack: start over)
+            log.info("push of step %d to %s refused: %s", step, target.peer, e)
+            if e.code in ("bad_frame", "bad_tensor", "too_large"):
+                await self.close()
+            return False
+        except (TransportError, TimeoutError, OSError) as e:
+            log.info("push of step %d to %s failed: %s", step, target.peer, e)
+            await self.close(reset=True)
+            return False
+
+    async def close(self, reset: bool = False) -> None:
+        stream, self._stream, self._peer = self._stream, None, None
+        if stream is not None:
+            try:
+                await (stream.reset() if reset else stream.close())
+            except TransportError:
+                pass
+
+
 # --- the server ------------------------------------------------------------------------------------------------------
 
 
@@ -356,6 +483,7 @@ class BlockServer:
         self._running = False
         self._refresher: asyncio.Task[None] | None = None
         self._published_cache = -1
+        self._inboxes: dict[str, PushInbox] = {}  # session id -> pushed inputs, for sessions opened with push
 
     # lifecycle
 
@@ -370,6 +498,7 @@ class BlockServer:
         self.transport.set_handler(FORWARD_PROTOCOL, self._handle_forward)
         self.transport.set_handler(BACKWARD_PROTOCOL, self._handle_backward)
         self.transport.set_handler(INFERENCE_PROTOCOL, self._handle_inference)
+        self.transport.set_handler(PUSH_PROTOCOL, self._handle_push)
         await self.publish("online")
         if self._announce is not None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="block-server-refresh")
@@ -450,6 +579,7 @@ class BlockServer:
             "version": PROTOCOL_VERSION,
             "codecs": list(CODECS),
             "sessions": self.sessions,
+            "push": True,
         }
 
     # compute (runs in the worker thread)
@@ -482,23 +612,39 @@ class BlockServer:
             cache.advance(t)
         return hidden
 
+    def _lora_on_device(self, lora: Lora | None, *, trainable: bool) -> Lora | None:
+        """The request's LoRA weights on this server's device (as fresh leaves needing grad for a backward)."""
+        if lora is None:
+            return None
+        return Lora(lora.scale, {k: t.to(self.device).requires_grad_(trainable) for k, t in lora.weights.items()})
+
     def _forward_sync(self, req: ForwardRequest) -> dict[str, Any]:
-        with torch.no_grad():
+        blocks = self._blocks(req.start, req.end)
+        lora = self._lora_on_device(req.lora, trainable=False)
+        with torch.no_grad(), apply_lora(lora, zip(range(req.start, req.end), blocks)):
             hidden = req.hidden.to(self.device, self.dtype)
-            out = self._run(self._blocks(req.start, req.end), hidden, req.mask, req.prompts, None, 0)
+            out = self._run(blocks, hidden, req.mask, req.prompts, None, 0)
         return {"hidden": encode_tensor(out, req.codec)}
 
     def _backward_sync(self, req: ForwardRequest) -> dict[str, Any]:
+        """Gradients w.r.t. the input, the deep prompts and the client's LoRA weights (never the server's own)."""
         assert req.grad is not None
-        with torch.enable_grad():
+        blocks = self._blocks(req.start, req.end)
+        lora = self._lora_on_device(req.lora, trainable=True)
+        with torch.enable_grad(), apply_lora(lora, zip(range(req.start, req.end), blocks)):
             hidden = req.hidden.to(self.device, self.dtype).requires_grad_(True)
             prompts = None if req.prompts is None else req.prompts.to(self.device, self.dtype).requires_grad_(True)
-            out = self._run(self._blocks(req.start, req.end), hidden, req.mask, prompts, None, 0)
+            out = self._run(blocks, hidden, req.mask, prompts, None, 0)
             inputs = [hidden] if prompts is None else [hidden, prompts]
-            grads = torch.autograd.grad(out, inputs, grad_outputs=req.grad.to(self.device, self.dtype))
+            lora_leaves = [] if lora is None else list(lora.weights.values())
+            grads = torch.autograd.grad(out, inputs + lora_leaves, grad_outputs=req.grad.to(self.device, self.dtype),
+                                        allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs + lora_leaves, grads)]
         reply = {"grad": encode_tensor(grads[0], req.codec), "grad_prompts": None}
         if prompts is not None:
             reply["grad_prompts"] = encode_tensor(grads[1], req.codec)
+        if lora is not None:
+            reply["grad_lora"] = encode_lora_grads(dict(zip(lora.weights, grads[len(inputs):])), req.codec)
         return reply
 
     def _step_sync(self, blocks: list[Any], step: StepRequest, cache: Any, codec: str) -> dict[str, Any]:
@@ -569,7 +715,12 @@ class BlockServer:
         await self._reply(stream, work)
 
     async def _handle_inference(self, stream: Stream) -> None:
-        """Open (reserve a cache), then steps until the client closes, idles out, or a step times out."""
+        """Open (reserve a cache), then steps until the client closes, idles out, or a step times out.
+
+        Every client message gets exactly one reply, in order. A step without `hidden` waits for its input by push
+        (see `PushInbox`); if the client's next message arrives first, that step is answered `{"skipped": true}`
+        and the client's message (its own copy of the input) is served instead, so the client always decides.
+        """
         msg = await self._first_message(stream)
         try:
             if not self._running:
@@ -581,25 +732,48 @@ class BlockServer:
             await stream.send(error_reply(e))
             return
         running: concurrent.futures.Future[Any] | None = None
+        session_id = secrets.token_hex(16)
+        inbox = PushInbox(opened.batch) if opened.push else None
+        if inbox is not None:
+            self._inboxes[session_id] = inbox
+        pusher = Pusher(self.transport, self._deliver)
         self.sessions += 1
         try:
-            await stream.send({"ok": True, "max_length": opened.max_length})
+            await stream.send({"ok": True, "max_length": opened.max_length, "session": session_id, "push": opened.push})
+            pending: object = None  # a client message read while waiting for a push
             while True:
-                try:
-                    msg = await stream.recv(timeout=self.settings.idle_timeout)
-                except StreamClosed:
-                    return
-                except TimeoutError:
-                    await stream.send(error_reply(PetalError(
-                        "timeout", f"no step for {self.settings.idle_timeout:.0f}s: session closed, cache freed")))
-                    return
+                if pending is not None:
+                    msg, pending = pending, None
+                else:
+                    try:
+                        msg = await stream.recv(timeout=self.settings.idle_timeout)
+                    except StreamClosed:
+                        return
+                    except TimeoutError:
+                        await stream.send(error_reply(PetalError(
+                            "timeout", f"no step for {self.settings.idle_timeout:.0f}s: session closed, cache freed")))
+                        return
                 try:
                     step = parse_step(msg, self.served, blocks=len(blocks), batch=opened.batch,
                                       max_length=opened.max_length, length=cache.length)
+                    if step.hidden is None:
+                        try:
+                            hidden, pending = await self._await_push(stream, inbox, step)
+                        except StreamClosed:
+                            return
+                        if hidden is None:
+                            await stream.send({"skipped": True, "position": cache.length})
+                            continue
+                        step = replace(step, hidden=hidden)
+                    if inbox is not None and step.step is not None:
+                        inbox.taken(step.step)
                     reply, _ = await self._compute(INFERENCE, self._step_sync, blocks, step, cache, opened.codec)
+                    if step.push_to is not None:
+                        assert step.step is not None
+                        reply["pushed"] = await pusher.push(step.push_to, step.step, reply["hidden"])
                 except PetalError as e:
                     await stream.send(error_reply(e))
-                    if e.code == "timeout":  # the cache may be mid-write: end the session
+                    if e.code == "timeout" and hasattr(e, "running"):  # the cache may be mid-write: end the session
                         running = getattr(e, "running", None)
                         return
                     continue
@@ -612,11 +786,75 @@ class BlockServer:
                 await stream.send(reply)
         finally:
             self.sessions -= 1
+            self._inboxes.pop(session_id, None)
+            await pusher.close()
             if running is not None and not running.done():
                 loop = asyncio.get_running_loop()
                 running.add_done_callback(lambda _: loop.call_soon_threadsafe(self.pool.free, cache))
             else:
                 self.pool.free(cache)
+
+    # push: server to server
+
+    async def _await_push(
+        self, stream: Stream, inbox: PushInbox | None, step: StepRequest
+    ) -> tuple[torch.Tensor | None, object]:
+        """The pushed input of `step`, or (None, message) when the client's next message comes first.
+
+        Raises StreamClosed when the client goes away, PetalError("timeout") after `request_timeout` without either.
+        """
+        if inbox is None:
+            raise PetalError("bad_request", "this session was opened without push: send 'hidden' with every step, "
+                             "or open with push: true")
+        assert step.step is not None and step.push_from is not None
+        inbox.expect(step.step, step.tokens, step.push_from)
+        recv = asyncio.ensure_future(stream.recv())
+        deadline = time.monotonic() + self.settings.request_timeout
+        try:
+            while True:
+                if recv.done():
+                    return None, recv.result()
+                hidden = inbox.take(step.step)
+                if hidden is not None:
+                    return hidden, None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PetalError(
+                        "timeout", f"no push for step {step.step} from {step.push_from} within "
+                        f"{self.settings.request_timeout:.0f}s; send the step's hidden states yourself")
+                changed = asyncio.ensure_future(inbox.changed())
+                await asyncio.wait({recv, changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        finally:
+            inbox.expect(None)
+            if not recv.done():
+                recv.cancel()
+                await asyncio.gather(recv, return_exceptions=True)
+
+    def _deliver(self, sender: str, push: PushRequest) -> None:
+        """Hand a validated push to its session's inbox; raises PetalError for the pusher's error frame."""
+        inbox = self._inboxes.get(push.session)
+        if inbox is None:
+            raise PetalError("not_found", f"push: no inference session {push.session[:8]}… here takes pushes (it "
+                             "ended, or was opened without push: true)")
+        inbox.put(sender, push.step, push.hidden)
+
+    async def _handle_push(self, stream: Stream) -> None:
+        """Pushes from one previous hop, one ack (`{"ok": true}` or an error frame) each, until it closes."""
+        while True:
+            try:
+                msg = await stream.recv(timeout=self.settings.idle_timeout)
+            except (StreamClosed, TimeoutError):
+                return
+            try:
+                self._deliver(stream.peer_id, parse_push(msg, self.served))
+                reply: dict[str, Any] = {"ok": True}
+            except PetalError as e:
+                reply = error_reply(e)
+            except Exception as e:  # noqa: BLE001 - a bad push never takes the server down
+                log.exception("push from %s failed unexpectedly", stream.peer_id)
+                reply = error_reply(PetalError("internal", f"{type(e).__name__}: {e}"[:1000]))
+            await stream.send(reply)
 
 
 def _add_prompts(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
@@ -713,53 +951,107 @@ async def _swarm_entries(dht: Any, model: str, total: int) -> dict[int, list[Any
     return {b: r for b, r in enumerate(results) if not isinstance(r, BaseException)}
 
 
-async def start_serving(node: Any) -> list[BlockServer]:
-    """Load the configured span, measure it, serve it on `node.transport` and announce it on `node.dht`."""
+Progress = Callable[[dict[str, Any]], None]
+"""Receives serving progress events (``{"event": "loading", ...}``); may be called from a loader thread."""
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `serve_plan` will load: resolved before any weight is read, so a bad request fails fast and cheaply."""
+
+    info: Any  # petal.kernels.store.ModelInfo
+    start: int
+    end: int
+    settings: ServeSettings
+    rebalance: bool  # span chosen by the swarm's needs (--num-blocks): a Rebalancer may move it later
+
+
+async def plan_serving(
+    node: Any, serve: str, *, blocks: str | None = None, num_blocks: int | None = None
+) -> ServePlan:
+    """Resolve the model and choose the span (`blocks` "A:B", else `num_blocks` where the swarm is weakest, else all).
+
+    Raises ServeError with a message that says what to change.
+    """
     from petal.kernels.store import ModelStoreError, open_model
 
-    from .node import StartupError
-
-    config = node.config
-    settings = settings_from_config(config)
+    settings = settings_from_config(node.config)
     if settings.device == "cuda" and not torch.cuda.is_available():
-        raise StartupError("--device cuda but torch sees no CUDA device; use --device cpu or fix the CUDA setup")
+        raise ServeError("--device cuda but torch sees no CUDA device; use --device cpu or fix the CUDA setup")
     try:
-        info = await asyncio.to_thread(open_model, resolve_model_dir(config.serve))
-    except (ServeError, ModelStoreError) as e:
-        raise StartupError(str(e)) from None
+        info = await asyncio.to_thread(open_model, resolve_model_dir(serve))
+    except ModelStoreError as e:
+        raise ServeError(str(e)) from None
     total = info.num_blocks
-    try:
-        if config.blocks:
-            start, end = parse_blocks(config.blocks, total)
-        elif config.num_blocks:
-            entries = await _swarm_entries(node.dht, info.name, total)
-            start, end = choose_span(entries, config.num_blocks, total)
-            log.info("chose blocks [%d, %d) of %s where the swarm is weakest", start, end, info.name)
-        else:
-            start, end = 0, total
-    except ServeError as e:
-        raise StartupError(str(e)) from None
-    servers = [await _load_and_serve(node, info, start, end, settings)]
-    if config.num_blocks and not config.blocks:
-        servers.append(Rebalancer(node, info, servers, settings, config.rebalance_period))
+    if blocks:
+        start, end = parse_blocks(blocks, total)
+    elif num_blocks:
+        entries = await _swarm_entries(node.dht, info.name, total)
+        start, end = choose_span(entries, num_blocks, total)
+        log.info("chose blocks [%d, %d) of %s where the swarm is weakest", start, end, info.name)
+    else:
+        start, end = 0, total
+    return ServePlan(info, start, end, settings, rebalance=bool(num_blocks and not blocks))
+
+
+async def serve_plan(node: Any, plan: ServePlan, progress: Progress | None = None) -> list[Any]:
+    """Load, measure, serve and announce `plan`'s span; returns [server] or [server, Rebalancer].
+
+    The Rebalancer holds the same list and replaces the server in it when it moves, so the caller keeps the list
+    itself (as `node.servers`) and stops its items in reverse order.
+    """
+    servers: list[Any] = [await _load_and_serve(node, plan.info, plan.start, plan.end, plan.settings, progress)]
+    if plan.rebalance:
+        servers.append(Rebalancer(node, plan.info, servers, plan.settings, node.config.rebalance_period))
         servers[-1].start()
     return servers
 
 
-async def _load_and_serve(node: Any, info: Any, start: int, end: int, settings: ServeSettings) -> BlockServer:
+async def start_serving(node: Any) -> list[Any]:
+    """Load the span configured at startup (--serve, --blocks / --num-blocks) and serve it; see `serve_plan`."""
+    from .node import StartupError
+
+    config = node.config
+    try:
+        plan = await plan_serving(node, config.serve, blocks=config.blocks, num_blocks=config.num_blocks)
+    except ServeError as e:
+        raise StartupError(str(e)) from None
+    return await serve_plan(node, plan)
+
+
+def _load_span(info: Any, start: int, end: int, settings: ServeSettings, progress: Progress | None) -> Any:
+    """`load_span`, one block at a time when someone watches the progress (same result: blocks are independent)."""
+    from petal.kernels.span import Span
     from petal.kernels.store import load_span
 
+    kwargs = dict(dtype=DTYPES[settings.dtype], device=settings.device, quant=settings.quant)
+    if progress is None:
+        return load_span(info, start, end, **kwargs)
+    blocks: list[Any] = []
+    for index in range(start, end):
+        blocks.extend(load_span(info, index, index + 1, **kwargs).blocks)
+        progress({"event": "loading", "model": info.name, "start": start, "end": end, "block": index,
+                  "loaded": index + 1 - start, "total": end - start})
+    return Span(info.config, blocks, start)
+
+
+async def _load_and_serve(
+    node: Any, info: Any, start: int, end: int, settings: ServeSettings, progress: Progress | None = None
+) -> BlockServer:
     log.info("loading %s blocks [%d, %d) from %s", info.name, start, end, info.path)
-    span = await asyncio.to_thread(
-        load_span, info, start, end, dtype=DTYPES[settings.dtype], device=settings.device, quant=settings.quant
-    )
+    span = await asyncio.to_thread(_load_span, info, start, end, settings, progress)
     server = BlockServer(
         span, model=info.name, fingerprint=info.fingerprint, family=info.family, num_blocks=info.num_blocks,
         transport=node.transport, settings=settings, announce=node.announce, withdraw=node.withdraw,
     )
     await server.publish("joining")
+    if progress is not None:
+        progress({"event": "measuring", "model": info.name, "start": start, "end": end})
     server.throughput = await asyncio.to_thread(cached_throughput, server, Path(node.config.state_dir))
     await server.start()
+    if progress is not None:
+        progress({"event": "serving", "model": info.name, "start": start, "end": end,
+                  "throughput": round(server.throughput, 3)})
     return server
 
 
@@ -823,5 +1115,8 @@ __all__ = [
     "Rebalancer",
     "measure_throughput",
     "parse_blocks",
+    "plan_serving",
+    "serve_plan",
+    "ServePlan",
     "start_serving",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from petal.protocol.errors import PetalError
+from petal.protocol.lora import Lora
 
 from .remote import RemoteInference, RemoteSpan
 from .router import Hop, Router, ServerInfo, SwarmView, no_route_error, split_batch, throughput_chain
@@ -297,6 +298,7 @@ class _Call:
     timeout: float
     split_min_rows: int
     failures: list[BaseException] = field(default_factory=list)
+    lora: Lora | None = None  # client-owned LoRA weights; each hop gets its own blocks' share
 
     def candidates(self) -> list[ServerInfo]:
         return self.router.candidates(self.view, self.allowed, self.blocked)
@@ -327,14 +329,14 @@ async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
     batch = x.shape[0]
     peers = [s for s in call.candidates() if s.covers(hop.start, hop.end)]
     if batch < 2 * call.split_min_rows or len(peers) < 2:
-        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout)
+        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout, lora=call.lora)
     parts = split_batch(batch, [hop.server] + [s for s in peers if s.peer_id != hop.peer_id], call.split_min_rows)
 
     async def part(server: ServerInfo, lo: int, hi: int) -> torch.Tensor:
         sub = Hop(server, hop.start, hop.end)
         return await call.span(sub).forward(
             x[lo:hi], None if call.mask is None else call.mask[lo:hi],
-            None if prompts is None else prompts[:, lo:hi], timeout=call.timeout,
+            None if prompts is None else prompts[:, lo:hi], timeout=call.timeout, lora=call.lora,
         )
 
     results = await asyncio.gather(*(part(*p) for p in parts), return_exceptions=True)
@@ -373,19 +375,34 @@ async def _forward_trace(call: _Call, a: int, b: int, x: torch.Tensor, *, last: 
     return x, trace
 
 
-async def _backward_range(call: _Call, a: int, b: int, x: torch.Tensor, grad: torch.Tensor, grad_prompts: torch.Tensor | None) -> torch.Tensor:
-    """Gradient w.r.t. ``x`` (input of block a) given ``grad`` w.r.t. the output of block b-1; fills grad_prompts."""
+async def _backward_range(
+    call: _Call,
+    a: int,
+    b: int,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    grad_prompts: torch.Tensor | None,
+    grad_lora: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` (input of block a) given ``grad`` w.r.t. the output of block b-1.
+
+    Fills ``grad_prompts`` and ``grad_lora`` (each LoRA key belongs to one block, so exactly one hop reports it;
+    a hop retried elsewhere overwrites nothing it did not compute).
+    """
     _, trace = await _forward_trace(call, a, b, x, last=False)
     for hop, inp in reversed(trace):
         prompts = _slice_prompts(call.prompts, call.offset, hop)
         try:
-            grad, gp = await call.span(hop).backward(inp, grad, call.mask, prompts, timeout=call.timeout)
+            grad, gp, gl = await call.span(hop).backward(inp, grad, call.mask, prompts, timeout=call.timeout,
+                                                         lora=call.lora)
         except Exception as e:
             call.failed(hop, e, f"backward of blocks {hop.start}..{hop.end} of {call.view.model}")
-            grad = await _backward_range(call, hop.start, hop.end, inp, grad, grad_prompts)
+            grad = await _backward_range(call, hop.start, hop.end, inp, grad, grad_prompts, grad_lora)
             continue
         if grad_prompts is not None and gp is not None:
             grad_prompts[hop.start - call.offset : hop.end - call.offset] = gp
+        if grad_lora is not None and gl is not None:
+            grad_lora.update(gl)
     return grad
 
 
@@ -411,11 +428,18 @@ async def _prepare_call(
             "wrong_shape",
             f"prompts must be [blocks={end - start}, batch={hidden.shape[0]}, P, hidden], got {list(prompts.shape)}",
         )
+    lora = kwargs.get("lora")
+    if lora is not None:
+        outside = [i for i in lora.blocks if not start <= i < end]
+        if outside:
+            raise PetalError("bad_request", f"lora has weights for block(s) {outside[:5]} outside the call's blocks "
+                             f"[{start}, {end}); send only the weights of the blocks you run (Lora.for_blocks)")
     allowed = kwargs.get("allowed")
     call = _Call(
         router, view, mask, prompts, start, kwargs.get("codec"),
         None if allowed is None else list(allowed), list(kwargs.get("blocked") or ()),
         kwargs.get("max_retries", DEFAULT_MAX_RETRIES), kwargs.get("timeout", 60.0), kwargs.get("split_min_rows", 8),
+        lora=lora,
     )
     return call, end
 
@@ -435,15 +459,17 @@ async def forward(
     max_retries: int = DEFAULT_MAX_RETRIES,
     timeout: float = 60.0,
     split_min_rows: int = 8,
+    lora: Lora | None = None,
 ) -> torch.Tensor:
     """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
 
     Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
     elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
+    ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call.
     """
     call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, dict(
         codec=codec, allowed=allowed, blocked=blocked, max_retries=max_retries, timeout=timeout,
-        split_min_rows=split_min_rows))
+        split_min_rows=split_min_rows, lora=lora))
     out, _ = await _forward_trace(call, start, end, hidden.detach())
     assert out is not None
     return out
@@ -464,16 +490,26 @@ async def backward(
     blocked: Iterable[str] | None = None,
     max_retries: int = DEFAULT_MAX_RETRIES,
     timeout: float = 60.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients w.r.t. ``hidden`` (the input of block ``start``) and ``prompts``, given ``grad`` w.r.t. the output
-    of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see module doc).
+    lora: Lora | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Gradients w.r.t. ``hidden`` (the input of block ``start``), ``prompts`` and ``lora``'s weights, given ``grad``
+    w.r.t. the output of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see
+    module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has ``lora``'s keys.
     """
     call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, dict(
-        codec=codec, allowed=allowed, blocked=blocked, max_retries=max_retries, timeout=timeout, split_min_rows=1 << 30))
+        codec=codec, allowed=allowed, blocked=blocked, max_retries=max_retries, timeout=timeout, split_min_rows=1 << 30,
+        lora=lora))
     if tuple(grad.shape) != tuple(hidden.shape):
         raise PetalError("wrong_shape", f"grad must have the shape of hidden {list(hidden.shape)}, got {list(grad.shape)}")
     grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts)
-    return grad_in, grad_prompts
+    grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
+    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
+    if lora is not None:
+        assert grad_lora is not None
+        missing = sorted(set(lora.weights) - set(grad_lora))
+        if missing:
+            raise PetalError("internal", f"no server returned the gradients of lora {missing[:5]}; please report this")
+        grad_lora = {k: grad_lora[k] for k in lora.weights}
+    return grad_in, grad_prompts, grad_lora
 
 

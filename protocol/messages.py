@@ -8,18 +8,22 @@ client-side `check_reply` does the same for answers. Pure functions: no I/O, no 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 import torch
 
 from petal.protocol.errors import PetalError, WireError
+from petal.protocol.lora import Lora, parse_lora
 from petal.protocol.tensors import decode_tensor
 
 INFO_PROTOCOL: Final = "/petal/block/info/1"
 FORWARD_PROTOCOL: Final = "/petal/block/forward/1"
 BACKWARD_PROTOCOL: Final = "/petal/block/backward/1"
 INFERENCE_PROTOCOL: Final = "/petal/block/inference/1"
+PUSH_PROTOCOL: Final = "/petal/block/push/1"
+"""Server to server: one step's output sent straight to the next hop's inference session (paper §3.2)."""
 
 CODECS: Final[tuple[str, ...]] = ("none", "float16", "bfloat16", "q8")
 DEFAULT_CODEC: Final = "q8"
@@ -27,6 +31,9 @@ DEFAULT_MAX_TENSOR_BYTES: Final = 48 * 1024 * 1024
 """Decoded size limit of one tensor; below the transport's 64 MiB frame so a legal request always fits a frame."""
 
 _MAX_NAME = 256
+_MAX_ADDRS = 16
+SESSION_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+"""Server-side inference session ids: 128 random bits as hex, so a push cannot guess its way into a session."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class ForwardRequest:
     prompts: torch.Tensor | None
     codec: str
     grad: torch.Tensor | None = None
+    lora: Lora | None = None
 
 
 @dataclass(frozen=True)
@@ -66,16 +74,43 @@ class OpenRequest:
     max_length: int
     batch: int
     codec: str
+    push: bool = False  # the client will send this session's inputs by push from the previous hop
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a server pushes a step's output: the next hop's peer (and how to dial it) and its session id there."""
+
+    peer: str
+    addrs: tuple[str, ...]
+    session: str
 
 
 @dataclass(frozen=True)
 class StepRequest:
-    """A validated inference step: `t` new tokens written at cache `position`."""
+    """A validated inference step: `tokens` new tokens written at cache `position`.
 
-    hidden: torch.Tensor
+    `hidden` is None when the input comes by push from peer `push_from` (the previous hop) as step number `step`;
+    `push_to`, when set, asks the server to push its output on to the next hop.
+    """
+
+    hidden: torch.Tensor | None
     mask: torch.Tensor | None
     position: int
     prompts: torch.Tensor | None
+    tokens: int = 0
+    step: int | None = None
+    push_from: str | None = None
+    push_to: PushTarget | None = None
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """A validated push: the input of step `step` of inference session `session` on the receiving server."""
+
+    session: str
+    step: int
+    hidden: torch.Tensor
 
 
 # --- field helpers -------------------------------------------------------------------------------------------------
@@ -242,8 +277,24 @@ def parse_forward(msg: object, served: ServedSpan, *, backward: bool = False) ->
         _check_hidden(grad, served, "grad")
         if grad.shape != hidden.shape:
             raise PetalError("wrong_shape", f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
-    _check_total(served, hidden, mask, prompts, grad)
-    return ForwardRequest(start, end, hidden, mask, prompts, codec, grad)
+    lora = _check_lora(m.get("lora"), start, end, served, what)
+    _check_total(served, hidden, mask, prompts, grad, *(lora.weights.values() if lora is not None else ()))
+    return ForwardRequest(start, end, hidden, mask, prompts, codec, grad, lora)
+
+
+def _check_lora(obj: object, start: int, end: int, served: ServedSpan, what: str) -> Lora | None:
+    """The request's client-owned LoRA (None if absent), with every block inside the request's [start, end)."""
+    if obj is None:
+        return None
+    lora = parse_lora(obj, max_bytes=served.max_tensor_bytes)
+    outside = [b for b in lora.blocks if not start <= b < end]
+    if outside:
+        raise PetalError(
+            "bad_request",
+            f"{what}: lora has weights for block(s) {outside[:5]} outside this request's blocks [{start}, {end}); "
+            "send each server only its blocks' weights (Lora.for_blocks)",
+        )
+    return lora
 
 
 def parse_open(msg: object, served: ServedSpan) -> OpenRequest:
@@ -259,19 +310,62 @@ def parse_open(msg: object, served: ServedSpan) -> OpenRequest:
     batch = _int(m, "batch", "inference open", low=1)
     if batch > served.max_batch:
         raise PetalError("wrong_shape", f"batch {batch} exceeds this server's max_batch {served.max_batch}")
-    return OpenRequest(start, end, max_length, batch, _codec(m, "inference open"))
+    push = m.get("push", False)
+    if not isinstance(push, bool):
+        raise WireError("bad_frame", "inference open: 'push' must be true or false")
+    return OpenRequest(start, end, max_length, batch, _codec(m, "inference open"), push)
+
+
+def _push_target(obj: object) -> PushTarget | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise WireError("bad_frame", "inference step: 'push_to' must be a map {peer, addrs, session}")
+    peer = _str(obj, "peer", "inference step push_to")
+    session = obj.get("session")
+    if not isinstance(session, str) or not SESSION_ID_RE.fullmatch(session):
+        raise WireError("bad_frame", "inference step: push_to.session must be 32 lowercase hex chars (the id the "
+                        "next hop returned when its session was opened)")
+    addrs = obj.get("addrs", [])
+    if (
+        not isinstance(addrs, list)
+        or len(addrs) > _MAX_ADDRS
+        or not all(isinstance(a, str) and 0 < len(a) <= _MAX_NAME for a in addrs)
+    ):
+        raise WireError("bad_frame", f"inference step: push_to.addrs must be a list of at most {_MAX_ADDRS} "
+                        "multiaddr strings")
+    return PushTarget(peer, tuple(addrs), session)
 
 
 def parse_step(
     msg: object, served: ServedSpan, *, blocks: int, batch: int, max_length: int, length: int
 ) -> StepRequest:
-    """One inference step of a session opened with `batch` and `max_length` whose cache holds `length` tokens."""
+    """One inference step of a session opened with `batch` and `max_length` whose cache holds `length` tokens.
+
+    Without `hidden` the message must name `push_from` (the peer whose push carries the input), `step` and
+    `tokens`; the pushed tensor is checked against them with `check_pushed`.
+    """
     m = _message(msg, "inference step")
-    hidden = _tensor(m, "hidden", served, optional=False)
-    assert hidden is not None
-    got_batch, t = _check_hidden(hidden, served)
-    if got_batch != batch:
-        raise PetalError("wrong_shape", f"this session was opened with batch {batch}, the step has {got_batch}")
+    step_no = m.get("step")
+    if step_no is not None and (not isinstance(step_no, int) or isinstance(step_no, bool) or step_no < 0):
+        raise WireError("bad_frame", "inference step: 'step' must be a non-negative integer")
+    push_from = m.get("push_from")
+    push_to = _push_target(m.get("push_to"))
+    if push_to is not None and step_no is None:
+        raise WireError("bad_frame", "inference step: 'push_to' needs a 'step' number to tag the push with")
+    hidden = None
+    if m.get("hidden") is None and push_from is not None:
+        push_from = _str(m, "push_from", "inference step")
+        if step_no is None:
+            raise WireError("bad_frame", "inference step: a step that waits for a push needs a 'step' number")
+        t = _int(m, "tokens", "inference step", low=1, high=max_length)
+    else:
+        push_from = None
+        hidden = _tensor(m, "hidden", served, optional=False)
+        assert hidden is not None
+        got_batch, t = _check_hidden(hidden, served)
+        if got_batch != batch:
+            raise PetalError("wrong_shape", f"this session was opened with batch {batch}, the step has {got_batch}")
     position = m.get("position", length)
     if position is None:
         position = length
@@ -291,7 +385,30 @@ def parse_step(
     mask = _check_mask(_tensor(m, "mask", served, optional=True), batch, position + t)
     prompts = _check_prompts(_tensor(m, "prompts", served, optional=True), blocks, batch, served, None)
     _check_total(served, hidden, mask, prompts)
-    return StepRequest(hidden, mask, position, prompts)
+    return StepRequest(hidden, mask, position, prompts, t, step_no, push_from, push_to)
+
+
+def parse_push(msg: object, served: ServedSpan) -> PushRequest:
+    """A push frame `{session, step, hidden}`: well-formed, within the limits; fit to the session via `check_pushed`."""
+    m = _message(msg, "push")
+    session = m.get("session")
+    if not isinstance(session, str) or not SESSION_ID_RE.fullmatch(session):
+        raise WireError("bad_frame", "push: 'session' must be 32 lowercase hex chars")
+    step_no = _int(m, "step", "push", low=0)
+    hidden = _tensor(m, "hidden", served, optional=False)
+    assert hidden is not None
+    _, t = _check_hidden(hidden, served)
+    if t > served.max_length:
+        raise PetalError("max_length", f"push: {t} tokens exceed this server's max_length {served.max_length}")
+    _check_total(served, hidden)
+    return PushRequest(session, step_no, hidden)
+
+
+def check_pushed(hidden: torch.Tensor, batch: int, tokens: int) -> None:
+    """Whether a pushed input fits the step that waits for it: `[batch, tokens, hidden]`."""
+    if tuple(hidden.shape[:2]) != (batch, tokens):
+        raise PetalError("wrong_shape", f"push: the step waits for [batch={batch}, tokens={tokens}, hidden], "
+                         f"got {list(hidden.shape)}")
 
 
 # --- replies (client side) -----------------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ async def test_backward_matches_autograd(swarm, reference) -> None:
     grad_out = torch.randn(2, 5, HIDDEN)
     out = hidden_states(reference, embeds)[10]
     (expected,) = torch.autograd.grad(out, embeds, grad_out)
-    got, grad_prompts = await remote().backward(embeds.detach(), grad_out)
-    assert grad_prompts is None
+    got, grad_prompts, grad_lora = await remote().backward(embeds.detach(), grad_out)
+    assert grad_prompts is None and grad_lora is None
     assert close(got, expected)
 
 
@@ -152,7 +152,7 @@ async def test_deep_prompts_forward_backward(swarm, reference) -> None:
     got = await remote(2, 6).forward(start, prompts=prompts.detach())
     assert close(got, expected.detach())
     # the gradient w.r.t. block 2's input; chain it through blocks [0, 2) on the reference to compare with x.grad
-    g_in, g_prompts = await remote(2, 6).backward(start, grad_out, prompts=prompts.detach())
+    g_in, g_prompts, _ = await remote(2, 6).backward(start, grad_out, prompts=prompts.detach())
     assert g_prompts is not None and close(g_prompts, exp_gp)
     x2 = embeds.clone().requires_grad_(True)
     (g_x,) = torch.autograd.grad(hidden_states(reference, x2)[2], x2, g_in)

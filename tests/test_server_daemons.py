@@ -84,8 +84,8 @@ async def test_real_daemons_match_transformers(served, client) -> None:
     grad_out = torch.randn(2, 6, HIDDEN)
     e = embeds.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(hidden_states(ref, e)[20], e, grad_out)
-    g10, _ = await nxt.backward(hs[10], grad_out)
-    g0, _ = await first.backward(embeds, g10)
+    g10, _, _ = await nxt.backward(hs[10], grad_out)
+    g0, _, _ = await first.backward(embeds, g10)
     assert close(g0, expected)
 
     # inference, step by step through both servers

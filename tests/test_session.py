@@ -201,8 +201,8 @@ async def test_forward_and_backward_match_autograd(swarm, model):
     out_leaf = out.clone().requires_grad_(True)
     (logits(model, out_leaf) * weights).sum().backward()
     torch.testing.assert_close(logits(model, out).detach(), model(ids).logits.detach(), atol=1e-4, rtol=0)
-    grad_in, grad_prompts = await backward(swarm.router, MODEL, h, out_leaf.grad, codec="none")
-    assert grad_prompts is None
+    grad_in, grad_prompts, grad_lora = await backward(swarm.router, MODEL, h, out_leaf.grad, codec="none")
+    assert grad_prompts is None and grad_lora is None
     torch.testing.assert_close(grad_in, h_ref.grad, atol=1e-4, rtol=1e-3)
 
     # sub-range [1, 5) with one of the [3, 6) servers dead: retried on the other one
