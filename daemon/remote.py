@@ -47,7 +47,7 @@ def _enc(tensor: torch.Tensor | None, codec: str) -> dict[str, Any] | None:
 
 
 def _enc_mask(mask: torch.Tensor | None) -> dict[str, Any] | None:
-    return None if mask is None else encode_tensor(mask.detach().to(torch.int8), "none")
+    return None if mask is None else encode_tensor(mask.detach().to(torch.uint8), "none")
 
 
 class RemoteSpan:
