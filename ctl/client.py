@@ -1,4 +1,10 @@
-"""The Python client for petald's control socket (stdlib only: HTTP/1.1 over a Unix socket)."""
+"""The Python client for petald's control socket: `Client` (stdlib HTTP/1.1 over the Unix socket) and `AsyncClient`
+(aiohttp), with the same methods.
+
+JSON for control, msgpack for tensors (`petal.protocol.tensors` maps, never pickle): `forward`/`backward` run
+hidden states through the swarm's blocks, `open_session` keeps an inference session (the servers' KV cache) open
+across steps, `serve`/`unserve` make the local daemon host blocks or stop.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,21 @@ import http.client
 import json
 import os
 import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from petal.protocol.tensors import decode_tensor, encode_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from petal.protocol.lora import Lora
+
+MSGPACK = "application/x-msgpack"
+MAX_REPLY_TENSOR_BYTES = 1 << 40  # the local daemon is trusted to size its replies; decoding still checks structure
 
 
 class DaemonError(RuntimeError):
@@ -49,17 +67,17 @@ class Client:
         self.socket_path = str(socket_path or default_socket())
         self.timeout = timeout
 
-    def _send(self, conn: _UnixConnection, method: str, path: str, body: Any) -> http.client.HTTPResponse:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+    def _send(self, conn: _UnixConnection, method: str, path: str, body: Any, packed: bool = False) -> http.client.HTTPResponse:
+        if packed:
+            payload: bytes | None = msgpack.packb(body, use_bin_type=True)
+            headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
+        else:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             conn.request(method, path, body=payload, headers=headers)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonError(
-                "unavailable",
-                f"no petald listening on {self.socket_path}: start one with `petald --new-swarm` "
-                "(or `systemctl start petald`), or pass --socket",
-            ) from None
+            raise _no_daemon(self.socket_path) from None
         return conn.getresponse()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -71,6 +89,16 @@ class Client:
             conn.close()
         return _decode(response, data)
 
+    def request_msgpack(self, method: str, path: str, body: Any = None) -> Any:
+        """A msgpack request; the reply is decoded from msgpack (or, for errors, JSON -> DaemonError)."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            response = self._send(conn, method, path, body, packed=True)
+            data = response.read()
+        finally:
+            conn.close()
+        return _decode_any(response.status, response.getheader("Content-Type") or "", data)
+
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """Yield each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
         conn = _UnixConnection(self.socket_path, self.timeout)
@@ -80,16 +108,8 @@ class Client:
                 yield _decode(response, response.read())
                 return
             while line := response.readline():
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DaemonError("bad_response", f"daemon sent a non-JSON line: {line[:200]!r}") from None
-                if isinstance(obj, dict) and "error" in obj:
-                    err = obj["error"] if isinstance(obj["error"], dict) else {}
-                    raise DaemonError(err.get("code", "error"), err.get("message", str(obj)))
-                yield obj
+                if line.strip():
+                    yield _ndjson_line(line)
         finally:
             conn.close()
 
@@ -104,13 +124,307 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self.get("/v1/status")
 
+    # tensors
 
-def _decode(response: http.client.HTTPResponse, data: bytes) -> Any:
+    def forward(
+        self, model: str, hidden: torch.Tensor, *, mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        **opts: Any,
+    ) -> torch.Tensor:
+        """Blocks [start, end) of `model` (all by default) applied to `hidden` [B, T, H] by the swarm, no cache.
+
+        `opts`: `codec` (the wire codec between daemon and servers), `allowed`/`blocked` (peer id lists).
+        """
+        body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
+        return _tensor(self.request_msgpack("POST", "/v1/forward", body), "hidden")
+
+    def backward(
+        self, model: str, hidden: torch.Tensor, grad: torch.Tensor, *, mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        **opts: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """(grad w.r.t. `hidden`, grad w.r.t. `prompts` or None, grads w.r.t. each LoRA tensor or None), given
+        `grad` w.r.t. the output of block end-1. Servers never change their own weights."""
+        body = tensor_request(model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora,
+                              **opts)
+        return backward_result(self.request_msgpack("POST", "/v1/backward", body))
+
+    def open_session(
+        self, model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
+        prompts: torch.Tensor | None = None, **opts: Any,
+    ) -> ClientSession:
+        """An inference session over blocks [start, end): the servers keep the KV cache between `step`s."""
+        info = self.request_msgpack("POST", "/v1/sessions", session_request(
+            model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts))
+        return ClientSession(self, info)
+
+    # serving
+
+    def serve(self, model: str, *, blocks: str | None = None, num_blocks: int | None = None) -> Iterator[dict[str, Any]]:
+        """Make the local daemon serve `model` (blocks "A:B", or `num_blocks` where the swarm needs them, or all);
+        yields progress events, the last being ``{"event": "serving", "start", "end", "throughput"}``."""
+        return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
+
+    def unserve(self, model: str) -> dict[str, Any]:
+        """Stop serving `model`: ``{"model", "stopped": [{"start", "end"}]}``."""
+        return self.request("POST", "/v1/unserve", {"model": model})
+
+
+class ClientSession:
+    """An open inference session on the daemon; use as a context manager so the servers' caches are freed."""
+
+    def __init__(self, client: Client, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = info["session"]
+        self.model: str = info["model"]
+        self.start: int = info["start"]
+        self.end: int = info["end"]
+        self.max_length: int = info["max_length"]
+        self.route: list[dict[str, Any]] = info["route"]
+        self.position = 0
+        self.closed = False
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding)."""
+        reply = self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
+        self.position = int(reply["position"])
+        return _tensor(reply, "hidden")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.request_msgpack("DELETE", f"/v1/sessions/{self.id}")
+
+    def __enter__(self) -> ClientSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same calls as `Client`, as coroutines over aiohttp; `async with AsyncClient() as c:` closes it."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout: float = 300.0) -> None:
+        self.socket_path = str(socket_path or default_socket())
+        self.timeout = timeout
+        self._http: Any = None  # aiohttp.ClientSession, made inside the running loop
+
+    def _session(self) -> Any:
+        import aiohttp
+
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.socket_path),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, path: str, body: Any, packed: bool) -> tuple[int, str, bytes]:
+        import aiohttp
+
+        if packed:
+            kwargs: dict[str, Any] = {"data": msgpack.packb(body, use_bin_type=True),
+                                      "headers": {"Content-Type": MSGPACK, "Accept": MSGPACK}}
+        else:
+            kwargs = {} if body is None else {"json": body}
+        try:
+            async with self._session().request(method, "http://localhost" + path, **kwargs) as r:
+                return r.status, r.headers.get("Content-Type", ""), await r.read()
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
+            raise _no_daemon(self.socket_path) from None
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        return _decode_any(*await self._call(method, path, body, packed=False))
+
+    async def request_msgpack(self, method: str, path: str, body: Any = None) -> Any:
+        return _decode_any(*await self._call(method, path, body, packed=True))
+
+    async def get(self, path: str) -> Any:
+        return await self.request("GET", path)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.get("/v1/status")
+
+    async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """Each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
+        import aiohttp
+
+        try:
+            async with self._session().request(method, "http://localhost" + path, json=body) as r:
+                ctype = r.headers.get("Content-Type", "")
+                if r.status >= 400 or "ndjson" not in ctype:
+                    yield _decode_any(r.status, ctype, await r.read())
+                    return
+                async for line in r.content:
+                    if line.strip():
+                        yield _ndjson_line(line)
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
+            raise _no_daemon(self.socket_path) from None
+
+    def generate(self, model: str, prompt: str | None = None, **options: Any) -> AsyncIterator[dict[str, Any]]:
+        body = {"model": model, "stream": True, **({"prompt": prompt} if prompt is not None else {}), **options}
+        return self.stream("POST", "/v1/generate", body)
+
+    async def forward(
+        self, model: str, hidden: torch.Tensor, *, mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        **opts: Any,
+    ) -> torch.Tensor:
+        body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
+        return _tensor(await self.request_msgpack("POST", "/v1/forward", body), "hidden")
+
+    async def backward(
+        self, model: str, hidden: torch.Tensor, grad: torch.Tensor, *, mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        **opts: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        body = tensor_request(model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora,
+                              **opts)
+        return backward_result(await self.request_msgpack("POST", "/v1/backward", body))
+
+    async def open_session(
+        self, model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
+        prompts: torch.Tensor | None = None, **opts: Any,
+    ) -> AsyncClientSession:
+        info = await self.request_msgpack("POST", "/v1/sessions", session_request(
+            model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts))
+        return AsyncClientSession(self, info)
+
+    def serve(self, model: str, *, blocks: str | None = None, num_blocks: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
+
+    async def unserve(self, model: str) -> dict[str, Any]:
+        return await self.request("POST", "/v1/unserve", {"model": model})
+
+
+class AsyncClientSession(ClientSession):
+    """`ClientSession` for `AsyncClient`: `await step(...)`, `await close()`, `async with`."""
+
+    client: AsyncClient  # type: ignore[assignment]
+
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        reply = await self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
+        self.position = int(reply["position"])
+        return _tensor(reply, "hidden")
+
+    async def close(self) -> None:  # type: ignore[override]
+        if not self.closed:
+            self.closed = True
+            await self.client.request_msgpack("DELETE", f"/v1/sessions/{self.id}")
+
+    async def __aenter__(self) -> AsyncClientSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --- request bodies and replies (shared by both clients; other languages build the same maps) --------------------
+
+
+def _enc(t: torch.Tensor | None) -> dict[str, Any] | None:
+    return None if t is None else encode_tensor(t, "none")
+
+
+def tensor_request(
+    model: str, hidden: torch.Tensor, *, grad: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+    **opts: Any,
+) -> dict[str, Any]:
+    """The msgpack body of /v1/forward (and, with `grad`, /v1/backward)."""
+    body: dict[str, Any] = {"model": model, "hidden": _enc(hidden), "start": start, "end": end, **opts}
+    for key, t in (("grad", grad), ("mask", mask), ("prompts", prompts)):
+        if t is not None:
+            body[key] = _enc(t)
+    if lora is not None:
+        from petal.protocol.lora import encode_lora
+
+        body["lora"] = encode_lora(lora, "none")
+    return body
+
+
+def session_request(
+    model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
+    prompts: torch.Tensor | None = None, **opts: Any,
+) -> dict[str, Any]:
+    return {"model": model, "max_length": max_length, "batch": batch, "start": start, "end": end,
+            "prompts": _enc(prompts), **opts}
+
+
+def step_request(hidden: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+    return {"hidden": _enc(hidden), "mask": _enc(mask)}
+
+
+def serve_request(model: str, blocks: str | None, num_blocks: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model}
+    if blocks is not None:
+        body["blocks"] = blocks
+    if num_blocks is not None:
+        body["num_blocks"] = num_blocks
+    return body
+
+
+def _tensor(reply: Any, key: str) -> torch.Tensor:
+    if not isinstance(reply, dict) or reply.get(key) is None:
+        raise DaemonError("bad_response", f"the daemon's reply lacks {key!r}: {str(reply)[:200]}")
+    return decode_tensor(reply[key], max_bytes=MAX_REPLY_TENSOR_BYTES)
+
+
+def backward_result(reply: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    grad = _tensor(reply, "grad")
+    grad_prompts = None if reply.get("grad_prompts") is None else _tensor(reply, "grad_prompts")
+    lora = reply.get("grad_lora")
+    grad_lora = None if lora is None else {k: decode_tensor(v, max_bytes=MAX_REPLY_TENSOR_BYTES) for k, v in lora.items()}
+    return grad, grad_prompts, grad_lora
+
+
+def _no_daemon(socket_path: str) -> DaemonError:
+    return DaemonError(
+        "unavailable",
+        f"no petald listening on {socket_path}: start one with `petald --new-swarm` "
+        "(or `systemctl start petald`), or pass --socket",
+    )
+
+
+def _ndjson_line(line: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        raise DaemonError("bad_response", f"daemon sent a non-JSON line: {line[:200]!r}") from None
+    if isinstance(obj, dict) and "error" in obj:
+        err = obj["error"] if isinstance(obj["error"], dict) else {}
+        raise DaemonError(err.get("code", "error"), err.get("message", str(obj)))
+    return obj
+
+
+def _decode_any(status: int, content_type: str, data: bytes) -> Any:
+    """A reply body by its Content-Type: msgpack, else JSON; a status >= 400 raises DaemonError."""
+    if MSGPACK in content_type and status < 400:
+        try:
+            return msgpack.unpackb(data, raw=False)
+        except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:
+            raise DaemonError("bad_response", f"daemon sent bad msgpack ({status}): {e}") from None
     try:
         decoded = json.loads(data) if data else None
     except json.JSONDecodeError:
-        raise DaemonError("bad_response", f"daemon sent non-JSON ({response.status}): {data[:200]!r}") from None
-    if response.status >= 400:
+        raise DaemonError("bad_response", f"daemon sent non-JSON ({status}): {data[:200]!r}") from None
+    if status >= 400:
         err = (decoded or {}).get("error", {}) if isinstance(decoded, dict) else {}
-        raise DaemonError(err.get("code", "error"), err.get("message", str(decoded)), response.status)
+        raise DaemonError(err.get("code", "error"), err.get("message", str(decoded)), status)
     return decoded
+
+
+def _decode(response: http.client.HTTPResponse, data: bytes) -> Any:
+    return _decode_any(response.status, "application/json", data)

@@ -105,8 +105,10 @@ def make_app(node: Node) -> web.Application:
     app.router.add_put("/v1/dht/{key}", put_dht)
     app.router.add_delete("/v1/dht/{key}", delete_dht)
     from .api import add_routes
+    from .api_tensors import add_tensor_routes
 
     add_routes(app, node)
+    add_tensor_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
