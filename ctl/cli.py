@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -98,6 +100,220 @@ def route(ctx: Ctx, model: str) -> None:
         latency = "-" if h["latency_s"] is None else f"{h['latency_s'] * 1000:.1f}"
         table.add_row(f"{h['start']}:{h['end']}", latency, h["peer_id"])
     console.print(table)
+
+
+# --- chat, serve, unserve, bench ------------------------------------------------------------------------------------
+
+
+def _sse(client: Client, path: str, body: Any) -> Iterator[dict[str, Any]]:
+    """Each `data:` event of a Server-Sent-Events reply (the OpenAI endpoints), until `[DONE]`."""
+    from .client import _decode_any, _UnixConnection
+
+    conn = _UnixConnection(client.socket_path, client.timeout)
+    try:
+        response = client._send(conn, "POST", path, body)
+        ctype = response.getheader("Content-Type") or ""
+        if response.status >= 400 or "event-stream" not in ctype:
+            yield _decode_any(response.status, ctype, response.read())
+            return
+        while line := response.readline():
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                return
+            event = json.loads(data)
+            if isinstance(event, dict) and "error" in event:
+                err = event["error"] if isinstance(event["error"], dict) else {}
+                raise DaemonError(err.get("code", "error"), err.get("message", str(event)))
+            yield event
+    finally:
+        conn.close()
+
+
+@cli.command()
+@click.option("-m", "--model", required=True, help="Model name (pulled locally; the swarm serves its blocks).")
+@click.option("--system", help="A system message that opens the conversation.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Per answer.")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Repeatable sampling.")
+@click.pass_obj
+def chat(ctx: Ctx, model: str, system: str | None, max_new_tokens: int, temperature: float, top_p: float,
+         seed: int | None) -> None:
+    """Talk with MODEL: each line you type is a user turn, answers stream back; /reset forgets, /exit or EOF ends.
+
+    The whole conversation goes with every turn (the daemon applies the model's chat template), so the model
+    sees what was said before.
+    """
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
+    options: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                               **({"seed": seed} if seed is not None else {})}
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"chatting with {model} through the swarm; /reset forgets the conversation, /exit ends", err=True)
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            if interactive:
+                click.echo("", err=True)
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            messages = list(opening)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = []
+        try:
+            for event in _sse(ctx.client, "/v1/chat/completions",
+                              {"model": model, "messages": messages, "stream": True, **options}):
+                piece = (event.get("choices") or [{}])[0].get("delta", {}).get("content")
+                if piece:
+                    answer.append(piece)
+                    click.echo(piece, nl=False)
+                    sys.stdout.flush()
+        except DaemonError as e:
+            click.echo("")
+            _fail(e)
+        click.echo("")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--blocks", help="Serve blocks A:B (0-based, end exclusive).")
+@click.option("--num-blocks", type=int, help="Serve this many blocks where the swarm's throughput is worst.")
+@click.pass_obj
+def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> None:
+    """Make this daemon host blocks of MODEL (all of them unless --blocks or --num-blocks), showing the loading."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if blocks is not None and num_blocks is not None:
+        click.echo("error: pass either --blocks A:B or --num-blocks N, not both")
+        sys.exit(2)
+    last: dict[str, Any] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), disable=ctx.as_json, transient=True) as progress:
+            task = None
+            for event in ctx.client.serve(model, blocks=blocks, num_blocks=num_blocks):
+                last = event
+                kind = event.get("event")
+                if ctx.as_json:
+                    click.echo(json.dumps(event))
+                elif kind == "resolved":
+                    task = progress.add_task(f"loading {event['model']} blocks {event['start']}:{event['end']}",
+                                             total=event["end"] - event["start"])
+                elif kind == "loading" and task is not None:
+                    progress.update(task, completed=event.get("loaded", 0), total=event.get("total"))
+                elif kind == "measuring" and task is not None:
+                    progress.update(task, description="measuring throughput")
+    except DaemonError as e:
+        _fail(e)
+    if last.get("event") != "serving":
+        click.echo(f"error: the daemon stopped before serving {model} (last event: {json.dumps(last)}); "
+                   "see its log (`journalctl -u petald` or the terminal it runs in)")
+        sys.exit(1)
+    if not ctx.as_json:
+        click.echo(f"serving {last['model']} blocks {last['start']}:{last['end']} "
+                   f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops")
+
+
+@cli.command()
+@click.argument("model")
+@click.pass_obj
+def unserve(ctx: Ctx, model: str) -> None:
+    """Stop hosting MODEL's blocks on this daemon (the swarm routes around them)."""
+    try:
+        out = ctx.client.unserve(model)
+    except DaemonError as e:
+        _fail(e)
+    if ctx.as_json:
+        return _print_json(out)
+    spans = ", ".join(f"{s['start']}:{s['end']}" for s in out["stopped"])
+    click.echo(f"stopped serving {out['model']} blocks {spans}")
+
+
+def _hidden_size(ctx: Ctx, model: str) -> int:
+    """From the model's config.json in the daemon's local store (the bench needs no weights, only the width)."""
+    entries = _call(ctx, "GET", "/v1/models")["data"]
+    entry = next((m for m in entries if m["id"] == model), None)
+    if entry is None:
+        click.echo(f"error: the swarm serves no model {model!r}; see `petalctl models list`")
+        sys.exit(1)
+    path = entry.get("path")
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text())["hidden_size"]) if path else 0
+    except (OSError, ValueError, KeyError) as e:
+        click.echo(f"error: cannot read {model}'s hidden size from {path}/config.json ({e}); pass --hidden-size")
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("-m", "--model", required=True, help="Model name.")
+@click.option("--steps", type=int, default=32, show_default=True, help="Single-token decode steps to time.")
+@click.option("--tokens", type=int, default=128, show_default=True, help="Tokens per row of the timed forward.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--codec", type=click.Choice(["none", "float16", "bfloat16", "q8"]), help="Wire codec [daemon's].")
+@click.option("--hidden-size", type=int, help="The model's hidden size [read from the local model dir].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.pass_obj
+def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str | None, hidden_size: int | None,
+          seed: int, as_json: bool) -> None:
+    """Time the swarm from here: decode steps/s (one token per step, KV cache on the servers) and forward tokens/s.
+
+    Inputs are random hidden states of the model's width, so no weights are needed locally; one untimed step and
+    one untimed forward come first (first passes are several times slower).
+    """
+    import time
+
+    import torch
+
+    as_json = as_json or ctx.as_json
+    if min(steps, tokens, batch) < 1:
+        click.echo("error: --steps, --tokens and --batch must be at least 1")
+        sys.exit(2)
+    hidden = hidden_size or _hidden_size(ctx, model)
+    if hidden < 1:
+        click.echo(f"error: {model} is not in this daemon's models dir, so its hidden size is unknown: "
+                   f"`petalctl models pull {model}` or pass --hidden-size")
+        sys.exit(1)
+    opts = {} if codec is None else {"codec": codec}
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with ctx.client.open_session(model, max_length=steps + 1, batch=batch, **opts) as session:
+            x = torch.randn(batch, 1, hidden, generator=gen)
+            session.step(x)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                session.step(x)
+            decode_s = time.perf_counter() - t0
+            route = session.route
+        h = torch.randn(batch, tokens, hidden, generator=gen)
+        ctx.client.forward(model, h, **opts)
+        t0 = time.perf_counter()
+        ctx.client.forward(model, h, **opts)
+        forward_s = time.perf_counter() - t0
+    except DaemonError as e:
+        _fail(e)
+    figures = {"model": model, "route": route, "hidden_size": hidden, "batch": batch, "codec": codec,
+               "steps": steps, "decode_steps_per_s": steps / decode_s, "decode_ms_per_step": 1000 * decode_s / steps,
+               "tokens": tokens, "forward_s": forward_s, "forward_tokens_per_s": batch * tokens / forward_s}
+    if as_json:
+        return _print_json(figures)
+    click.echo("route: " + " -> ".join(f"{h['start']}:{h['end']}@{h['peer'][-8:]}" for h in route))
+    click.echo(f"decode:  {figures['decode_steps_per_s']:8.2f} steps/s ({figures['decode_ms_per_step']:.1f} ms/step, "
+               f"{steps} steps, batch {batch})")
+    click.echo(f"forward: {figures['forward_tokens_per_s']:8.1f} tokens/s ({batch} x {tokens} tokens in "
+               f"{forward_s:.3f} s)")
 
 
 @cli.command()
