@@ -1,0 +1,156 @@
+"""A whole model through real petald daemons on loopback vs the same blocks in one local process.
+
+Three set-ups, the same random inputs and torch thread count in all:
+  local   one process, `load_span` of all blocks (no daemons, no wire);
+  1 hop   one daemon serving every block + a client daemon with none; `petalctl bench` talks to the client's socket;
+  3 hops  three daemons serving [0,n/3) [n/3,2n/3) [2n/3,n) + a client daemon; the same `petalctl bench`.
+So (t_3hops - t_1hop) / 2 is what one more server in the chain costs per decode step.
+
+    .venv/bin/python tests/benchmarks/bench_swarm_model.py [MODEL_DIR_OR_NAME] [--codec none|q8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemons import Daemon, Swarm  # noqa: E402
+
+from petal.daemon.server import resolve_model_dir  # noqa: E402
+from petal.kernels.store import load_span, open_model  # noqa: E402
+
+PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]
+
+
+def inputs(batch: int, tokens: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `petalctl bench --seed` draws: one decode input [B,1,H], then the forward input [B,T,H]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, hidden, generator=gen), torch.randn(batch, tokens, hidden, generator=gen)
+
+
+def local_figures(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    info = open_model(path)
+    span = load_span(info, 0, info.num_blocks)
+    x, h = inputs(args.batch, args.tokens, span.hidden_size, args.seed)
+    runs = []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            cache = span.new_cache(args.batch, args.steps + 1, torch.float32, "cpu")
+            span.step(x, cache)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                span.step(x, cache)
+            decode_s = time.perf_counter() - t0
+            span.forward(h)
+            t0 = time.perf_counter()
+            span.forward(h)
+            forward_s = time.perf_counter() - t0
+            runs.append({"decode_ms_per_step": 1000 * decode_s / args.steps, "forward_s": forward_s})
+    return summarize(runs, args)
+
+
+def summarize(runs: list[dict[str, float]], args: argparse.Namespace) -> dict[str, float]:
+    """Medians over the repeats; rates derive from the median times."""
+    ms = statistics.median(r["decode_ms_per_step"] for r in runs)
+    fwd = statistics.median(r["forward_s"] for r in runs)
+    return {"decode_ms_per_step": ms, "decode_steps_per_s": 1000 / ms, "forward_s": fwd,
+            "forward_tokens_per_s": args.batch * args.tokens / fwd}
+
+
+def wait_for_route(client: Daemon, model: str, num_blocks: int, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chain = client.client.get(f"/v1/route?model={model}")["chain"]
+            if chain and chain[0]["start"] == 0 and chain[-1]["end"] == num_blocks:
+                return chain
+        except Exception:  # noqa: BLE001 - not announced yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no route over {model} after {timeout} s; see the logs in {client.state_dir.parent}")
+
+
+def swarm_figures(path: Path, cuts: list[tuple[int, int]], args: argparse.Namespace) -> tuple[dict[str, float], list]:
+    info = open_model(path)
+    root = Path(tempfile.mkdtemp(prefix="petal-bench-", dir="/tmp"))  # short: AF_UNIX paths are limited to 108 bytes
+    swarm = Swarm(root)
+    env = {"OMP_NUM_THREADS": str(args.threads), "PETAL_MODELS_DIR": str(path.parent)}
+    serve = ("--serve", str(path), "--codec", args.codec)
+    try:
+        boot = swarm.make("s0", "--new-swarm", *serve, "--blocks", f"{cuts[0][0]}:{cuts[0][1]}").start(env)
+        for i, (a, b) in enumerate(cuts[1:], 1):
+            swarm.make(f"s{i}", "--initial-peer", boot.address, *serve, "--blocks", f"{a}:{b}").start(env)
+        client = swarm.make("client", "--initial-peer", boot.address, "--codec", args.codec).start(env)
+        wait_for_route(client, info.name, info.num_blocks)
+        cmd = [*PETALCTL, "--socket", str(client.socket), "bench", "-m", info.name, "--json", "--codec", args.codec,
+               "--steps", str(args.steps), "--tokens", str(args.tokens), "--batch", str(args.batch),
+               "--hidden-size", str(info.config.hidden_size), "--seed", str(args.seed)]
+        runs = []
+        for _ in range(args.repeats):
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                raise RuntimeError(f"petalctl bench failed ({done.returncode}): {done.stdout}{done.stderr}")
+            runs.append(json.loads(done.stdout))
+        return summarize(runs, args), runs[-1]["route"]
+    finally:
+        swarm.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def thirds(n: int) -> list[tuple[int, int]]:
+    bounds = [round(i * n / 3) for i in range(4)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="smollm2")
+    parser.add_argument("--codec", choices=["none", "q8"], default="none")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every daemon and in the baseline")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each set-up; medians are printed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = Path(resolve_model_dir(args.model))
+    info = open_model(path)
+    print(f"model {info.name} ({info.num_blocks} blocks, hidden {info.config.hidden_size}), codec {args.codec}, "
+          f"torch threads {args.threads}, batch {args.batch}, {args.steps} decode steps, forward of {args.tokens} "
+          f"tokens, median of {args.repeats}; load average at start {load()}")
+    rows = {"local": local_figures(path, args)}
+    rows["1 hop"], route1 = swarm_figures(path, [(0, info.num_blocks)], args)
+    rows["3 hops"], route3 = swarm_figures(path, thirds(info.num_blocks), args)
+    print("routes: 1 hop " + " -> ".join(f"{h['start']}:{h['end']}" for h in route1)
+          + "; 3 hops " + " -> ".join(f"{h['start']}:{h['end']}" for h in route3))
+    base = rows["local"]
+    print(f"{'set-up':8s} {'decode steps/s':>15s} {'ms/step':>9s} {'x local':>8s} {'forward tok/s':>14s} {'x local':>8s}")
+    for name, r in rows.items():
+        print(f"{name:8s} {r['decode_steps_per_s']:15.2f} {r['decode_ms_per_step']:9.2f} "
+              f"{r['decode_steps_per_s'] / base['decode_steps_per_s']:8.3f} {r['forward_tokens_per_s']:14.1f} "
+              f"{r['forward_tokens_per_s'] / base['forward_tokens_per_s']:8.3f}")
+    hop_ms = (rows["3 hops"]["decode_ms_per_step"] - rows["1 hop"]["decode_ms_per_step"]) / 2
+    hop_fwd_ms = 1000 * (rows["3 hops"]["forward_s"] - rows["1 hop"]["forward_s"]) / 2
+    print(f"per-hop overhead: decode {hop_ms:.2f} ms/step, forward {hop_fwd_ms:.1f} ms per {args.batch}x{args.tokens} "
+          f"forward; load average at end {load()}")
+
+
+if __name__ == "__main__":
+    main()
