@@ -287,3 +287,38 @@ def test_docs_describe_the_new_endpoints(client):
         check("/v1/serve", "post", 200, "application/x-ndjson", event, serve)
     check("/v1/unserve", "post", 200, "application/json", client.unserve(EXTRA), {"model": EXTRA})
     check("/v1/models", "get", 200, "application/json", client.get("/v1/models"))
+
+
+def test_lora_over_the_socket_equals_local_hooks(client, models):
+    """Client-owned LoRA on blocks 4 and 12 (two servers): outputs and grads w.r.t. input, A and B match autograd."""
+    from petal.protocol.lora import Lora
+
+    torch.manual_seed(4)
+    r, scale = 2, 0.5
+    weights = {}
+    for b, path, (out_f, in_f) in ((4, "self_attn.q_proj", (HIDDEN, HIDDEN)), (12, "mlp.down_proj", (HIDDEN, 64))):
+        weights[f"{b}.{path}.lora_A"] = (torch.randn(r, in_f) * 0.1).requires_grad_(True)
+        weights[f"{b}.{path}.lora_B"] = (torch.randn(out_f, r) * 0.1).requires_grad_(True)
+    lora = Lora(scale, weights)
+    hidden = torch.randn(1, 5, HIDDEN, requires_grad=True)
+    grad_out = torch.randn(1, 5, HIDDEN)
+
+    layers = models[1].model.layers
+    hooks = []
+    for b, path in ((4, "self_attn.q_proj"), (12, "mlp.down_proj")):
+        a, bb = weights[f"{b}.{path}.lora_A"], weights[f"{b}.{path}.lora_B"]
+        hooks.append(layers[b].get_submodule(path).register_forward_hook(
+            lambda m, inp, out, a=a, bb=bb: out + scale * (inp[0] @ a.T) @ bb.T))
+    try:
+        want = Span.from_model(models[1], 2, 20)(hidden)
+        grads = torch.autograd.grad(want, [hidden, *weights.values()], grad_out)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = client.forward(MODEL, hidden, start=2, end=20, codec="none", lora=lora)
+    torch.testing.assert_close(out, want.detach(), atol=ATOL, rtol=0)
+    grad, _, grad_lora = client.backward(MODEL, hidden, grad_out, start=2, end=20, codec="none", lora=lora)
+    torch.testing.assert_close(grad, grads[0], atol=ATOL, rtol=1e-4)
+    assert grad_lora is not None and set(grad_lora) == set(weights)
+    for key, g in zip(weights, grads[1:]):
+        torch.testing.assert_close(grad_lora[key], g, atol=ATOL, rtol=1e-4)
