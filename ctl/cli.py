@@ -328,10 +328,15 @@ def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str 
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the NDJSON stream as it comes.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="Apply prompts or a LoRA adapter from `petalctl finetune` (generates client-side, not streamed).")
 @click.pass_obj
-def generate(ctx: Ctx, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], **options: Any) -> None:
+def generate(ctx: Ctx, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], adapter: str | None,
+             **options: Any) -> None:
     """Generate text from PROMPT through the swarm, streaming tokens as they come."""
     as_json = as_json or ctx.as_json
+    if adapter is not None:
+        return _generate_with_adapter(ctx, model, prompt, adapter, as_json, stop, options)
     try:
         for line in ctx.client.generate(model, prompt, stop=list(stop), **options):
             if as_json:
@@ -376,6 +381,68 @@ def models_pull(ctx: Ctx, name: str) -> None:
     if ctx.as_json:
         return _print_json(out)
     click.echo(f"{out['name']} is in {out['path']}")
+
+
+def _generate_with_adapter(ctx: Ctx, model: str, prompt: str, adapter: str, as_json: bool, stop: tuple[str, ...],
+                           options: dict[str, Any]) -> None:
+    from .finetune import generate_with_adapter
+
+    try:
+        out = generate_with_adapter(model, adapter, prompt, socket=ctx.client.socket_path, stop=stop, **options)
+    except DaemonError as e:
+        _fail(e)
+    except (FileNotFoundError, ValueError) as e:
+        click.echo(f"error: {e}")
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps({"done": True, "text": out["text"], "tokens": out["tokens"], "adapter": out["method"]}))
+    else:
+        click.echo(out["text"])
+
+
+@cli.command()
+@click.option("-m", "--model", required=True, help="Model name in the local store, or a model dir.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help='JSON lines {"prompt": ..., "completion": ...}; the loss is on completion tokens.')
+@click.option("--method", type=click.Choice(["ptune", "deep_ptune", "lora"]), default="ptune", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to save the result.")
+@click.option("--lr", type=float, default=None, help="Learning rate [1e-2 for prompts, 1e-3 for LoRA].")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--prompt-len", type=int, default=16, show_default=True, help="Soft prompt tokens (ptune).")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_obj
+def finetune(ctx: Ctx, model: str, data: str, method: str, steps: int, out_dir: str, lr: float | None,
+             batch_size: int, prompt_len: int, rank: int, seed: int) -> None:
+    """Train soft prompts or LoRA on DATA through the swarm (servers' weights never change); save them to OUT."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .finetune import FinetuneConfig, finetune_from_file
+    from .remote_model import RemoteModelForCausalLM
+
+    config = FinetuneConfig(method=method, steps=steps, lr=lr or (1e-3 if method == "lora" else 1e-2),
+                            batch_size=batch_size, prompt_len=prompt_len, rank=rank, alpha=2.0 * rank, seed=seed)
+    try:
+        config.validate()
+        remote = RemoteModelForCausalLM.from_pretrained(model, ctx.client.socket_path)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=ctx.as_json) as progress:
+            task = progress.add_task(method, total=steps, loss="-")
+
+            def on_step(step: int, loss: float) -> None:
+                progress.update(task, advance=1, loss=f"{loss:.4f}")
+
+            losses = finetune_from_file(remote, data, config, out_dir, on_step)
+    except DaemonError as e:
+        _fail(e)
+    except (FileNotFoundError, ValueError) as e:
+        click.echo(f"error: {e}")
+        sys.exit(1)
+    if ctx.as_json:
+        return _print_json({"out": out_dir, "method": method, "losses": losses})
+    click.echo(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {steps} steps; saved to {out_dir}")
 
 
 def main() -> None:
