@@ -241,13 +241,13 @@ class Libp2pStream(StreamBase):
             raise self._end
         data = encode_frame(message)
         fut: asyncio.Future[None] = self._bridge.loop.create_future()
-        self._bridge.to_trio(self._outbox_send.send_nowait, ("data", data, fut))
+        self._bridge.to_trio(self._enqueue, ("data", data, fut))
         await fut
 
     async def _send_raw(self, data: bytes) -> None:
         """Write bytes that are not a frame (tests use it to check how peers treat garbage)."""
         fut: asyncio.Future[None] = self._bridge.loop.create_future()
-        self._bridge.to_trio(self._outbox_send.send_nowait, ("data", data, fut))
+        self._bridge.to_trio(self._enqueue, ("data", data, fut))
         await fut
 
     async def recv(self, timeout: float | None = None) -> object:
@@ -266,7 +266,7 @@ class Libp2pStream(StreamBase):
         if self._closed:
             return
         self._closed = True
-        self._bridge.to_trio_quiet(self._outbox_send.send_nowait, ("close",))
+        self._bridge.to_trio_quiet(self._enqueue, ("close",))
 
     async def reset(self) -> None:
         if self._closed and self._reset_requested:
@@ -282,6 +282,17 @@ class Libp2pStream(StreamBase):
             self._inbox.put_nowait(item)
 
     # -- trio side ---------------------------------------------------------------------------------------------
+
+    def _enqueue(self, item: tuple[Any, ...]) -> None:
+        """Queue an outgoing item for the write loop. Once the pump has ended (the stream was reset, e.g. by a
+        malformed frame, before the asyncio side noticed), fail a data item's sender instead of raising here:
+        an exception in a trio callback would end the whole libp2p thread."""
+        try:
+            self._outbox_send.send_nowait(item)
+        except trio.ClosedResourceError:
+            if item[0] == "data":
+                reset = StreamReset(f"cannot send on {self.protocol_id} to {self.peer_id}: the stream was reset")
+                self._bridge.to_asyncio(_settle, item[2], reset)
 
     def _resume(self) -> None:
         if self._paused is not None:
