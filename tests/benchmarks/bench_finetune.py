@@ -1,0 +1,123 @@
+"""Fine-tuning speed: forward+backward tokens/s through a swarm of real daemons vs the same training step locally.
+
+Starts three servers (the model's blocks split in three) and a client daemon under a temp dir, then times one
+training step (forward, loss, backward; no optimizer) of LoRA on q/v and of deep prompts, through the swarm and
+with transformers + PEFT in this process. Same threads, same inputs. Prints one line per case.
+
+    .venv/bin/python tests/benchmarks/bench_finetune.py                 # tiny random 30-block Llama
+    .venv/bin/python tests/benchmarks/bench_finetune.py --model DIR     # e.g. SmolLM2-135M's model dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from daemons import Swarm  # noqa: E402
+from petal.ctl.remote_model import RemoteModelForCausalLM  # noqa: E402
+from tinymodels import tiny_llama  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model dir [a tiny random 30-block Llama]")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="petal-bf-", dir="/tmp"))
+    from transformers import AutoModelForCausalLM
+
+    if args.model:
+        path = Path(args.model)
+    else:
+        path = root / "tiny-llama"
+        tiny_llama(num_hidden_layers=30, hidden_size=32, intermediate_size=64).save_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n = local.config.num_hidden_layers
+    spans = [f"{n * i // 3}:{n * (i + 1) // 3}" for i in range(3)]
+    swarm = Swarm(root)
+    try:
+        t0 = time.monotonic()
+        boot = swarm.start_bootstrap("s0", "--serve", str(path), "--blocks", spans[0])
+        for name, span in (("s1", spans[1]), ("s2", spans[2])):
+            swarm.join(name, boot, "--serve", str(path), "--blocks", span)
+        client = swarm.join("c", boot, "--codec", "none")
+        print(f"swarm of 3 servers + client up in {time.monotonic() - t0:.1f} s; blocks {spans}, "
+              f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s)")
+        x = torch.randint(0, local.config.vocab_size, (args.batch, args.tokens),
+                          generator=torch.Generator().manual_seed(0))
+        tokens = x.numel()
+        for method in ("lora", "deep_ptune"):
+            remote = RemoteModelForCausalLM.from_pretrained(path, client.socket, codec="none")
+            if method == "lora":
+                remote.enable_lora(rank=8, alpha=16)
+            else:
+                remote.enable_ptune(8, deep=True)
+
+            def swarm_step() -> None:
+                remote(x, labels=x).loss.backward()
+
+            ref = _local_reference(local, method)
+
+            def local_step() -> None:
+                ref(x)
+
+            s, l = timed(swarm_step, args.repeats), timed(local_step, args.repeats)
+            print(f"{method:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
+                  f"{tokens / l:8.1f} tokens/s ({l * 1000:.0f} ms/step)   swarm/local {l / s:.2f}")
+    finally:
+        swarm.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _local_reference(model, method: str):
+    """One local training step of the same method: LoRA through PEFT, deep prompts through layer pre-hooks."""
+    if method == "lora":
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0))
+
+        def step(x: torch.Tensor) -> None:
+            peft(input_ids=x, labels=x).loss.backward()
+
+        return step
+    hidden = model.config.hidden_size
+    prompts = torch.zeros(8, hidden, requires_grad=True)
+    deep = torch.zeros(model.config.num_hidden_layers, 8, hidden, requires_grad=True)
+    from torchref import deep_prompts
+
+    def step(x: torch.Tensor) -> None:
+        emb = torch.cat([prompts[None].expand(x.shape[0], -1, -1), model.model.embed_tokens(x)], dim=1)
+        with deep_prompts(model, deep):
+            logits = model(inputs_embeds=emb).logits[:, 8:]
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+
+    return step
+
+
+if __name__ == "__main__":
+    main()
