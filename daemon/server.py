@@ -38,21 +38,21 @@ from petal.protocol.messages import (
     CODECS,
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
-    PUSH_PROTOCOL,
     INFO_PROTOCOL,
+    PUSH_PROTOCOL,
     ForwardRequest,
+    PushRequest,
+    PushTarget,
     ServedSpan,
     StepRequest,
+    check_pushed,
+    check_reply,
     error_reply,
     parse_forward,
     parse_info_request,
     parse_open,
     parse_push,
     parse_step,
-    PushRequest,
-    PushTarget,
-    check_pushed,
-    check_reply,
 )
 from petal.protocol.lora import Lora, encode_lora_grads
 from petal.protocol.records import MODELS_KEY, OFFLINE, ModelRecord, RecordError, ServerRecord, block_key
@@ -328,16 +328,23 @@ class PushInbox:
     for it is checked at once (so the pusher gets the error); one that came earlier is checked when taken.
     """
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, max_length: int) -> None:
         self.batch = batch
+        self.max_length = max_length
         self.last = -1  # highest step number this session has run
         self._items: dict[int, tuple[str, torch.Tensor]] = {}
         self._waiting: tuple[int, int, str] | None = None  # (step, tokens, sender) of the step now waiting
         self._event = asyncio.Event()
 
     def expect(self, step: int | None, tokens: int = 0, sender: str = "") -> None:
-        """Announce the step now waiting (tokens and the peer whose push it takes), or None when it stops waiting."""
+        """Announce the step now waiting (tokens and the peer whose push it takes), or None when it stops waiting.
+
+        Pushes for earlier steps can no longer be used (the client numbers its steps in order): they are dropped.
+        """
         self._waiting = None if step is None else (step, tokens, sender)
+        if step is not None:
+            for s in [s for s in self._items if s < step]:
+                del self._items[s]
 
     def _check(self, sender: str, step: int, hidden: torch.Tensor) -> None:
         if self._waiting is None or self._waiting[0] != step:
@@ -352,8 +359,9 @@ class PushInbox:
         """Buffer a push; raises PetalError (for the pusher's error frame) if it does not fit the session."""
         if step <= self.last:
             raise PetalError("bad_request", f"push for step {step}: this session has already run step {self.last}")
-        if hidden.shape[0] != self.batch:
-            raise PetalError("wrong_shape", f"push: this session has batch {self.batch}, the push {hidden.shape[0]}")
+        if hidden.shape[0] != self.batch or hidden.shape[1] > self.max_length:
+            raise PetalError("wrong_shape", f"push: this session takes up to [batch={self.batch}, tokens="
+                             f"{self.max_length}, hidden], the push is {list(hidden.shape)}")
         if step in self._items:
             raise PetalError("bad_request", f"push for step {step}: this session already holds one")
         if len(self._items) >= PUSH_WINDOW:
@@ -733,7 +741,7 @@ class BlockServer:
             return
         running: concurrent.futures.Future[Any] | None = None
         session_id = secrets.token_hex(16)
-        inbox = PushInbox(opened.batch) if opened.push else None
+        inbox = PushInbox(opened.batch, opened.max_length) if opened.push else None
         if inbox is not None:
             self._inboxes[session_id] = inbox
         pusher = Pusher(self.transport, self._deliver)
@@ -809,6 +817,7 @@ class BlockServer:
         assert step.step is not None and step.push_from is not None
         inbox.expect(step.step, step.tokens, step.push_from)
         recv = asyncio.ensure_future(stream.recv())
+        changed: asyncio.Future[None] | None = None
         deadline = time.monotonic() + self.settings.request_timeout
         try:
             while True:
@@ -827,9 +836,10 @@ class BlockServer:
                 changed.cancel()
         finally:
             inbox.expect(None)
-            if not recv.done():
-                recv.cancel()
-                await asyncio.gather(recv, return_exceptions=True)
+            for task in (recv, changed):  # also when this session is cancelled: no task left pending or unread
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     def _deliver(self, sender: str, push: PushRequest) -> None:
         """Hand a validated push to its session's inbox; raises PetalError for the pusher's error frame."""

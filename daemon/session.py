@@ -26,7 +26,7 @@ from petal.protocol.lora import Lora
 
 from .remote import RemoteInference, RemoteSpan
 from .router import Hop, Router, ServerInfo, SwarmView, no_route_error, split_batch, throughput_chain
-from .transport import TransportError
+from .transport import StreamClosed, TransportError
 
 log = logging.getLogger("petal.session")
 
@@ -82,9 +82,20 @@ class _Link:
     hop: Hop
     remote: RemoteInference
     history: list[torch.Tensor] = field(default_factory=list)
+    no_push_to: set[str] = field(default_factory=set)  # next hops this server failed to push to: not tried again
+    # this step's state (push mode): a message was sent; it waits for a push; the push came; it pushes on
+    sent: bool = False
+    awaiting: bool = False
+    fed: bool = False
+    pushes: bool = False
 
     def replay_input(self) -> torch.Tensor | None:
         return torch.cat(self.history, dim=1) if self.history else None
+
+    def trim(self, tokens: int) -> None:
+        """Forget inputs past the first ``tokens`` (of a step that failed before the session advanced)."""
+        while self.history and sum(h.shape[1] for h in self.history) > tokens:
+            self.history.pop()
 
 
 class InferenceSession:
@@ -112,6 +123,7 @@ class InferenceSession:
         max_retries: int = DEFAULT_MAX_RETRIES,
         step_timeout: float = 60.0,
         open_timeout: float = 30.0,
+        push: bool = True,
     ) -> None:
         if max_length < 1 or batch < 1:
             raise PetalError("bad_request", f"max_length and batch must be positive, got {max_length} and {batch}")
@@ -136,6 +148,9 @@ class InferenceSession:
         self._opened = False
         self._closed = False
         self._lock = asyncio.Lock()
+        self.push = push  # servers push each step's output to the next hop where both sides support it
+        self._step_no = 0  # numbers every step, so a push is matched to the step that waits for it
+        self.pushes = 0  # hop-to-hop pushes that delivered a step's input (for status, tests and benchmarks)
 
     @property
     def chain(self) -> list[Hop]:
@@ -178,7 +193,8 @@ class InferenceSession:
                 x = replay
                 for hop in chain:
                     span = remote_span(self.router, self._view, hop, self.codec)
-                    link = _Link(hop, await span.open_inference(self.max_length, self.batch, timeout=self.open_timeout))
+                    link = _Link(hop, await span.open_inference(
+                        self.max_length, self.batch, timeout=self.open_timeout, push=self.push))
                     links.append(link)
                     if x is not None:
                         out = await link.remote.step(
@@ -216,34 +232,147 @@ class InferenceSession:
         async with self._lock:
             await self.open()
             failures: list[BaseException] = []
+            await self._repair(failures)
             x = hidden.detach().clone()
-            i = 0
-            while i < len(self._links):
-                link = self._links[i]
-                prompts = (
-                    _slice_prompts(self.prompts, self.start, link.hop)
-                    if self.prompts is not None and self.position < self.prompts.shape[2] else None
-                )
-                try:
-                    out = await link.remote.step(x, mask=mask, position=self.position, prompts=prompts,
-                                                 timeout=self.step_timeout)
-                except Exception as e:
-                    if not is_server_fault(e):
-                        raise
-                    self.router.ban(link.hop.peer_id, e)
-                    failures.append(e)
-                    if len(failures) > self.max_retries:
-                        raise _gave_up(f"inference step at position {self.position}", len(failures), e) from e
-                    await self._replace(i, failures)
-                    continue  # the same input, now to the replacement's first hop
-                link.history.append(x)
-                x = out
-                i += 1
+            try:
+                if self.push and any(self._pushes(i) for i in range(len(self._links) - 1)):
+                    x = await self._step_push(x, mask, failures)
+                else:
+                    x = await self._step_plain(x, mask, failures)
+            except BaseException:
+                for link in self._links:  # hops before the failure recorded this step's input; the caches roll back
+                    link.trim(self.position)  # on the next step (its position truncates them)
+                raise
             self.position += t
             self._last_mask = None if mask is None else mask.detach().clone()
             for link in self._links:
                 self.router.bans.succeeded(link.hop.peer_id)
             return x
+
+    def _prompts(self, link: _Link) -> torch.Tensor | None:
+        if self.prompts is None or self.position >= self.prompts.shape[2]:
+            return None
+        return _slice_prompts(self.prompts, self.start, link.hop)
+
+    def _failed(self, link: _Link, error: Exception, failures: list[BaseException]) -> None:
+        """Ban the hop's server for a server fault (re-raise anything else) and count it against the retry budget."""
+        if not is_server_fault(error):
+            raise error
+        self.router.ban(link.hop.peer_id, error)
+        failures.append(error)
+        if len(failures) > self.max_retries:
+            raise _gave_up(f"inference step at position {self.position}", len(failures), error) from error
+
+    async def _repair(self, failures: list[BaseException]) -> None:
+        """Replace hops whose stream an earlier failed step left closed or with unread replies (no ban)."""
+        i = 0
+        while i < len(self._links):
+            remote = self._links[i].remote
+            if remote.closed or remote.outstanding:
+                await self._replace(i, failures)
+            i += 1
+
+    async def _step_plain(self, x: torch.Tensor, mask: torch.Tensor | None, failures: list[BaseException]) -> torch.Tensor:
+        """The client sends each hop its input and waits for the output: a round trip per hop."""
+        i = 0
+        while i < len(self._links):
+            link = self._links[i]
+            try:
+                out = await link.remote.step(x, mask=mask, position=self.position, prompts=self._prompts(link),
+                                             timeout=self.step_timeout)
+            except Exception as e:
+                self._failed(link, e, failures)
+                await self._replace(i, failures)
+                continue  # the same input, now to the replacement's first hop
+            link.history.append(x)
+            x = out
+            i += 1
+        return x
+
+    def _pushes(self, i: int) -> bool:
+        """Whether hop ``i`` may push its output to hop ``i + 1``."""
+        a, b = self._links[i], self._links[i + 1]
+        return a.remote.accepts_push and b.remote.accepts_push and b.hop.peer_id not in a.no_push_to
+
+    async def _send_run(self, i: int, x: torch.Tensor, mask: torch.Tensor | None, step: int) -> None:
+        """Send hop ``i`` its input ``x`` and, down the run of hops that can push to each other, messages that take
+        their input by push; hops that already hold a message of this step are not pushed to."""
+        links = self._links
+        t = x.shape[1]
+
+        def push_to(j: int) -> dict[str, Any] | None:
+            ok = j + 1 < len(links) and not links[j + 1].sent and self._pushes(j)
+            return links[j + 1].remote.push_target() if ok else None
+
+        link = links[i]
+        if link.remote.closed:
+            raise StreamClosed(f"the inference stream to {link.hop.peer_id} is closed")
+        target = push_to(i)
+        await link.remote.send_step(x, mask, self.position, self._prompts(link), step=step, push_to=target)
+        link.sent, link.pushes = True, target is not None
+        j = i + 1
+        while links[j - 1].pushes:
+            nxt = links[j]
+            target = push_to(j)
+            try:
+                await nxt.remote.send_step(None, mask, self.position, self._prompts(nxt), step=step, tokens=t,
+                                           push_from=links[j - 1].hop.peer_id, push_to=target)
+            except (TransportError, TimeoutError, OSError) as e:  # found dead when its turn comes
+                log.info("could not send step %d to %s: %s", step, nxt.hop.peer_id, e)
+                return
+            nxt.sent = nxt.awaiting = True
+            nxt.pushes = target is not None
+            j += 1
+
+    async def _step_push(self, x: torch.Tensor, mask: torch.Tensor | None, failures: list[BaseException]) -> torch.Tensor:
+        """One pass along the chain: the client sends every hop its message up front, hop i pushes its output to
+        hop i + 1 and also replies with it (the client keeps it as hop i + 1's input, for replay on failover).
+
+        When a push did not happen (the pusher says so, or it died), the client sends that hop the input itself;
+        the server answers the waiting message with a skip (or an output that the new message then recomputes),
+        so the client's history is always exactly what each server ran.
+        """
+        step = self._step_no
+        self._step_no += 1
+        for link in self._links:
+            link.sent = link.awaiting = link.fed = link.pushes = False
+        shape = tuple(x.shape)
+        i = 0
+        while i < len(self._links):
+            link = self._links[i]
+            nxt = self._links[i + 1] if i + 1 < len(self._links) else None
+            try:
+                if link.remote.closed:
+                    raise StreamClosed(f"the inference stream to {link.hop.peer_id} is closed")
+                if not link.sent:
+                    await self._send_run(i, x, mask, step)
+                elif link.awaiting and not link.fed:  # no push came: send the input ourselves
+                    target = nxt.remote.push_target() if link.pushes and nxt is not None else None
+                    await link.remote.send_step(x, mask, self.position, self._prompts(link), step=step,
+                                                push_to=target)
+                    try:
+                        await link.remote.recv_step(shape, x.dtype, self.step_timeout)  # the waiting message's answer
+                    except PetalError as e:
+                        log.debug("hop %s answered the superseded step %d with %s", link.hop.peer_id, step, e)
+                reply = await link.remote.recv_step(shape, x.dtype, self.step_timeout)
+                if reply.hidden is None:
+                    raise PetalError("internal", f"{link.hop.peer_id} skipped step {step} although it had its input")
+            except Exception as e:
+                self._failed(link, e, failures)
+                await self._replace(i, failures)
+                continue  # the same input, now to the replacement's first hop
+            link.history.append(x)
+            if link.pushes and nxt is not None:
+                if reply.pushed:
+                    nxt.fed = True
+                    self.pushes += 1
+                else:
+                    log.info("%s did not push step %d to %s; sending its input from here on", link.hop.peer_id,
+                             step, nxt.hop.peer_id)
+                    link.no_push_to.add(nxt.hop.peer_id)
+            x = reply.hidden
+            i += 1
+        return x
 
     async def _replace(self, i: int, failures: list[BaseException]) -> None:
         """Swap hop ``i`` for a fresh chain over exactly its blocks, replaying its history there."""
