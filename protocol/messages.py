@@ -4,6 +4,20 @@ Every request a server receives passes through one of the `parse_*` functions be
 check field presence and types, ranges, and tensor shapes against what the server hosts (`ServedSpan`), and raise
 `WireError` (malformed) or `PetalError` (well-formed but unservable) with a message that says what to fix. The
 client-side `check_reply` does the same for answers. Pure functions: no I/O, no model.
+
+The inference stream, with push (paper §3.2; every client message gets exactly one reply, in order):
+
+- open ``{model, fingerprint, start, end, max_length, batch, codec, push?}`` -> ``{ok, max_length, session, push}``:
+  ``session`` is the server's random 128-bit id of this session; ``push: true`` in the reply means the server takes
+  this session's inputs by push (only sessions opened with ``push: true`` do).
+- step ``{hidden, mask?, position?, prompts?, step?, push_to?}`` -> ``{hidden, position, pushed?}``. With
+  ``push_to: {peer, addrs, session}`` (and a ``step`` number) the server also sends its output, encoded exactly as in
+  the reply, to that session on the next hop and says in ``pushed`` whether the next hop acknowledged it.
+- a step without ``hidden`` but with ``push_from`` (the previous hop's peer id), ``step`` and ``tokens`` takes its
+  input from that peer's push. If the client's next message arrives before the push, the waiting step is answered
+  ``{skipped: true, position}`` and the new message (the client's own copy of the input) is served instead.
+- ``/petal/block/push/1``: a stream of ``{session, step, hidden}`` frames between servers, each answered ``{ok: true}``
+  or an error frame (unknown session, step already run, wrong shape or sender, more than a few buffered).
 """
 
 from __future__ import annotations
