@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -200,3 +201,35 @@ async def test_swarm_view_reads_servers_from_a_real_dht():
     finally:
         for n in nodes:
             await n.stop()
+
+
+class _ForgetfulDHT:
+    """A DHT whose reads come back empty from some moment on, as when a lookup times out on a dead contact."""
+
+    def __init__(self, entries: dict[str, list]) -> None:
+        self.entries = entries
+        self.empty = False
+
+    async def get(self, key: str) -> list:
+        return [] if self.empty else self.entries.get(key, [])
+
+
+async def test_an_empty_dht_read_keeps_the_previous_view_but_a_first_one_fails():
+    from petal.protocol.records import Entry
+
+    def entry(value: dict) -> Entry:
+        now = time.time()
+        return Entry(peer_id="peerA", public_key=b"", value=value, issued_at=now, expires_at=now + 60)
+
+    value = {"span": [0, 2], "state": "online", "throughput": 5.0, "cache": 64, "fp": "FP", "v": 1, "addrs": []}
+    dht = _ForgetfulDHT({MODELS_KEY: [entry({"name": "m", "fp": "FP", "num_blocks": 2, "family": "llama"})],
+                         block_key("m", 0): [entry(value)], block_key("m", 1): [entry(value)]})
+    view = SwarmView(dht, "m")
+    await view.refresh()
+    assert set(view.servers) == {"peerA"}
+    dht.empty = True
+    await view.refresh()
+    assert set(view.servers) == {"peerA"}, "a transiently empty read must not wipe a known swarm"
+    with pytest.raises(PetalError) as e:
+        await SwarmView(dht, "m").refresh()
+    assert e.value.code == "not_found"
