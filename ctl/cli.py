@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -105,32 +104,6 @@ def route(ctx: Ctx, model: str) -> None:
 # --- chat, serve, unserve, bench ------------------------------------------------------------------------------------
 
 
-def _sse(client: Client, path: str, body: Any) -> Iterator[dict[str, Any]]:
-    """Each `data:` event of a Server-Sent-Events reply (the OpenAI endpoints), until `[DONE]`."""
-    from .client import _decode_any, _UnixConnection
-
-    conn = _UnixConnection(client.socket_path, client.timeout)
-    try:
-        response = client._send(conn, "POST", path, body)
-        ctype = response.getheader("Content-Type") or ""
-        if response.status >= 400 or "event-stream" not in ctype:
-            yield _decode_any(response.status, ctype, response.read())
-            return
-        while line := response.readline():
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                return
-            event = json.loads(data)
-            if isinstance(event, dict) and "error" in event:
-                err = event["error"] if isinstance(event["error"], dict) else {}
-                raise DaemonError(err.get("code", "error"), err.get("message", str(event)))
-            yield event
-    finally:
-        conn.close()
-
-
 @cli.command()
 @click.option("-m", "--model", required=True, help="Model name (pulled locally; the swarm serves its blocks).")
 @click.option("--system", help="A system message that opens the conversation.")
@@ -172,13 +145,10 @@ def chat(ctx: Ctx, model: str, system: str | None, max_new_tokens: int, temperat
         messages.append({"role": "user", "content": text})
         answer = []
         try:
-            for event in _sse(ctx.client, "/v1/chat/completions",
-                              {"model": model, "messages": messages, "stream": True, **options}):
-                piece = (event.get("choices") or [{}])[0].get("delta", {}).get("content")
-                if piece:
-                    answer.append(piece)
-                    click.echo(piece, nl=False)
-                    sys.stdout.flush()
+            for piece in ctx.client.chat(model, messages, **options):
+                answer.append(piece)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
         except DaemonError as e:
             click.echo("")
             _fail(e)

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from petal.protocol.tensors import decode_tensor, encode_tensor
-
 if TYPE_CHECKING:
     import torch
 
@@ -112,6 +110,35 @@ class Client:
                     yield _ndjson_line(line)
         finally:
             conn.close()
+
+    def events(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """Yield each ``data:`` event of a Server-Sent-Events reply (the OpenAI endpoints) until ``[DONE]``; an
+        in-band ``{"error"}`` event raises DaemonError."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            response = self._send(conn, method, path, body)
+            ctype = response.getheader("Content-Type") or ""
+            if response.status >= 400 or "event-stream" not in ctype:
+                yield _decode_any(response.status, ctype, response.read())
+                return
+            while line := response.readline():
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    return
+                yield _ndjson_line(data)
+        finally:
+            conn.close()
+
+    def chat(self, model: str, messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
+        """Stream a chat completion (``/v1/chat/completions``): the answer's text pieces as they come."""
+        body = {"model": model, "messages": messages, "stream": True, **options}
+        for event in self.events("POST", "/v1/chat/completions", body):
+            for choice in event.get("choices") or ():
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    yield piece
 
     def generate(self, model: str, prompt: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
         """Stream ``/v1/generate``: ``{"token", "text"}`` objects, then the final ``{"done": true, ...}``."""
@@ -335,7 +362,15 @@ class AsyncClientSession(ClientSession):
 
 
 def _enc(t: torch.Tensor | None) -> dict[str, Any] | None:
+    from petal.protocol.tensors import encode_tensor  # lazily: torch's import would slow every petalctl command
+
     return None if t is None else encode_tensor(t, "none")
+
+
+def _dec(obj: Any) -> torch.Tensor:
+    from petal.protocol.tensors import decode_tensor
+
+    return decode_tensor(obj, max_bytes=MAX_REPLY_TENSOR_BYTES)
 
 
 def tensor_request(
@@ -379,14 +414,14 @@ def serve_request(model: str, blocks: str | None, num_blocks: int | None) -> dic
 def _tensor(reply: Any, key: str) -> torch.Tensor:
     if not isinstance(reply, dict) or reply.get(key) is None:
         raise DaemonError("bad_response", f"the daemon's reply lacks {key!r}: {str(reply)[:200]}")
-    return decode_tensor(reply[key], max_bytes=MAX_REPLY_TENSOR_BYTES)
+    return _dec(reply[key])
 
 
 def backward_result(reply: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
     grad = _tensor(reply, "grad")
     grad_prompts = None if reply.get("grad_prompts") is None else _tensor(reply, "grad_prompts")
     lora = reply.get("grad_lora")
-    grad_lora = None if lora is None else {k: decode_tensor(v, max_bytes=MAX_REPLY_TENSOR_BYTES) for k, v in lora.items()}
+    grad_lora = None if lora is None else {k: _dec(v) for k, v in lora.items()}
     return grad, grad_prompts, grad_lora
 
 
