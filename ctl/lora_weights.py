@@ -15,27 +15,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from petal.kernels.families import get_family
+from petal.kernels.lora import lora_targets
 from petal.protocol.lora import Lora, lora_key, split_key
 
-__all__ = ["DEFAULT_TARGETS", "LoraWeights", "linear_shapes"]
+__all__ = ["DEFAULT_TARGETS", "LoraWeights"]
 
 # PEFT's defaults for these families (transformers' TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "bloom": ("query_key_value",),
 }
-
-
-def linear_shapes(config: PretrainedConfig, index: int = 0) -> dict[str, tuple[int, int]]:
-    """Every nn.Linear inside one block, by its path in the block: `(in_features, out_features)`.
-
-    Built on the meta device, so this costs no memory whatever the model size.
-    """
-    family = get_family(config)
-    with torch.device("meta"):
-        block = family.make_block(config, index)
-    return {name: (m.in_features, m.out_features) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _param_name(key: str) -> str:
@@ -69,7 +58,7 @@ class LoraWeights(nn.Module):
         self.blocks = sorted(set(range(num_blocks) if blocks is None else blocks))
         if not self.blocks or not all(0 <= b < num_blocks for b in self.blocks):
             raise ValueError(f"LoRA blocks must be inside [0, {num_blocks}), got {self.blocks[:8]}")
-        shapes = linear_shapes(config)
+        shapes = lora_targets(config)
         paths = [p for p in shapes if any(p == t or p.endswith("." + t) for t in self.targets)]
         if not paths:
             raise ValueError(f"no linear layer of a {config.model_type} block matches targets {list(self.targets)}; "
