@@ -161,3 +161,59 @@ async def test_greedy_generation_equals_transformers_generate(router, model_dir)
                 inputs = torch.tensor([[nxt]])
     assert tokens == want[0, 6:].tolist()
     assert len(set(tokens)) > 1, "a constant sequence would prove little"
+
+
+def test_through_a_fourth_daemons_socket(swarm, model_dir):
+    """The issue's shape exactly: a 4th daemon with no blocks; its socket's forward and session equal transformers."""
+    from petal.ctl.client import Client
+
+    _, model = model_dir
+    helper = Swarm(swarm.state_dir.parent)  # beside the three servers; stopped below by its PID
+    client = helper.join("c", swarm, "--codec", "none")
+    try:
+        c: Client = client.client
+        deadline = time.monotonic() + 60
+        while True:  # the client daemon's view fills as the DHT answers
+            chain = _chain(c)
+            if [(h["start"], h["end"]) for h in chain] == [(0, 10), (10, 20), (20, 30)]:
+                break
+            assert time.monotonic() < deadline, f"no full route through the 4th daemon: {chain}"
+            time.sleep(0.5)
+        x = ids(1, 10, seed=5)
+        with torch.no_grad():
+            embeds = model.transformer.word_embeddings(x)
+            ref = reference_out(model, embeds)
+            h0 = model.transformer.word_embeddings_layernorm(embeds)
+        close("forward via the socket", c.forward(MODEL, h0, codec="none"), ref)
+        g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+        ref_in = h0.clone().requires_grad_(True)
+        (_blocks_out(model, ref_in) * g).sum().backward()
+        close("backward via the socket", c.backward(MODEL, h0, g, codec="none")[0], ref_in.grad)
+        with c.open_session(MODEL, max_length=10, codec="none") as s:
+            outs = [s.step(h0[:, :4])] + [s.step(h0[:, t : t + 1]) for t in range(4, 10)]
+        close("session steps via the socket", torch.cat(outs, 1), ref)
+    finally:
+        helper.close()
+
+
+def _blocks_out(model, h0: torch.Tensor) -> torch.Tensor:
+    """The 30 blocks alone on ``h0`` (after the embedding layernorm), as transformers runs them."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    mask = torch.ones(h0.shape[:2], dtype=torch.long)
+    alibi = build_alibi_tensor(mask, model.config.n_head, h0.dtype)
+    causal = torch.full((h0.shape[1], h0.shape[1]), torch.finfo(h0.dtype).min).triu(1)[None, None]
+    h = h0
+    for block in model.transformer.h:
+        out = block(h, alibi=alibi, attention_mask=causal)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+def _chain(c) -> list[dict]:
+    from petal.ctl.client import DaemonError
+
+    try:
+        return c.get(f"/v1/route?model={MODEL}")["chain"]
+    except DaemonError:  # no route yet: the client's swarm view is still filling
+        return []
