@@ -66,9 +66,14 @@ def swarm(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir):
+def local_model(smollm2_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, local_model):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = local_model
 
     def greedy_text(ids: list[int], n: int = NEW_TOKENS) -> str:
         with torch.no_grad():
@@ -122,3 +127,38 @@ def test_openai_chat_streamed_equals_non_streamed(swarm, reference):
     assert len([p for p in pieces if p]) > 1, "the answer should arrive in several pieces"
     assert "".join(pieces) == text
     http.close()
+
+
+def test_lora_forward_and_backward_equal_peft(swarm, smollm2_dir, local_model):
+    """Fine-tuning on the real model: logits and LoRA gradients through the 3 daemons equal PEFT run locally."""
+    from torchref import peft_key, peft_llama
+
+    from petal.ctl.remote_model import RemoteModelForCausalLM
+
+    model = RemoteModelForCausalLM.from_pretrained(smollm2_dir, socket=str(swarm.socket), codec="none")
+    targets = ["q_proj", "v_proj"]
+    lora = model.enable_lora(rank=4, alpha=8.0, targets=targets, blocks=[0, 12, 29])
+    with torch.no_grad():
+        for w in lora.parameters():
+            w.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))  # B = 0 (PEFT's init) would zero A's grads
+    x = torch.randint(0, local_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(x, labels=x)
+    out.loss.backward()
+
+    peft = peft_llama(local_model, lora.weights(), rank=4, alpha=8.0, targets=targets)
+    want = peft(input_ids=x, labels=x)
+    want.loss.backward()
+    scale = float(want.logits.abs().max())
+    diff = float((out.logits - want.logits).abs().max())
+    print(f"\nSmolLM2 LoRA logits: max |diff| {diff:.2e} (max |ref| {scale:.1f}); loss {out.loss.item():.5f} vs "
+          f"{want.loss.item():.5f}")
+    assert diff <= 1e-4 * max(1.0, scale)
+    params = dict(peft.named_parameters())
+    worst = 0.0
+    for key, w in lora.weights().items():
+        ref = params[peft_key(key)].grad
+        assert w.grad is not None and float(ref.abs().max()) > 0, key
+        rel = float((w.grad - ref).abs().max()) / float(ref.abs().max())
+        worst = max(worst, rel)
+        assert rel <= 1e-3, f"{key}: relative grad error {rel:.2e}"
+    print(f"SmolLM2 LoRA grads: worst max|diff|/max|ref| {worst:.2e} over {len(lora.weights())} tensors")
