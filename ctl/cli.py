@@ -347,10 +347,19 @@ def models_list(ctx: Ctx) -> None:
 @click.pass_obj
 def models_pull(ctx: Ctx, name: str) -> None:
     """Download NAME into the daemon's models dir (needed to generate with it: the head runs locally)."""
-    out = _call(ctx, "POST", "/v1/models/pull", {"name": name})
     if ctx.as_json:
-        return _print_json(out)
-    click.echo(f"{out['name']} is in {out['path']}")
+        return _print_json(_call(ctx, "POST", "/v1/models/pull", {"name": name}))
+    out: dict[str, Any] = {}
+    try:
+        with Console(stderr=True).status(f"pulling {name}") as status:
+            for event in ctx.client.stream("POST", "/v1/models/pull", {"name": name, "stream": True}):
+                if event.get("event") == "stage":
+                    status.update(f"pulling {name}: {event['text']}")
+                else:
+                    out = event
+    except DaemonError as e:
+        _fail(e)
+    click.echo(f"{out.get('name', name)} is in {out.get('path')}")
 
 
 def _generate_with_adapter(ctx: Ctx, model: str, prompt: str, adapter: str, as_json: bool, stop: tuple[str, ...],

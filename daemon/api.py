@@ -200,11 +200,35 @@ async def post_pull(request: web.Request) -> web.Response:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise http_error(PetalError("bad_request", 'body must be {"name": "smollm2"}'))
+    if not body.get("stream"):
+        try:
+            path = await asyncio.to_thread(pull_model, name, None, False)
+        except PullError as e:
+            raise http_error(PetalError("bad_request", str(e))) from None
+        return web.json_response({"name": name, "path": str(path)})
+    # streamed: one {"event": "stage"} line as each stage starts, then {"event": "done"} (or an {"error"} line)
+    loop = asyncio.get_running_loop()
+    stages: asyncio.Queue[str] = asyncio.Queue()
+    work = asyncio.ensure_future(asyncio.to_thread(
+        pull_model, name, None, False, lambda text: loop.call_soon_threadsafe(stages.put_nowait, text)))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    while not (work.done() and stages.empty()):
+        getter = asyncio.ensure_future(stages.get())
+        await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            await response.write(json.dumps({"event": "stage", "name": name, "text": getter.result()}).encode() + b"\n")
+        else:
+            getter.cancel()
     try:
-        path = await asyncio.to_thread(pull_model, name, None, False)
+        line: dict[str, Any] = {"event": "done", "name": name, "path": str(work.result())}
     except PullError as e:
-        raise http_error(PetalError("bad_request", str(e))) from None
-    return web.json_response({"name": name, "path": str(path)})
+        line = {"error": {"code": "bad_request", "message": str(e)}}
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        line = _stream_error(e)
+    await response.write(json.dumps(line).encode() + b"\n")
+    await response.write_eof()
+    return response
 
 
 # --- generation -----------------------------------------------------------------------------------------------------

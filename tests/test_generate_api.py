@@ -203,6 +203,8 @@ def test_petalctl(swarm, tokenizer):
     assert [(h["start"], h["end"]) for h in json.loads(r.output)["chain"]] == [(0, 3), (3, 6)]
     r = runner.invoke(cli, [*sock, "generate", "-m", "nope", "x"])
     assert r.exit_code == 1 and "petalctl models pull nope" in r.output
+    r = runner.invoke(cli, [*sock, "models", "pull", "nope"])  # streamed pull: the error arrives in-band
+    assert r.exit_code == 1 and "unknown model 'nope'" in r.output, r.output
     r = runner.invoke(cli, ["--socket", "/tmp/petal-no-such.sock", "status"])
     assert r.exit_code == 2 and "petald --new-swarm" in r.output
 

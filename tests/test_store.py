@@ -212,3 +212,13 @@ def test_failed_pull_leaves_no_partial_dir_and_stale_ones_are_removed(tmp_path, 
     with pytest.raises(pull.PullError, match="network down"):
         pull.pull_model("smollm2", tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pull_stages_are_reported_to_the_caller():
+    heard: list[str] = []
+    with pull._stages(False, heard.append) as stage:
+        with stage("downloading"):
+            pass
+        with stage("converting"):
+            pass
+    assert heard == ["downloading", "converting"]
