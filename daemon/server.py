@@ -335,13 +335,19 @@ class PushInbox:
         self._items: dict[int, tuple[str, torch.Tensor]] = {}
         self._waiting: tuple[int, int, str] | None = None  # (step, tokens, sender) of the step now waiting
         self._event = asyncio.Event()
+        self._on_arrival: Callable[[int], None] | None = None
 
-    def expect(self, step: int | None, tokens: int = 0, sender: str = "") -> None:
+    def expect(
+        self, step: int | None, tokens: int = 0, sender: str = "", on_arrival: Callable[[int], None] | None = None
+    ) -> None:
         """Announce the step now waiting (tokens and the peer whose push it takes), or None when it stops waiting.
 
+        `on_arrival(step)` runs inside `put` as soon as that step's push is accepted, so the waiting session can
+        start computing before the push is even acked (waking its task first costs ~1 ms of loop turns).
         Pushes for earlier steps can no longer be used (the client numbers its steps in order): they are dropped.
         """
         self._waiting = None if step is None else (step, tokens, sender)
+        self._on_arrival = None if step is None else on_arrival
         if step is not None:
             for s in [s for s in self._items if s < step]:
                 del self._items[s]
@@ -369,6 +375,8 @@ class PushInbox:
         self._check(sender, step, hidden)
         self._items[step] = (sender, hidden)
         self._event.set()
+        if self._on_arrival is not None and self._waiting is not None and self._waiting[0] == step:
+            self._on_arrival(step)
 
     def take(self, step: int) -> torch.Tensor | None:
         """The pushed input of `step` if it is here and fits the waiting step (a misfit is dropped and logged)."""
@@ -669,9 +677,15 @@ class BlockServer:
         On a timeout of a job that is already running, raises PetalError("timeout") with the still-running future
         attached as `e.running`, so that its caller can keep its memory alive until the thread lets go of it.
         """
+        return await self._finish(self._submit(priority, fn, *args))
+
+    def _submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         if not self._running or self.worker is None:
             raise PetalError("unavailable", "this server is shutting down; use another one")
-        future = self.worker.submit(priority, fn, *args)
+        return self.worker.submit(priority, fn, *args)
+
+    async def _finish(self, future: concurrent.futures.Future[Any]) -> tuple[Any, Any]:
+        """The job's result within the request timeout (see `_compute`)."""
         wrapped = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({wrapped}, timeout=self.settings.request_timeout)
         if not done:
@@ -764,9 +778,12 @@ class BlockServer:
                 try:
                     step = parse_step(msg, self.served, blocks=len(blocks), batch=opened.batch,
                                       max_length=opened.max_length, length=cache.length)
+                    job: concurrent.futures.Future[Any] | None = None
                     if step.hidden is None:
                         try:
-                            hidden, pending = await self._await_push(stream, inbox, step)
+                            hidden, pending, job = await self._await_push(
+                                stream, inbox, step, lambda s: self._submit(INFERENCE, self._step_sync, blocks, s,
+                                                                            cache, opened.codec))
                         except StreamClosed:
                             return
                         if hidden is None:
@@ -775,7 +792,9 @@ class BlockServer:
                         step = replace(step, hidden=hidden)
                     if inbox is not None and step.step is not None:
                         inbox.taken(step.step)
-                    reply, _ = await self._compute(INFERENCE, self._step_sync, blocks, step, cache, opened.codec)
+                    if job is None:
+                        job = self._submit(INFERENCE, self._step_sync, blocks, step, cache, opened.codec)
+                    reply, _ = await self._finish(job)
                     if step.push_to is not None:
                         assert step.step is not None
                         reply["pushed"] = await pusher.push(step.push_to, step.step, reply["hidden"])
@@ -805,34 +824,57 @@ class BlockServer:
     # push: server to server
 
     async def _await_push(
-        self, stream: Stream, inbox: PushInbox | None, step: StepRequest
-    ) -> tuple[torch.Tensor | None, object]:
-        """The pushed input of `step`, or (None, message) when the client's next message comes first.
+        self,
+        stream: Stream,
+        inbox: PushInbox | None,
+        step: StepRequest,
+        start: Callable[[StepRequest], concurrent.futures.Future[Any]],
+    ) -> tuple[torch.Tensor | None, object, concurrent.futures.Future[Any] | None]:
+        """The pushed input of `step` and its job, or (None, message, None) when the client's next message comes first.
 
+        `start(step with its input)` submits the step's compute; it is called the moment the push is accepted
+        (inside the push handler, before the ack goes out), so the hop-to-hop latency does not include waking
+        this task. The job is None if starting it failed (the caller then retries and reports the error).
         Raises StreamClosed when the client goes away, PetalError("timeout") after `request_timeout` without either.
         """
         if inbox is None:
             raise PetalError("bad_request", "this session was opened without push: send 'hidden' with every step, "
                              "or open with push: true")
         assert step.step is not None and step.push_from is not None
-        inbox.expect(step.step, step.tokens, step.push_from)
+        started: asyncio.Future[tuple[torch.Tensor, concurrent.futures.Future[Any] | None]] = (
+            asyncio.get_running_loop().create_future())
+
+        def arrived(number: int) -> None:
+            hidden = inbox.take(number)
+            if hidden is None or started.done():
+                return
+            try:
+                job: concurrent.futures.Future[Any] | None = start(replace(step, hidden=hidden))
+            except PetalError:  # busy or stopping: the caller submits again and answers with the error
+                job = None
+            started.set_result((hidden, job))
+
+        inbox.expect(step.step, step.tokens, step.push_from, on_arrival=arrived)
         recv = asyncio.ensure_future(stream.recv())
         changed: asyncio.Future[None] | None = None
         deadline = time.monotonic() + self.settings.request_timeout
         try:
             while True:
+                if started.done():  # the push came first and its compute is already queued
+                    hidden, job = started.result()
+                    return hidden, None, job
                 if recv.done():
-                    return None, recv.result()
+                    return None, recv.result(), None
                 hidden = inbox.take(step.step)
                 if hidden is not None:
-                    return hidden, None
+                    return hidden, None, None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PetalError(
                         "timeout", f"no push for step {step.step} from {step.push_from} within "
                         f"{self.settings.request_timeout:.0f}s; send the step's hidden states yourself")
                 changed = asyncio.ensure_future(inbox.changed())
-                await asyncio.wait({recv, changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({recv, changed, started}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
         finally:
             inbox.expect(None)
