@@ -388,6 +388,10 @@ class SwarmView:
         """Re-read the models key and every block key of the model (concurrently)."""
         async with self._lock:
             models = await self.dht.get(MODELS_KEY)
+            if not models and self.updated_at is not None:
+                # Right after a server dies, a lookup can come back empty because it timed out on the dead contact;
+                # the next one skips it. Read once more before telling a failover that the model is gone.
+                models = await self.dht.get(MODELS_KEY)
             found: dict[str, list[tuple[int, str]]] = {}
             for e in models:
                 parsed = parse_model_value(e.value)
@@ -400,11 +404,6 @@ class SwarmView:
                 fp, choices = max(found.items(), key=lambda kv: (len(kv[1]), kv[0]))
             else:
                 fp, choices = None, []
-            if not choices and self.updated_at is not None:
-                # An empty read right after a server died is usually a lookup that timed out on the dead contact,
-                # not a swarm that vanished: keep the last view (bans and probes still filter it) and retry later.
-                log.info("the DHT returned no record of %s; keeping the previous swarm view", self.model)
-                return
             if not choices:
                 known = ", ".join(sorted({parse_model_value(e.value)[0] for e in models if parse_model_value(e.value)}))
                 raise PetalError(
