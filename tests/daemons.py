@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petal.ctl.client import Client
+from petal.ctl.client import Client, DaemonError
 
 READY_TIMEOUT = 120.0
 
@@ -124,3 +124,18 @@ class Swarm:
     def close(self) -> None:
         for d in self.daemons:
             d.stop()
+
+
+def wait_for_route(daemon: Daemon, model: str, num_blocks: int, timeout: float = 60.0) -> list[dict]:
+    """The last server's announcement can take a moment to be readable from the client's DHT node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            chain = daemon.client.get(f"/v1/route?model={model}")["chain"]
+            if chain and chain[0]["start"] == 0 and chain[-1]["end"] == num_blocks:
+                return chain
+        except DaemonError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no route over {model}'s {num_blocks} blocks after {timeout} s:\n{daemon.log()[-2000:]}")
+        time.sleep(0.5)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemons import Swarm
+from daemons import Swarm, wait_for_route
 from petal.daemon.dht import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.p2p import Libp2pTransport
@@ -172,13 +172,8 @@ def test_through_a_fourth_daemons_socket(swarm, model_dir):
     client = helper.join("c", swarm, "--codec", "none")
     try:
         c: Client = client.client
-        deadline = time.monotonic() + 60
-        while True:  # the client daemon's view fills as the DHT answers
-            chain = _chain(c)
-            if [(h["start"], h["end"]) for h in chain] == [(0, 10), (10, 20), (20, 30)]:
-                break
-            assert time.monotonic() < deadline, f"no full route through the 4th daemon: {chain}"
-            time.sleep(0.5)
+        chain = wait_for_route(client, MODEL, BLOCKS)  # the client daemon's view fills as the DHT answers
+        assert [(h["start"], h["end"]) for h in chain] == [(0, 10), (10, 20), (20, 30)]
         x = ids(1, 10, seed=5)
         with torch.no_grad():
             embeds = model.transformer.word_embeddings(x)
@@ -209,11 +204,3 @@ def _blocks_out(model, h0: torch.Tensor) -> torch.Tensor:
         h = out[0] if isinstance(out, tuple) else out
     return h
 
-
-def _chain(c) -> list[dict]:
-    from petal.ctl.client import DaemonError
-
-    try:
-        return c.get(f"/v1/route?model={MODEL}")["chain"]
-    except DaemonError:  # no route yet: the client's swarm view is still filling
-        return []

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,29 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from daemons import Daemon, Swarm
-from petal.ctl.client import DaemonError
+from daemons import Swarm, wait_for_route
 
 pytestmark = pytest.mark.smollm2
 
 MODEL = "smollm2"
 NEW_TOKENS = 24
 PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]
-
-
-def wait_for_route(daemon: Daemon, model: str, num_blocks: int, timeout: float = 60.0) -> list[dict]:
-    """The last server's announcement can take a moment to be readable from the client's DHT node."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            chain = daemon.client.get(f"/v1/route?model={model}")["chain"]
-            if chain and chain[0]["start"] == 0 and chain[-1]["end"] == num_blocks:
-                return chain
-        except DaemonError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no route over {model}'s {num_blocks} blocks after {timeout} s:\n{daemon.log()[-2000:]}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
