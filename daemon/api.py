@@ -208,25 +208,28 @@ async def post_pull(request: web.Request) -> web.Response:
         return web.json_response({"name": name, "path": str(path)})
     # streamed: one {"event": "stage"} line as each stage starts, then {"event": "done"} (or an {"error"} line)
     loop = asyncio.get_running_loop()
-    stages: asyncio.Queue[str] = asyncio.Queue()
-    work = asyncio.ensure_future(asyncio.to_thread(
-        pull_model, name, None, False, lambda text: loop.call_soon_threadsafe(stages.put_nowait, text)))
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def emit(event: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def pull() -> None:
+        try:
+            path = pull_model(name, None, False, lambda text: emit({"event": "stage", "name": name, "text": text}))
+            emit({"event": "done", "name": name, "path": str(path)})
+        except PullError as e:
+            emit({"error": {"code": "bad_request", "message": str(e)}})
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+            emit(_stream_error(e))
+        finally:
+            emit({})  # end of stream
+
+    work = asyncio.ensure_future(asyncio.to_thread(pull))  # a client that hangs up does not stop a pull halfway
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    while not (work.done() and stages.empty()):
-        getter = asyncio.ensure_future(stages.get())
-        await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            await response.write(json.dumps({"event": "stage", "name": name, "text": getter.result()}).encode() + b"\n")
-        else:
-            getter.cancel()
-    try:
-        line: dict[str, Any] = {"event": "done", "name": name, "path": str(work.result())}
-    except PullError as e:
-        line = {"error": {"code": "bad_request", "message": str(e)}}
-    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-        line = _stream_error(e)
-    await response.write(json.dumps(line).encode() + b"\n")
+    while event := await events.get():
+        await response.write(json.dumps(event).encode() + b"\n")
+    await work
     await response.write_eof()
     return response
 
