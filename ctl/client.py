@@ -12,7 +12,7 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,35 +99,31 @@ class Client:
 
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """Yield each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            response = self._send(conn, method, path, body)
-            if response.status >= 400 or "ndjson" not in (response.getheader("Content-Type") or ""):
-                yield _decode(response, response.read())
-                return
-            while line := response.readline():
-                if line.strip():
-                    yield _ndjson_line(line)
-        finally:
-            conn.close()
+        return self._stream(method, path, body, "ndjson", _ndjson_data)
 
     def events(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """Yield each ``data:`` event of a Server-Sent-Events reply (the OpenAI endpoints) until ``[DONE]``; an
         in-band ``{"error"}`` event raises DaemonError."""
+        return self._stream(method, path, body, "event-stream", _sse_data)
+
+    def _stream(
+        self, method: str, path: str, body: Any, kind: str, data_of: Callable[[bytes], bytes | None]
+    ) -> Iterator[dict[str, Any]]:
+        """The JSON payload of each line of a streamed reply of Content-Type `kind`; `data_of(line)` picks the payload
+        out of a line (empty: skip the line, None: the stream is over). Any other reply is decoded whole."""
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
             response = self._send(conn, method, path, body)
             ctype = response.getheader("Content-Type") or ""
-            if response.status >= 400 or "event-stream" not in ctype:
+            if response.status >= 400 or kind not in ctype:
                 yield _decode_any(response.status, ctype, response.read())
                 return
             while line := response.readline():
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
+                data = data_of(line)
+                if data is None:
                     return
-                yield _ndjson_line(data)
+                if data:
+                    yield _ndjson_line(data)
         finally:
             conn.close()
 
@@ -431,6 +427,17 @@ def _no_daemon(socket_path: str) -> DaemonError:
         f"no petald listening on {socket_path}: start one with `petald --new-swarm` "
         "(or `systemctl start petald`), or pass --socket",
     )
+
+
+def _ndjson_data(line: bytes) -> bytes:
+    return line.strip()
+
+
+def _sse_data(line: bytes) -> bytes | None:
+    if not line.startswith(b"data: "):
+        return b""
+    data = line[6:].strip()
+    return None if data == b"[DONE]" else data
 
 
 def _ndjson_line(line: bytes) -> dict[str, Any]:
