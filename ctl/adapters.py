@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from petal.kernels.families import get_family
 from petal.protocol.lora import Lora, lora_key, split_key
 
-__all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,13 +66,17 @@ def save_adapter(
     """
     fam = _family_module(family)
     if rank < 1 or not math.isclose(alpha / rank, lora.scale, rel_tol=1e-6):
-        raise AdapterError(f"lora_alpha / r = {alpha} / {rank} = {alpha / max(rank, 1):g} but the adapter's scale is "
-                           f"{lora.scale:g}; pass the alpha and rank it was trained with")
+        raise AdapterError(
+            f"lora_alpha / r = {alpha} / {rank} = {alpha / max(rank, 1):g} but the adapter's scale is "
+            f"{lora.scale:g}; pass the alpha and rank it was trained with"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for key, t in lora.weights.items():
         block, path, which = split_key(key)
         if which == "A" and t.shape[0] != rank:
-            raise AdapterError(f"{key} has rank {t.shape[0]}, not r={rank}; PEFT adapters have one rank for all modules")
+            raise AdapterError(
+                f"{key} has rank {t.shape[0]}, not r={rank}; PEFT adapters have one rank for all modules"
+            )
         if not any(path == m or path.endswith("." + m) for m in targets):
             raise AdapterError(f"{key}: module {path!r} is not in target_modules {targets}; add it to targets")
         name = f"{_PEFT_PREFIX}{fam.block_prefix(block)}{path}.lora_{which}.weight"
@@ -109,9 +113,12 @@ def _check_config(config: object, path: Path) -> tuple[float, int]:
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters are supported")
+        raise AdapterError(
+            f"{path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters are supported"
+        )
     unsupported = [
-        name for name, bad in (
+        name
+        for name, bad in (
             ("use_dora", bool(config.get("use_dora"))),
             ("fan_in_fan_out", bool(config.get("fan_in_fan_out"))),
             ("bias", config.get("bias", "none") != "none"),
@@ -119,11 +126,14 @@ def _check_config(config: object, path: Path) -> tuple[float, int]:
             ("rank_pattern", bool(config.get("rank_pattern"))),
             ("alpha_pattern", bool(config.get("alpha_pattern"))),
             ("modules_to_save", bool(config.get("modules_to_save"))),
-        ) if bad
+        )
+        if bad
     ]
     if unsupported:
-        raise AdapterError(f"{path}: {', '.join(unsupported)} cannot be served as client LoRA; "
-                           "train a plain LoRA (one rank and alpha, no bias, no DoRA, no extra modules)")
+        raise AdapterError(
+            f"{path}: {', '.join(unsupported)} cannot be served as client LoRA; "
+            "train a plain LoRA (one rank and alpha, no bias, no DoRA, no extra modules)"
+        )
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, int | float):
         raise AdapterError(f"{path}: 'r' must be a positive integer and 'lora_alpha' a number, got {r!r} and {alpha!r}")
@@ -138,8 +148,11 @@ def load_adapter(adapter_dir: str | Path) -> tuple[Lora, dict[str, Any]]:
     if not config_path.is_file():
         raise AdapterError(f"{root} has no {CONFIG_NAME}; is it a PEFT adapter dir?")
     if not weights_path.is_file():
-        hint = " (only safetensors are read: pickled .bin files are never loaded; re-save with safetensors)" \
-            if (root / "adapter_model.bin").exists() else ""
+        hint = (
+            " (only safetensors are read: pickled .bin files are never loaded; re-save with safetensors)"
+            if (root / "adapter_model.bin").exists()
+            else ""
+        )
         raise AdapterError(f"{root} has no {WEIGHTS_NAME}{hint}")
     try:
         config = json.loads(config_path.read_text())
@@ -150,8 +163,10 @@ def load_adapter(adapter_dir: str | Path) -> tuple[Lora, dict[str, Any]]:
     for name, t in load_file(str(weights_path)).items():
         m = _PEFT_KEY.fullmatch(name)
         if m is None:
-            raise AdapterError(f"{weights_path}: tensor {name!r} is not a LoRA A/B weight of a transformer block; "
-                               "only plain LoRA on block linear layers can be served")
+            raise AdapterError(
+                f"{weights_path}: tensor {name!r} is not a LoRA A/B weight of a transformer block; "
+                "only plain LoRA on block linear layers can be served"
+            )
         key = lora_key(int(m["block"]), m["path"], m["which"])
         if key in weights:
             raise AdapterError(f"{weights_path}: {key} appears twice (several adapters in one file?)")

@@ -46,20 +46,27 @@ class RemoteModelForSequenceClassification(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
 
     @classmethod
-    def from_pretrained(cls, model_dir_or_name: str | os.PathLike[str], socket: str | os.PathLike[str] | None = None,
-                        *, num_labels: int = 2, **kwargs: Any) -> RemoteModelForSequenceClassification:
+    def from_pretrained(
+        cls,
+        model_dir_or_name: str | os.PathLike[str],
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        num_labels: int = 2,
+        **kwargs: Any,
+    ) -> RemoteModelForSequenceClassification:
         """Like `RemoteModelForCausalLM.from_pretrained` (tuning_mode, pre_seq_len, ...) plus `num_labels`."""
         return cls(RemoteModelForCausalLM.from_pretrained(model_dir_or_name, socket, **kwargs), num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> SequenceClassifierOutput:
         """Class logits `[B, num_labels]`; cross-entropy `loss` when `labels` `[B]` are given."""
         body = self.body
         embeds, mask = body.embed(input_ids, attention_mask)
         hidden = body.run_blocks(embeds, mask, body.start, body.end)[:, body.prompt_len :]
         idx = last_token_index(attention_mask, input_ids.shape[0], input_ids.shape[1])
         pooled = hidden[torch.arange(hidden.shape[0]), idx.to(hidden.device)]
-        norm = getattr(body.parts, "norm", None) or getattr(body.parts, "ln_f")
+        norm = getattr(body.parts, "norm", None) or body.parts.ln_f
         logits = self.score(norm(pooled))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.to(logits.device))
         return SequenceClassifierOutput(loss, logits)

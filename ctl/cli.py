@@ -77,8 +77,14 @@ def swarm(ctx: Ctx, model: str | None) -> None:
         for col in ("blocks", "state", "tokens/s", "cache left", "quant", "peer"):
             table.add_column(col)
         for s in m["servers"]:
-            table.add_row(f"{s['start']}:{s['end']}", s["state"], f"{s['throughput']:.1f}", str(s["cache_tokens_left"]),
-                          s["quant"] or "-", s["peer_id"])
+            table.add_row(
+                f"{s['start']}:{s['end']}",
+                s["state"],
+                f"{s['throughput']:.1f}",
+                str(s["cache_tokens_left"]),
+                s["quant"] or "-",
+                s["peer_id"],
+            )
         console.print(table)
         if m["uncovered"]:
             console.print(f"[red]no online server for blocks {', '.join(f'{a}:{b}' for a, b in m['uncovered'])}[/red]")
@@ -112,8 +118,9 @@ def route(ctx: Ctx, model: str) -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Repeatable sampling.")
 @click.pass_obj
-def chat(ctx: Ctx, model: str, system: str | None, max_new_tokens: int, temperature: float, top_p: float,
-         seed: int | None) -> None:
+def chat(
+    ctx: Ctx, model: str, system: str | None, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> None:
     """Talk with MODEL: each line you type is a user turn, answers stream back; /reset forgets, /exit or EOF ends.
 
     The whole conversation goes with every turn (the daemon applies the model's chat template), so the model
@@ -121,8 +128,12 @@ def chat(ctx: Ctx, model: str, system: str | None, max_new_tokens: int, temperat
     """
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
-    options: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                               **({"seed": seed} if seed is not None else {})}
+    options: dict[str, Any] = {
+        "max_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        **({"seed": seed} if seed is not None else {}),
+    }
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"chatting with {model} through the swarm; /reset forgets the conversation, /exit ends", err=True)
@@ -179,8 +190,10 @@ def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> N
                 if ctx.as_json:
                     click.echo(json.dumps(event))
                 elif kind == "resolved":
-                    task = progress.add_task(f"loading {event['model']} blocks {event['start']}:{event['end']}",
-                                             total=event["end"] - event["start"])
+                    task = progress.add_task(
+                        f"loading {event['model']} blocks {event['start']}:{event['end']}",
+                        total=event["end"] - event["start"],
+                    )
                 elif kind == "loading" and task is not None:
                     progress.update(task, completed=event.get("loaded", 0), total=event.get("total"))
                 elif kind == "measuring" and task is not None:
@@ -188,12 +201,16 @@ def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> N
     except DaemonError as e:
         _fail(e)
     if last.get("event") != "serving":
-        click.echo(f"error: the daemon stopped before serving {model} (last event: {json.dumps(last)}); "
-                   "see its log (`journalctl -u petald` or the terminal it runs in)")
+        click.echo(
+            f"error: the daemon stopped before serving {model} (last event: {json.dumps(last)}); "
+            "see its log (`journalctl -u petald` or the terminal it runs in)"
+        )
         sys.exit(1)
     if not ctx.as_json:
-        click.echo(f"serving {last['model']} blocks {last['start']}:{last['end']} "
-                   f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops")
+        click.echo(
+            f"serving {last['model']} blocks {last['start']}:{last['end']} "
+            f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops"
+        )
 
 
 @cli.command()
@@ -236,8 +253,17 @@ def _hidden_size(ctx: Ctx, model: str) -> int:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.pass_obj
-def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str | None, hidden_size: int | None,
-          seed: int, as_json: bool) -> None:
+def bench(
+    ctx: Ctx,
+    model: str,
+    steps: int,
+    tokens: int,
+    batch: int,
+    codec: str | None,
+    hidden_size: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Time the swarm from here: decode steps/s (one token per step, KV cache on the servers) and forward tokens/s.
 
     Inputs are random hidden states of the model's width, so no weights are needed locally; one untimed step and
@@ -253,8 +279,10 @@ def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str 
         sys.exit(2)
     hidden = hidden_size or _hidden_size(ctx, model)
     if hidden < 1:
-        click.echo(f"error: {model} is not in this daemon's models dir, so its hidden size is unknown: "
-                   f"`petalctl models pull {model}` or pass --hidden-size")
+        click.echo(
+            f"error: {model} is not in this daemon's models dir, so its hidden size is unknown: "
+            f"`petalctl models pull {model}` or pass --hidden-size"
+        )
         sys.exit(1)
     opts = {} if codec is None else {"codec": codec}
     gen = torch.Generator().manual_seed(seed)
@@ -274,16 +302,29 @@ def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str 
         forward_s = time.perf_counter() - t0
     except DaemonError as e:
         _fail(e)
-    figures = {"model": model, "route": route, "hidden_size": hidden, "batch": batch, "codec": codec,
-               "steps": steps, "decode_steps_per_s": steps / decode_s, "decode_ms_per_step": 1000 * decode_s / steps,
-               "tokens": tokens, "forward_s": forward_s, "forward_tokens_per_s": batch * tokens / forward_s}
+    figures = {
+        "model": model,
+        "route": route,
+        "hidden_size": hidden,
+        "batch": batch,
+        "codec": codec,
+        "steps": steps,
+        "decode_steps_per_s": steps / decode_s,
+        "decode_ms_per_step": 1000 * decode_s / steps,
+        "tokens": tokens,
+        "forward_s": forward_s,
+        "forward_tokens_per_s": batch * tokens / forward_s,
+    }
     if as_json:
         return _print_json(figures)
     click.echo("route: " + " -> ".join(f"{h['start']}:{h['end']}@{h['peer'][-8:]}" for h in route))
-    click.echo(f"decode:  {figures['decode_steps_per_s']:8.2f} steps/s ({figures['decode_ms_per_step']:.1f} ms/step, "
-               f"{steps} steps, batch {batch})")
-    click.echo(f"forward: {figures['forward_tokens_per_s']:8.1f} tokens/s ({batch} x {tokens} tokens in "
-               f"{forward_s:.3f} s)")
+    click.echo(
+        f"decode:  {figures['decode_steps_per_s']:8.2f} steps/s ({figures['decode_ms_per_step']:.1f} ms/step, "
+        f"{steps} steps, batch {batch})"
+    )
+    click.echo(
+        f"forward: {figures['forward_tokens_per_s']:8.1f} tokens/s ({batch} x {tokens} tokens in {forward_s:.3f} s)"
+    )
 
 
 @cli.command()
@@ -298,11 +339,15 @@ def bench(ctx: Ctx, model: str, steps: int, tokens: int, batch: int, codec: str 
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the NDJSON stream as it comes.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
-              help="Apply prompts or a LoRA adapter from `petalctl finetune` (generates client-side, not streamed).")
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Apply prompts or a LoRA adapter from `petalctl finetune` (generates client-side, not streamed).",
+)
 @click.pass_obj
-def generate(ctx: Ctx, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], adapter: str | None,
-             **options: Any) -> None:
+def generate(
+    ctx: Ctx, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], adapter: str | None, **options: Any
+) -> None:
     """Generate text from PROMPT through the swarm, streaming tokens as they come."""
     as_json = as_json or ctx.as_json
     if adapter is not None:
@@ -337,8 +382,13 @@ def models_list(ctx: Ctx) -> None:
     for col in ("model", "family", "blocks", "servers", "fingerprint"):
         table.add_column(col)
     for m in out["data"]:
-        table.add_row(m["id"], m.get("family", ""), str(m.get("num_blocks", "")), str(m.get("servers", "")),
-                      m.get("fingerprint", ""))
+        table.add_row(
+            m["id"],
+            m.get("family", ""),
+            str(m.get("num_blocks", "")),
+            str(m.get("servers", "")),
+            m.get("fingerprint", ""),
+        )
     console.print(table)
 
 
@@ -362,8 +412,9 @@ def models_pull(ctx: Ctx, name: str) -> None:
     click.echo(f"{out.get('name', name)} is in {out.get('path')}")
 
 
-def _generate_with_adapter(ctx: Ctx, model: str, prompt: str, adapter: str, as_json: bool, stop: tuple[str, ...],
-                           options: dict[str, Any]) -> None:
+def _generate_with_adapter(
+    ctx: Ctx, model: str, prompt: str, adapter: str, as_json: bool, stop: tuple[str, ...], options: dict[str, Any]
+) -> None:
     from .finetune import generate_with_adapter
 
     try:
@@ -381,8 +432,12 @@ def _generate_with_adapter(ctx: Ctx, model: str, prompt: str, adapter: str, as_j
 
 @cli.command()
 @click.option("-m", "--model", required=True, help="Model name in the local store, or a model dir.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
-              help='JSON lines {"prompt": ..., "completion": ...}; the loss is on completion tokens.')
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='JSON lines {"prompt": ..., "completion": ...}; the loss is on completion tokens.',
+)
 @click.option("--method", type=click.Choice(["ptune", "deep_ptune", "lora"]), default="ptune", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to save the result.")
@@ -392,21 +447,45 @@ def _generate_with_adapter(ctx: Ctx, model: str, prompt: str, adapter: str, as_j
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank (alpha = 2 x rank).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_obj
-def finetune(ctx: Ctx, model: str, data: str, method: str, steps: int, out_dir: str, lr: float | None,
-             batch_size: int, prompt_len: int, rank: int, seed: int) -> None:
+def finetune(
+    ctx: Ctx,
+    model: str,
+    data: str,
+    method: str,
+    steps: int,
+    out_dir: str,
+    lr: float | None,
+    batch_size: int,
+    prompt_len: int,
+    rank: int,
+    seed: int,
+) -> None:
     """Train soft prompts or LoRA on DATA through the swarm (servers' weights never change); save them to OUT."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .finetune import FinetuneConfig, finetune_from_file
     from .remote_model import RemoteModelForCausalLM
 
-    config = FinetuneConfig(method=method, steps=steps, lr=lr or (1e-3 if method == "lora" else 1e-2),
-                            batch_size=batch_size, prompt_len=prompt_len, rank=rank, alpha=2.0 * rank, seed=seed)
+    config = FinetuneConfig(
+        method=method,
+        steps=steps,
+        lr=lr or (1e-3 if method == "lora" else 1e-2),
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        rank=rank,
+        alpha=2.0 * rank,
+        seed=seed,
+    )
     try:
         config.validate()
         remote = RemoteModelForCausalLM.from_pretrained(model, ctx.client.socket_path)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, disable=ctx.as_json) as progress:
             task = progress.add_task(method, total=steps, loss="-")
 

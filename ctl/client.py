@@ -65,7 +65,9 @@ class Client:
         self.socket_path = str(socket_path or default_socket())
         self.timeout = timeout
 
-    def _send(self, conn: _UnixConnection, method: str, path: str, body: Any, packed: bool = False) -> http.client.HTTPResponse:
+    def _send(
+        self, conn: _UnixConnection, method: str, path: str, body: Any, packed: bool = False
+    ) -> http.client.HTTPResponse:
         if packed:
             payload: bytes | None = msgpack.packb(body, use_bin_type=True)
             headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
@@ -150,8 +152,15 @@ class Client:
     # tensors
 
     def forward(
-        self, model: str, hidden: torch.Tensor, *, mask: torch.Tensor | None = None,
-        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
         **opts: Any,
     ) -> torch.Tensor:
         """Blocks [start, end) of `model` (all by default) applied to `hidden` [B, T, H] by the swarm, no cache.
@@ -162,28 +171,49 @@ class Client:
         return _tensor(self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
     def backward(
-        self, model: str, hidden: torch.Tensor, grad: torch.Tensor, *, mask: torch.Tensor | None = None,
-        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
         **opts: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """(grad w.r.t. `hidden`, grad w.r.t. `prompts` or None, grads w.r.t. each LoRA tensor or None), given
         `grad` w.r.t. the output of block end-1. Servers never change their own weights."""
-        body = tensor_request(model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora,
-                              **opts)
+        body = tensor_request(
+            model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts
+        )
         return backward_result(self.request_msgpack("POST", "/v1/backward", body))
 
     def open_session(
-        self, model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
-        prompts: torch.Tensor | None = None, **opts: Any,
+        self,
+        model: str,
+        max_length: int,
+        *,
+        batch: int = 1,
+        start: int = 0,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        **opts: Any,
     ) -> ClientSession:
         """An inference session over blocks [start, end): the servers keep the KV cache between `step`s."""
-        info = self.request_msgpack("POST", "/v1/sessions", session_request(
-            model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts))
+        info = self.request_msgpack(
+            "POST",
+            "/v1/sessions",
+            session_request(model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts),
+        )
         return ClientSession(self, info)
 
     # serving
 
-    def serve(self, model: str, *, blocks: str | None = None, num_blocks: int | None = None) -> Iterator[dict[str, Any]]:
+    def serve(
+        self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Make the local daemon serve `model` (blocks "A:B", or `num_blocks` where the swarm needs them, or all);
         yields progress events, the last being ``{"event": "serving", "start", "end", "throughput"}``."""
         return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
@@ -258,8 +288,10 @@ class AsyncClient:
         import aiohttp
 
         if packed:
-            kwargs: dict[str, Any] = {"data": msgpack.packb(body, use_bin_type=True),
-                                      "headers": {"Content-Type": MSGPACK, "Accept": MSGPACK}}
+            kwargs: dict[str, Any] = {
+                "data": msgpack.packb(body, use_bin_type=True),
+                "headers": {"Content-Type": MSGPACK, "Accept": MSGPACK},
+            }
         else:
             kwargs = {} if body is None else {"json": body}
         try:
@@ -301,31 +333,59 @@ class AsyncClient:
         return self.stream("POST", "/v1/generate", body)
 
     async def forward(
-        self, model: str, hidden: torch.Tensor, *, mask: torch.Tensor | None = None,
-        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
         **opts: Any,
     ) -> torch.Tensor:
         body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
         return _tensor(await self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
     async def backward(
-        self, model: str, hidden: torch.Tensor, grad: torch.Tensor, *, mask: torch.Tensor | None = None,
-        prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
         **opts: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-        body = tensor_request(model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora,
-                              **opts)
+        body = tensor_request(
+            model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts
+        )
         return backward_result(await self.request_msgpack("POST", "/v1/backward", body))
 
     async def open_session(
-        self, model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
-        prompts: torch.Tensor | None = None, **opts: Any,
+        self,
+        model: str,
+        max_length: int,
+        *,
+        batch: int = 1,
+        start: int = 0,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        **opts: Any,
     ) -> AsyncClientSession:
-        info = await self.request_msgpack("POST", "/v1/sessions", session_request(
-            model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts))
+        info = await self.request_msgpack(
+            "POST",
+            "/v1/sessions",
+            session_request(model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts),
+        )
         return AsyncClientSession(self, info)
 
-    def serve(self, model: str, *, blocks: str | None = None, num_blocks: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    def serve(
+        self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
 
     async def unserve(self, model: str) -> dict[str, Any]:
@@ -370,8 +430,15 @@ def _dec(obj: Any) -> torch.Tensor:
 
 
 def tensor_request(
-    model: str, hidden: torch.Tensor, *, grad: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-    prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None, lora: Lora | None = None,
+    model: str,
+    hidden: torch.Tensor,
+    *,
+    grad: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    start: int = 0,
+    end: int | None = None,
+    lora: Lora | None = None,
     **opts: Any,
 ) -> dict[str, Any]:
     """The msgpack body of /v1/forward (and, with `grad`, /v1/backward)."""
@@ -387,11 +454,24 @@ def tensor_request(
 
 
 def session_request(
-    model: str, max_length: int, *, batch: int = 1, start: int = 0, end: int | None = None,
-    prompts: torch.Tensor | None = None, **opts: Any,
+    model: str,
+    max_length: int,
+    *,
+    batch: int = 1,
+    start: int = 0,
+    end: int | None = None,
+    prompts: torch.Tensor | None = None,
+    **opts: Any,
 ) -> dict[str, Any]:
-    return {"model": model, "max_length": max_length, "batch": batch, "start": start, "end": end,
-            "prompts": _enc(prompts), **opts}
+    return {
+        "model": model,
+        "max_length": max_length,
+        "batch": batch,
+        "start": start,
+        "end": end,
+        "prompts": _enc(prompts),
+        **opts,
+    }
 
 
 def step_request(hidden: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:

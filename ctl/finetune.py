@@ -19,8 +19,17 @@ import torch
 from .ptune import PROMPTS_FILE, load_prompts
 from .remote_model import RemoteModelForCausalLM
 
-__all__ = ["METHODS", "Example", "FinetuneConfig", "load_adapter", "load_jsonl", "make_batch", "save_adapter",
-           "tokenize_pairs", "train"]
+__all__ = [
+    "METHODS",
+    "Example",
+    "FinetuneConfig",
+    "load_adapter",
+    "load_jsonl",
+    "make_batch",
+    "save_adapter",
+    "tokenize_pairs",
+    "train",
+]
 
 METHODS = ("ptune", "deep_ptune", "lora")
 
@@ -64,7 +73,11 @@ def load_jsonl(path: str | Path) -> list[tuple[str, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("prompt"), str)
+            or not isinstance(obj.get("completion"), str)
+        ):
             raise ValueError(f'{path}:{n}: each line must be {{"prompt": "...", "completion": "..."}}')
         pairs.append((obj["prompt"], obj["completion"]))
     if not pairs:
@@ -72,8 +85,9 @@ def load_jsonl(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos_token_id: int | None,
-                   max_length: int = 512) -> list[Example]:
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], eos_token_id: int | None, max_length: int = 512
+) -> list[Example]:
     """Prompt and completion tokenized separately and joined, so the boundary is exact; labels only on the latter."""
     out = []
     for prompt, completion in pairs:
@@ -156,8 +170,15 @@ def save_adapter(model: RemoteModelForCausalLM, out_dir: str | Path) -> Path:
         lora = model.lora.for_blocks(0, model.num_blocks)
         assert lora is not None
         targets = sorted({p.rsplit(".", 1)[-1] for p in model.lora.paths})
-        save_peft(lora, out_dir, base_model=str(model.info.path), rank=model.lora.rank, alpha=model.lora.alpha,
-                  targets=targets, family=str(model.config.model_type))
+        save_peft(
+            lora,
+            out_dir,
+            base_model=str(model.info.path),
+            rank=model.lora.rank,
+            alpha=model.lora.alpha,
+            targets=targets,
+            family=str(model.config.model_type),
+        )
         return Path(out_dir)
     raise ValueError("the model has neither prompts nor LoRA to save; train one first")
 
@@ -168,11 +189,15 @@ def load_adapter(model: RemoteModelForCausalLM, path: str | Path) -> str:
     if (path / PROMPTS_FILE).is_file():
         prompts, meta = load_prompts(path, dtype=model.dtype)
         if meta.get("fingerprint") and meta["fingerprint"] != model.info.fingerprint:
-            raise ValueError(f"the prompts in {path} were trained on another model (fingerprint {meta['fingerprint']}, "
-                             f"this one is {model.info.fingerprint})")
+            raise ValueError(
+                f"the prompts in {path} were trained on another model (fingerprint {meta['fingerprint']}, "
+                f"this one is {model.info.fingerprint})"
+            )
         if prompts.deep and (prompts.start, prompts.end) != (model.start, model.end):
-            raise ValueError(f"deep prompts in {path} cover blocks [{prompts.start}, {prompts.end}), the model runs "
-                             f"[{model.start}, {model.end})")
+            raise ValueError(
+                f"deep prompts in {path} cover blocks [{prompts.start}, {prompts.end}), the model runs "
+                f"[{model.start}, {model.end})"
+            )
         model.set_prompts(prompts)
         return prompts.method
     from .adapters import load_adapter as load_peft
@@ -237,14 +262,22 @@ def generate_with_adapter(
     method = load_adapter(model, adapter)
     tokenizer = load_tokenizer(model)
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
-    out = model.generate(torch.tensor([list(ids)]), max_new_tokens, do_sample=temperature > 0,
-                         temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty, seed=seed)
-    new = out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([list(ids)]),
+        max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    new = out[0, len(ids) :].tolist()
     eos = model._eos_ids(None)
     if any(t in eos for t in new):
         new = new[: min(i for i, t in enumerate(new) if t in eos)]

@@ -61,8 +61,10 @@ class LoraWeights(nn.Module):
         shapes = lora_targets(config)
         paths = [p for p in shapes if any(p == t or p.endswith("." + t) for t in self.targets)]
         if not paths:
-            raise ValueError(f"no linear layer of a {config.model_type} block matches targets {list(self.targets)}; "
-                             f"its linear layers are {sorted(shapes)}")
+            raise ValueError(
+                f"no linear layer of a {config.model_type} block matches targets {list(self.targets)}; "
+                f"its linear layers are {sorted(shapes)}"
+            )
         self.paths = tuple(paths)
         self._keys: dict[str, str] = {}  # wire key -> parameter name
         for block in self.blocks:
@@ -106,8 +108,7 @@ class LoraWeights(nn.Module):
         blocks = sorted({split_key(k)[0] for k in lora.weights})
         paths = sorted({split_key(k)[1] for k in lora.weights})
         rank = int(next(iter(t for k, t in lora.weights.items() if k.endswith("lora_A"))).shape[0])
-        out = cls(config, rank=rank, alpha=lora.scale * rank if alpha is None else alpha, targets=paths,
-                  blocks=blocks)
+        out = cls(config, rank=rank, alpha=lora.scale * rank if alpha is None else alpha, targets=paths, blocks=blocks)
         missing = set(out.weights()) - set(lora.weights)
         if missing:
             raise ValueError(f"the LoRA does not cover every (block, module) pair; missing {sorted(missing)[:4]}")

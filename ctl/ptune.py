@@ -90,8 +90,14 @@ class PromptTuning(nn.Module):
         if self.deep_prompts is not None:
             tensors["deep_prompts"] = self.deep_prompts.detach().float().contiguous()
         save_file(tensors, str(out / PROMPTS_FILE))
-        config = {"method": self.method, "prompt_len": self.prompt_len, "hidden_size": self.hidden_size,
-                  "start": self.start, "end": self.end, **meta}
+        config = {
+            "method": self.method,
+            "prompt_len": self.prompt_len,
+            "hidden_size": self.hidden_size,
+            "start": self.start,
+            "end": self.end,
+            **meta,
+        }
         (out / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return out
 
@@ -100,14 +106,22 @@ def load_prompts(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     """Read prompts saved by `PromptTuning.save`; returns the module and the saved JSON (model, fingerprint, ...)."""
     path = Path(path)
     if not (path / PROMPTS_FILE).is_file() or not (path / _CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} holds no saved prompts ({PROMPTS_FILE} and {_CONFIG_FILE}); train some "
-                                "with `petalctl finetune --method ptune --out DIR`")
+        raise FileNotFoundError(
+            f"{path} holds no saved prompts ({PROMPTS_FILE} and {_CONFIG_FILE}); train some "
+            "with `petalctl finetune --method ptune --out DIR`"
+        )
     config = json.loads((path / _CONFIG_FILE).read_text())
     tensors = load_file(str(path / PROMPTS_FILE))
     deep = "deep_prompts" in tensors
-    module = PromptTuning(int(config["prompt_len"]), int(config["hidden_size"]), deep=deep,
-                          start=int(config.get("start", 0)), end=int(config.get("end", 0)),
-                          init=tensors["input_prompts"], dtype=dtype)
+    module = PromptTuning(
+        int(config["prompt_len"]),
+        int(config["hidden_size"]),
+        deep=deep,
+        start=int(config.get("start", 0)),
+        end=int(config.get("end", 0)),
+        init=tensors["input_prompts"],
+        dtype=dtype,
+    )
     if deep:
         assert module.deep_prompts is not None
         with torch.no_grad():

@@ -39,7 +39,9 @@ def resolve_model_dir(name: str | os.PathLike[str], client: Client) -> Path:
     try:
         entries = client.get("/v1/models").get("data", [])
     except DaemonError as e:
-        raise FileNotFoundError(f"{name!s} is no model dir, and the daemon could not be asked for it: {e.message}") from e
+        raise FileNotFoundError(
+            f"{name!s} is no model dir, and the daemon could not be asked for it: {e.message}"
+        ) from e
     for entry in entries:
         if entry.get("id") == str(name) and entry.get("path"):
             return Path(entry["path"])
@@ -76,15 +78,21 @@ class RemoteBlocks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, hidden: torch.Tensor, prompts: torch.Tensor | None,
-                *lora_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, call: _Call, hidden: torch.Tensor, prompts: torch.Tensor | None, *lora_values: torch.Tensor
+    ) -> torch.Tensor:
         ctx.call = call
         ctx.has_prompts = prompts is not None
         ctx.save_for_backward(hidden, *(() if prompts is None else (prompts,)), *lora_values)
         out = call.client.forward(
-            call.model, hidden.detach().contiguous(), mask=call.mask,
+            call.model,
+            hidden.detach().contiguous(),
+            mask=call.mask,
             prompts=None if prompts is None else prompts.detach().contiguous(),
-            start=call.start, end=call.end, lora=call.lora(lora_values), **call.opts,
+            start=call.start,
+            end=call.end,
+            lora=call.lora(lora_values),
+            **call.opts,
         )
         return out.to(hidden.dtype)
 
@@ -96,9 +104,15 @@ class RemoteBlocks(torch.autograd.Function):
         prompts = saved[1] if ctx.has_prompts else None
         lora_values = saved[2:] if ctx.has_prompts else saved[1:]
         grad_in, grad_prompts, grad_lora = call.client.backward(
-            call.model, hidden.detach().contiguous(), grad_out.contiguous(), mask=call.mask,
+            call.model,
+            hidden.detach().contiguous(),
+            grad_out.contiguous(),
+            mask=call.mask,
             prompts=None if prompts is None else prompts.detach().contiguous(),
-            start=call.start, end=call.end, lora=call.lora(lora_values), **call.opts,
+            start=call.start,
+            end=call.end,
+            lora=call.lora(lora_values),
+            **call.opts,
         )
         lora_grads: list[torch.Tensor | None] = []
         for key, value in zip(call.lora_keys, lora_values, strict=True):
@@ -134,8 +148,9 @@ class RemoteBlockRange(nn.Module):
         self._model = [model]  # a list keeps the model out of this module's parameters
         self.start, self.end = start, end
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`hidden` [B, T, H] -> [B, T, H]; `prompts` overrides the model's deep prompts ([end-start, B, P, H])."""
         return self._model[0].run_blocks(hidden, attention_mask, self.start, self.end, prompts=prompts)
 
@@ -146,15 +161,18 @@ class RemoteModelForCausalLM(nn.Module):
     The local parts are frozen (`requires_grad=False`) by default; unfreeze them if you want to train them.
     """
 
-    def __init__(self, info: ModelInfo, parts: nn.Module, client: Client, *, start: int = 0,
-                 end: int | None = None, **opts: Any) -> None:
+    def __init__(
+        self, info: ModelInfo, parts: nn.Module, client: Client, *, start: int = 0, end: int | None = None, **opts: Any
+    ) -> None:
         super().__init__()
         self.info, self.config, self.client = info, info.config, client
         self.model_name = info.name
         self.num_blocks = info.num_blocks
         self.start, self.end = start, info.num_blocks if end is None else end
         if not 0 <= self.start < self.end <= self.num_blocks:
-            raise ValueError(f"block range [{self.start}, {self.end}) is not inside the model's {self.num_blocks} blocks")
+            raise ValueError(
+                f"block range [{self.start}, {self.end}) is not inside the model's {self.num_blocks} blocks"
+            )
         self.parts = parts.requires_grad_(False)
         self.prompts: PromptTuning | None = None
         self.lora: LoraWeights | None = None
@@ -201,12 +219,25 @@ class RemoteModelForCausalLM(nn.Module):
         ids = torch.randint(0, int(self.config.vocab_size), (1, prompt_len), generator=g)
         with torch.no_grad():
             init = self.parts.embed(ids)[0].float()
-        self.prompts = PromptTuning(prompt_len, int(self.config.hidden_size), deep=deep, start=self.start,
-                                    end=self.end, init=init, dtype=self.dtype)
+        self.prompts = PromptTuning(
+            prompt_len,
+            int(self.config.hidden_size),
+            deep=deep,
+            start=self.start,
+            end=self.end,
+            init=init,
+            dtype=self.dtype,
+        )
         return self.prompts
 
-    def enable_lora(self, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
-                    blocks: Sequence[int] | None = None) -> LoraWeights:
+    def enable_lora(
+        self,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: Sequence[str] | None = None,
+        blocks: Sequence[int] | None = None,
+    ) -> LoraWeights:
         """Add trainable LoRA weights (PEFT's init: the model's output is unchanged until trained)."""
         blocks = range(self.start, self.end) if blocks is None else blocks
         self.lora = LoraWeights(self.config, rank=rank, alpha=alpha, targets=targets, blocks=blocks, dtype=self.dtype)
@@ -224,20 +255,35 @@ class RemoteModelForCausalLM(nn.Module):
         """Blocks [start, end) alone, as a differentiable module (with this model's deep prompts and LoRA)."""
         return RemoteBlockRange(self, start, end)
 
-    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int,
-                   prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Blocks [start, end) on `hidden` through the swarm, differentiable w.r.t. hidden, prompts and LoRA."""
         if prompts is None and self.prompts is not None and self.prompts.deep:
             prompts = self.prompts.deep_for(start, end, hidden.shape[0])
         lora = None if self.lora is None else self.lora.for_blocks(start, end)
         keys = tuple(lora.weights) if lora is not None else ()
         values = tuple(lora.weights[k] for k in keys) if lora is not None else ()
-        call = _Call(self.client, self.model_name, start, end, attention_mask, keys,
-                     lora.scale if lora is not None else 1.0, dict(self.opts))
+        call = _Call(
+            self.client,
+            self.model_name,
+            start,
+            end,
+            attention_mask,
+            keys,
+            lora.scale if lora is not None else 1.0,
+            dict(self.opts),
+        )
         return RemoteBlocks.apply(call, hidden, prompts, *values)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Input embeddings with the soft prompts (if any) in front, and the matching mask."""
         embeds = self.parts.embed(input_ids).to(self.dtype)
         if self.prompts is not None:
@@ -248,8 +294,13 @@ class RemoteModelForCausalLM(nn.Module):
     def prompt_len(self) -> int:
         return 0 if self.prompts is None else self.prompts.prompt_len
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> CausalLMOutput:
         """Logits for every input position (prompt positions removed); `loss` as transformers computes it
         (next-token cross-entropy, labels -100 ignored) when `labels` are given."""
         embeds, mask = self.embed(input_ids, attention_mask)
@@ -272,8 +323,9 @@ class RemoteModelForCausalLM(nn.Module):
         prompts = None
         if self.prompts is not None and self.prompts.deep:
             prompts = self.prompts.deep_for(self.start, self.end, batch).detach().contiguous()
-        session = self.client.open_session(self.model_name, max_length, batch=batch, start=self.start,
-                                           end=self.end, prompts=prompts, **self.opts)
+        session = self.client.open_session(
+            self.model_name, max_length, batch=batch, start=self.start, end=self.end, prompts=prompts, **self.opts
+        )
         try:
             yield session
         finally:
@@ -306,9 +358,14 @@ class RemoteModelForCausalLM(nn.Module):
         eos = self._eos_ids(eos_token_id)
         if num_beams > 1:
             return self._beam_search(input_ids, max_new_tokens, num_beams, eos)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                seed=seed).validate()
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ).validate()
         generator = make_generator(seed)
         batch = input_ids.shape[0]
         out = input_ids.clone()

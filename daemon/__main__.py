@@ -1,3 +1,3 @@
-from .main import main
+from petal.daemon.main import main
 
 main()

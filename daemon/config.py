@@ -53,7 +53,7 @@ class Config:
     http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
     relay: bool = True  # relay for unreachable peers when reachable; reserve on the bootstrap peer when not
-    # block serving (see petal.daemon.server); `serve` is a model name in the models dir or a model dir path
+    # block serving (see petal.daemon.serving.server); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
     blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
     num_blocks: int | None = None  # host this many blocks where the swarm's throughput is worst
@@ -92,8 +92,12 @@ class Config:
                 raise ConfigError(f"--blocks {self.blocks!r}: use START:END with START < END, e.g. 0:10")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-blocks {self.num_blocks}: host at least one block")
-        choices = {"device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"), "quant": ("none", "int8"),
-                   "codec": ("none", "float16", "bfloat16", "q8")}
+        choices = {
+            "device": ("cpu", "cuda"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "quant": ("none", "int8"),
+            "codec": ("none", "float16", "bfloat16", "q8"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")

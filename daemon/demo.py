@@ -92,16 +92,32 @@ def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
         for i, blocks in enumerate(["0:10", "10:20", "20:30"]):
             sock, log = root / f"d{i}.sock", root / f"d{i}.log"
             join = ["--new-swarm"] if first_addr is None else ["--initial-peer", first_addr]
-            cmd = [sys.executable, "-m", "petal.daemon", "--state-dir", str(root / f"d{i}"), "--socket", str(sock),
-                   "--listen", "/ip4/127.0.0.1/tcp/0", *join, "--serve", "smollm2", "--blocks", blocks]
+            cmd = [
+                sys.executable,
+                "-m",
+                "petal.daemon",
+                "--state-dir",
+                str(root / f"d{i}"),
+                "--socket",
+                str(sock),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                *join,
+                "--serve",
+                "smollm2",
+                "--blocks",
+                blocks,
+            ]
             with open(log, "ab") as out:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
             t0 = time.monotonic()
             status = _wait_ready(procs[-1], sock, log)
             first_addr = first_addr or status["addrs"][0]
             sockets.append(sock)
-            click.echo(f"# daemon {i} (pid {procs[-1].pid}) serves blocks {blocks}, ready in "
-                       f"{time.monotonic() - t0:.1f} s", err=True)
+            click.echo(
+                f"# daemon {i} (pid {procs[-1].pid}) serves blocks {blocks}, ready in {time.monotonic() - t0:.1f} s",
+                err=True,
+            )
         deadline = time.monotonic() + 60
         while (route := _petalctl_json(sockets[0], "route", "-m", "smollm2")) is None:
             if time.monotonic() > deadline:  # the last server's announcement may take a moment to be readable
@@ -111,9 +127,20 @@ def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
         click.echo("# route: " + " -> ".join(f"{h['start']}:{h['end']}@{h['peer_id'][-6:]}" for h in chain), err=True)
         click.echo(f"# petalctl --socket {sockets[0]} generate -m smollm2 --chat {prompt!r}", err=True)
         t0 = time.monotonic()
-        code = subprocess.call([*PETALCTL, "--socket",
-                                str(sockets[0]), "generate", "-m", "smollm2", "--chat", "--max-new-tokens",
-                                str(max_new_tokens), prompt])
+        code = subprocess.call(
+            [
+                *PETALCTL,
+                "--socket",
+                str(sockets[0]),
+                "generate",
+                "-m",
+                "smollm2",
+                "--chat",
+                "--max-new-tokens",
+                str(max_new_tokens),
+                prompt,
+            ]
+        )
         click.echo(f"# answered in {time.monotonic() - t0:.1f} s", err=True)
         return code
     finally:
@@ -162,7 +189,7 @@ def main(prompt: str, max_new_tokens: int, local: bool, pieces: int, quant: str)
             break
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        sys.stdout.write(text[len(shown):])  # decode the whole answer so multi-token characters come out right
+        sys.stdout.write(text[len(shown) :])  # decode the whole answer so multi-token characters come out right
         sys.stdout.flush()
         shown = text
     sys.stdout.write("\n")

@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from .config import ConfigError, load_config
-from .pull import pull_command
-from .systemd import setup_logging
+from petal.daemon.config import ConfigError, load_config
+from petal.daemon.pull import pull_command
+from petal.daemon.systemd import setup_logging
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +21,11 @@ from .systemd import setup_logging
 @click.option("--dht-port", type=int, help="UDP port of the DHT [the same number as the libp2p TCP port].")
 @click.option("--initial-peer", "initial_peers", multiple=True, help="Address of a swarm member to join, repeatable.")
 @click.option("--new-swarm", is_flag=True, default=None, help="Start a new swarm instead of joining one.")
-@click.option("--relay/--no-relay", default=None, help="Relay for peers behind NAT when reachable; when not, be reached through a relay [on].")
+@click.option(
+    "--relay/--no-relay",
+    default=None,
+    help="Relay for peers behind NAT when reachable; when not, be reached through a relay [on].",
+)
 @click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
 @click.option("--serve", help="Host blocks of this model (a name in the models dir, or a model dir path).")
 @click.option("--blocks", help="Host blocks A:B (0-based, end exclusive) [all, or chosen with --num-blocks].")
@@ -46,7 +50,7 @@ def cli(ctx: click.Context, config_file: str | None, **overrides: object) -> Non
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     setup_logging(config.log_level)
-    from .node import StartupError, run_node
+    from petal.daemon.node import StartupError, run_node
 
     try:
         asyncio.run(run_node(config))

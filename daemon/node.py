@@ -8,12 +8,11 @@ import signal
 import time
 from typing import Any
 
+from petal.daemon.config import Config
+from petal.daemon.identity import Identity
+from petal.daemon.net.addrs import parse_multiaddr
+from petal.daemon.systemd import sd_notify
 from petal.protocol import PROTOCOL_VERSION
-
-from .addrs import parse_multiaddr
-from .config import Config
-from .identity import Identity
-from .systemd import sd_notify
 
 log = logging.getLogger("petal.node")
 
@@ -38,7 +37,7 @@ class Node:
         self.transport: Any = None
         self.dht: Any = None
         self.control: Any = None
-        self.servers: list[Any] = []  # block servers hosted by this daemon (petal.daemon.server)
+        self.servers: list[Any] = []  # block servers hosted by this daemon (petal.daemon.serving.server)
         self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
 
     @property
@@ -46,8 +45,8 @@ class Node:
         return self.identity.peer_id
 
     async def start(self) -> None:
-        from .control import ControlServer
-        from .p2p import DIALBACK_PROTOCOL, Libp2pTransport, serve_dialback
+        from petal.daemon.api.app import ControlServer
+        from petal.daemon.net.p2p import DIALBACK_PROTOCOL, Libp2pTransport, serve_dialback
 
         t0 = time.monotonic()
         self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
@@ -67,7 +66,9 @@ class Node:
                 "that their UDP DHT port is reachable"
             )
         if self.config.serve:
-            from .server import start_serving  # the block server (only for daemons that host blocks)
+            from petal.daemon.serving.server import (
+                start_serving,
+            )  # the block server (only for daemons that host blocks)
 
             self.servers = await start_serving(self)
         self.control = ControlServer(self)
@@ -76,7 +77,10 @@ class Node:
         self.ready.set()
         log.info(
             "ready in %.2f s: peer %s, dht udp port %d, socket %s",
-            time.monotonic() - t0, self.peer_id, self.dht.port, self.config.socket,
+            time.monotonic() - t0,
+            self.peer_id,
+            self.dht.port,
+            self.config.socket,
         )
         for addr in self.transport.listen_addrs:
             log.info("others can join with: petald --initial-peer %s", addr)
@@ -84,7 +88,7 @@ class Node:
 
     async def _start_dht(self, host: str, port: int, bootstrap: list[tuple[str, int]]):  # -> DHT
         """Listen on UDP `port` (by default the libp2p TCP port's number); fall back to an ephemeral one if taken."""
-        from .dht import DHT
+        from petal.daemon.dht.network import DHT
 
         dht = DHT(self.identity, host=host, port=port)
         try:
@@ -92,7 +96,9 @@ class Node:
             return dht
         except OSError as e:
             if self.config.dht_port is not None:
-                raise StartupError(f"cannot listen on UDP port {port} for the DHT ({e}); choose another --dht-port") from e
+                raise StartupError(
+                    f"cannot listen on UDP port {port} for the DHT ({e}); choose another --dht-port"
+                ) from e
             log.warning("UDP port %d is taken (%s); the DHT uses an ephemeral port instead", port, e)
         dht = DHT(self.identity, host=host, port=0)
         await dht.start(bootstrap)
@@ -103,7 +109,7 @@ class Node:
 
         Returns the DHT bootstrap addresses and the peers that answered (PeerAddr; they can dial us back).
         """
-        from .transport import PeerAddr
+        from petal.daemon.net.transport import PeerAddr
 
         found: list[tuple[str, int]] = []
         helpers: list[PeerAddr] = []
@@ -133,7 +139,7 @@ class Node:
 
     async def _check_reachability(self, helper) -> None:
         """Ask a peer to dial our listen port back (libp2p's AutoNAT v1 here reports dead ports as reachable)."""
-        from .p2p import check_reachability
+        from petal.daemon.net.p2p import check_reachability
 
         try:
             answer = await check_reachability(self.transport, helper)
@@ -145,7 +151,8 @@ class Node:
             log.warning(
                 "peer %s could not connect back to %s: others cannot reach this daemon, so it can use the swarm "
                 "but should not serve blocks; open the TCP port in your firewall or forward it",
-                helper.peer_id, ", ".join(self.transport.listen_addrs),
+                helper.peer_id,
+                ", ".join(self.transport.listen_addrs),
             )
             if self.config.relay:
                 await self._reach_through_relay(helper)
@@ -157,7 +164,9 @@ class Node:
         try:
             circuit = await self.transport.use_relay(helper)
         except Exception as e:  # noqa: BLE001 - without a relay we still use the swarm, we just cannot serve
-            log.warning("peer %s cannot relay for us either (%s): others still cannot reach this daemon", helper.peer_id, e)
+            log.warning(
+                "peer %s cannot relay for us either (%s): others still cannot reach this daemon", helper.peer_id, e
+            )
             return
         log.info("others reach this daemon through relay %s at %s", helper.peer_id, circuit)
 

@@ -30,8 +30,8 @@ __all__ = [
     "PullError",
     "default_models_dir",
     "is_complete",
-    "pull_model",
     "pull_command",
+    "pull_model",
 ]
 
 SOURCE_FILE = "petal-source.json"  # written last, before the rename: marks a dir as complete
@@ -134,8 +134,11 @@ def _stages(show: bool, on_stage: Callable[[str], None] | None = None) -> Iterat
             from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            bar = stack.enter_context(Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True)))
+            bar = stack.enter_context(
+                Progress(
+                    SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True)
+                )
+            )
 
         @contextmanager
         def stage(text: str) -> Iterator[None]:

@@ -20,7 +20,9 @@ class KVCache:
         shape = keys[0].shape
         for k, v in zip(keys, values):
             if k.dim() != 4 or k.shape != shape or v.shape != shape:
-                raise ValueError(f"every KV buffer must be [batch, heads, max_length, head_dim] of shape {tuple(shape)}")
+                raise ValueError(
+                    f"every KV buffer must be [batch, heads, max_length, head_dim] of shape {tuple(shape)}"
+                )
         self.keys = keys
         self.values = values
         if not 0 <= length <= shape[2]:

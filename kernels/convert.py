@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["convert_gguf", "ConversionError"]
+__all__ = ["ConversionError", "convert_gguf"]
 
 
 class ConversionError(RuntimeError):

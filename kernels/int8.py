@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Int8Linear", "quantize_per_channel", "quantize_span", "quantize_module"]
+__all__ = ["Int8Linear", "quantize_module", "quantize_per_channel", "quantize_span"]
 
 LLM_INT8_THRESHOLD = 6.0
 
@@ -53,8 +53,13 @@ class Int8Linear(nn.Module):
     Outputs come back in the input's dtype. The weight is a buffer, not a parameter: it is never trained.
     """
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        weight_int8: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         super().__init__()
         self.in_features = weight_int8.shape[1]
         self.out_features = weight_int8.shape[0]

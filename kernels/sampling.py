@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "apply_repetition_penalty", "sample_next", "make_generator"]
+__all__ = ["SamplingParams", "apply_repetition_penalty", "make_generator", "sample_next"]
 
 
 @dataclass(frozen=True)

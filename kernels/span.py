@@ -54,7 +54,8 @@ class Span(nn.Module):
     def _check_hidden(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[-1] != self.hidden_size:
             raise PetalError(
-                "wrong_shape", f"hidden states must be [batch, tokens >= 1, {self.hidden_size}], got {tuple(hidden.shape)}"
+                "wrong_shape",
+                f"hidden states must be [batch, tokens >= 1, {self.hidden_size}], got {tuple(hidden.shape)}",
             )
 
     @staticmethod
@@ -65,7 +66,7 @@ class Span(nn.Module):
             raise PetalError(
                 "wrong_shape",
                 f"attention_mask must be [batch, past + new tokens] = [{batch}, {total}], "
-                f"got {tuple(attention_mask.shape)}"
+                f"got {tuple(attention_mask.shape)}",
             )
         return attention_mask.to(device)
 
@@ -88,9 +89,7 @@ class Span(nn.Module):
         return KVCache.allocate(len(self.blocks), batch, kv_heads, max_length, head_dim, dtype, device)
 
     @torch.no_grad()
-    def step(
-        self, hidden: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run `t` new tokens (prefill t > 1, or decode t = 1), attending to and extending `cache`.
 
         Positions continue from `cache.length`. `attention_mask` is `[B, cache.length + t]` covering the past and
@@ -102,16 +101,18 @@ class Span(nn.Module):
             raise PetalError(
                 "wrong_shape",
                 f"cache has {cache.num_layers} layers x batch {cache.batch}, but this span has "
-                f"{len(self.blocks)} blocks and the input batch is {batch}; allocate it with span.new_cache"
+                f"{len(self.blocks)} blocks and the input batch is {batch}; allocate it with span.new_cache",
             )
         if cache.dtype != hidden.dtype:
-            raise PetalError("wrong_shape", f"cache dtype {cache.dtype} differs from hidden states dtype {hidden.dtype}")
+            raise PetalError(
+                "wrong_shape", f"cache dtype {cache.dtype} differs from hidden states dtype {hidden.dtype}"
+            )
         total = cache.length + t
         if total > cache.max_length:
             raise PetalError(
                 "max_length",
                 f"{cache.length} cached + {t} new tokens exceed max_length {cache.max_length}; "
-                "open a new session with a larger max_length"
+                "open a new session with a larger max_length",
             )
         mask = self._key_mask(attention_mask, batch, total, hidden.device)
         prepared = self._runner.prepare(mask, t, hidden.dtype)

@@ -67,7 +67,9 @@ def _check_pairs(weights: Mapping[str, torch.Tensor]) -> None:
     for (block, path), kinds in seen.items():
         if kinds != {"A", "B"}:
             missing = lora_key(block, path, "B" if "A" in kinds else "A")
-            raise PetalError("bad_request", f"lora {missing!r} is missing: every lora_A needs its lora_B and vice versa")
+            raise PetalError(
+                "bad_request", f"lora {missing!r} is missing: every lora_A needs its lora_B and vice versa"
+            )
         a, b = weights[lora_key(block, path, "A")], weights[lora_key(block, path, "B")]
         if a.shape[0] != b.shape[1]:
             raise PetalError(
@@ -122,14 +124,18 @@ class Lora:
 
 def encode_lora(lora: Lora, codec: str = "none") -> dict[str, Any]:
     """The wire form of ``lora`` (tensors detached; ``codec`` as for any tensor, "none" keeps them exact)."""
-    return {"scale": float(lora.scale), "weights": {k: encode_tensor(t.detach(), codec) for k, t in lora.weights.items()}}
+    return {
+        "scale": float(lora.scale),
+        "weights": {k: encode_tensor(t.detach(), codec) for k, t in lora.weights.items()},
+    }
 
 
 def _decode_map(obj: object, what: str, max_bytes: int) -> dict[str, torch.Tensor]:
     """A map of key -> tensor with the total declared size bounded by ``max_bytes`` before allocation."""
     if not isinstance(obj, dict):
-        raise WireError("bad_frame", f"{what} must be a map of '<block>.<module>.lora_A/B' -> tensor, "
-                        f"got {type(obj).__name__}")
+        raise WireError(
+            "bad_frame", f"{what} must be a map of '<block>.<module>.lora_A/B' -> tensor, got {type(obj).__name__}"
+        )
     if len(obj) > MAX_KEYS:
         raise WireError("too_large", f"{what} has {len(obj)} tensors; at most {MAX_KEYS} are allowed")
     budget = max_bytes
@@ -140,8 +146,11 @@ def _decode_map(obj: object, what: str, max_bytes: int) -> dict[str, torch.Tenso
             t = decode_tensor(value, max_bytes=budget)
         except WireError as e:
             if e.code == "too_large":
-                raise WireError("too_large", f"{what} exceeds the limit of {max_bytes} bytes in all (at {key!r}); "
-                                "send fewer blocks or a lower rank per request") from None
+                raise WireError(
+                    "too_large",
+                    f"{what} exceeds the limit of {max_bytes} bytes in all (at {key!r}); "
+                    "send fewer blocks or a lower rank per request",
+                ) from None
             raise WireError(e.code, f"{what} {key!r}: {e.message}") from None
         budget -= t.numel() * t.element_size()
         if t.dtype not in _FLOAT_TORCH:
@@ -182,8 +191,9 @@ def decode_lora_grads(obj: object, lora: Lora, *, max_bytes: int) -> dict[str, t
     grads = _decode_map(obj, "grad_lora", max_bytes)
     if set(grads) != set(lora.weights):
         missing, extra = sorted(set(lora.weights) - set(grads)), sorted(set(grads) - set(lora.weights))
-        raise WireError("bad_frame", f"grad_lora keys differ from the lora sent: missing {missing[:5]}, "
-                        f"unexpected {extra[:5]}")
+        raise WireError(
+            "bad_frame", f"grad_lora keys differ from the lora sent: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     out = {}
     for key, g in grads.items():
         w = lora.weights[key]

@@ -220,8 +220,9 @@ def _check_mask(mask: torch.Tensor | None, batch: int, total: int) -> torch.Tens
     if mask is None:
         return None
     if mask.dim() != 2 or tuple(mask.shape) != (batch, total):
-        raise PetalError("wrong_shape", f"mask must be [batch, past + new tokens] = [{batch}, {total}], "
-                         f"got {list(mask.shape)}")
+        raise PetalError(
+            "wrong_shape", f"mask must be [batch, past + new tokens] = [{batch}, {total}], got {list(mask.shape)}"
+        )
     if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
         raise WireError("bad_tensor", "mask contains NaN or infinite values")
     if not bool(((mask == 0) | (mask == 1)).all()):
@@ -258,8 +259,10 @@ def _check_prompts(
 def _check_total(served: ServedSpan, *tensors: torch.Tensor | None) -> None:
     total = _nbytes(*tensors)
     if total > served.max_request_bytes:
-        raise WireError("too_large", f"request tensors take {total} bytes, over this server's "
-                        f"{served.max_request_bytes}; split the batch")
+        raise WireError(
+            "too_large",
+            f"request tensors take {total} bytes, over this server's {served.max_request_bytes}; split the batch",
+        )
 
 
 # --- requests (server side) ----------------------------------------------------------------------------------------
@@ -290,7 +293,9 @@ def parse_forward(msg: object, served: ServedSpan, *, backward: bool = False) ->
         assert grad is not None
         _check_hidden(grad, served, "grad")
         if grad.shape != hidden.shape:
-            raise PetalError("wrong_shape", f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}")
+            raise PetalError(
+                "wrong_shape", f"grad {list(grad.shape)} must have the shape of hidden {list(hidden.shape)}"
+            )
     lora = _check_lora(m.get("lora"), start, end, served, what)
     _check_total(served, hidden, mask, prompts, grad, *(lora.weights.values() if lora is not None else ()))
     return ForwardRequest(start, end, hidden, mask, prompts, codec, grad, lora)
@@ -338,16 +343,20 @@ def _push_target(obj: object) -> PushTarget | None:
     peer = _str(obj, "peer", "inference step push_to")
     session = obj.get("session")
     if not isinstance(session, str) or not SESSION_ID_RE.fullmatch(session):
-        raise WireError("bad_frame", "inference step: push_to.session must be 32 lowercase hex chars (the id the "
-                        "next hop returned when its session was opened)")
+        raise WireError(
+            "bad_frame",
+            "inference step: push_to.session must be 32 lowercase hex chars (the id the "
+            "next hop returned when its session was opened)",
+        )
     addrs = obj.get("addrs", [])
     if (
         not isinstance(addrs, list)
         or len(addrs) > _MAX_ADDRS
         or not all(isinstance(a, str) and 0 < len(a) <= _MAX_NAME for a in addrs)
     ):
-        raise WireError("bad_frame", f"inference step: push_to.addrs must be a list of at most {_MAX_ADDRS} "
-                        "multiaddr strings")
+        raise WireError(
+            "bad_frame", f"inference step: push_to.addrs must be a list of at most {_MAX_ADDRS} multiaddr strings"
+        )
     return PushTarget(peer, tuple(addrs), session)
 
 
@@ -421,8 +430,10 @@ def parse_push(msg: object, served: ServedSpan) -> PushRequest:
 def check_pushed(hidden: torch.Tensor, batch: int, tokens: int) -> None:
     """Whether a pushed input fits the step that waits for it: `[batch, tokens, hidden]`."""
     if tuple(hidden.shape[:2]) != (batch, tokens):
-        raise PetalError("wrong_shape", f"push: the step waits for [batch={batch}, tokens={tokens}, hidden], "
-                         f"got {list(hidden.shape)}")
+        raise PetalError(
+            "wrong_shape",
+            f"push: the step waits for [batch={batch}, tokens={tokens}, hidden], got {list(hidden.shape)}",
+        )
 
 
 # --- replies (client side) -----------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class _Tables(NamedTuple):
     bin_midpoint: torch.Tensor  # float32[65536]: the one midpoint inside that bin, or +inf
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables(device: torch.device) -> _Tables:
     """Lookup tables for a fast exact nearest-code search.
 
@@ -114,7 +114,7 @@ def _check_block(block: int) -> None:
 def _bnb():  # type: ignore[no-untyped-def]
     """bitsandbytes' functional module, or None; imported lazily because it is optional and slow."""
     try:
-        import bitsandbytes.functional as bnb_functional  # noqa: PLC0415
+        import bitsandbytes.functional as bnb_functional
     except Exception:  # any failure to load (no CUDA build, missing libs) means "not available"
         return None
     return bnb_functional

@@ -124,9 +124,7 @@ def _canonical(obj: Any, depth: int = 0) -> Any:
 
 
 def _payload(key: str, public_key: bytes, value: dict, issued_at: float, expires_at: float) -> bytes:
-    return msgpack.packb(
-        [key, public_key, _canonical(value), float(issued_at), float(expires_at)], use_bin_type=True
-    )
+    return msgpack.packb([key, public_key, _canonical(value), float(issued_at), float(expires_at)], use_bin_type=True)
 
 
 # --- entries --------------------------------------------------------------------------------------------
@@ -316,8 +314,13 @@ class ModelRecord:
     def to_value(self) -> dict:
         if self.state not in STATES:
             raise RecordError(f"state must be one of {STATES}, got {self.state!r}")
-        return {"n": self.name, "f": self.fingerprint, "b": int(self.num_blocks), "fm": self.family,
-                STATE_FIELD: self.state}
+        return {
+            "n": self.name,
+            "f": self.fingerprint,
+            "b": int(self.num_blocks),
+            "fm": self.family,
+            STATE_FIELD: self.state,
+        }
 
     @classmethod
     def from_value(cls, value: dict) -> ModelRecord:

@@ -119,9 +119,7 @@ def _frombuffer(data: bytes | bytearray, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype)
 
 
-def decode_tensor(
-    obj: object, *, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int | None = None
-) -> torch.Tensor:
+def decode_tensor(obj: object, *, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int | None = None) -> torch.Tensor:
     """Rebuild a CPU tensor from :func:`encode_tensor`'s dict, in its original dtype and shape.
 
     ``max_bytes`` bounds the decoded tensor and ``max_elements`` its element count; both are checked
@@ -149,7 +147,9 @@ def decode_tensor(
     if max_elements is not None and numel > max_elements:
         raise WireError("too_large", f"tensor of shape {shape} has {numel} elements; the limit is {max_elements}")
     if nbytes > max_bytes:
-        raise WireError("too_large", f"tensor of shape {shape} in {dtype_name} needs {nbytes} bytes; the limit is {max_bytes}")
+        raise WireError(
+            "too_large", f"tensor of shape {shape} in {dtype_name} needs {nbytes} bytes; the limit is {max_bytes}"
+        )
 
     if codec == "none":
         data = _buffer(obj, "data", nbytes)

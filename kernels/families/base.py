@@ -30,9 +30,7 @@ class BlockRunner(Protocol):
         """Everything the blocks need for `t` new tokens given the full `[B, past + t]` key mask."""
         ...
 
-    def run_block(
-        self, block: nn.Module, hidden: torch.Tensor, prepared: object, kv: LayerSlot | None
-    ) -> torch.Tensor:
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, prepared: object, kv: LayerSlot | None) -> torch.Tensor:
         """One block's output for `hidden` `[B, t, H]`; `kv` is None for a plain (cache-free) forward."""
         ...
 

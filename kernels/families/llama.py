@@ -17,7 +17,11 @@ ATTN_IMPLEMENTATION = "sdpa"
 
 # ClientParts state-dict prefix -> checkpoint prefix. With tied embeddings there is no lm_head (the head reuses
 # embed_tokens.weight), so loading with `assign=True` cannot silently untie them.
-CLIENT_PREFIXES: dict[str, str] = {"embed_tokens.": "model.embed_tokens.", "norm.": "model.norm.", "lm_head.": "lm_head."}
+CLIENT_PREFIXES: dict[str, str] = {
+    "embed_tokens.": "model.embed_tokens.",
+    "norm.": "model.norm.",
+    "lm_head.": "lm_head.",
+}
 
 
 def _block_config(config: LlamaConfig) -> LlamaConfig:

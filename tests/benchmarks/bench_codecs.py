@@ -81,8 +81,14 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def row(name: str, x: torch.Tensor, mask: torch.Tensor, enc: Callable[[], dict], dec: Callable[[dict], torch.Tensor],
-        repeats: int) -> str:
+def row(
+    name: str,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    enc: Callable[[], dict],
+    dec: Callable[[dict], torch.Tensor],
+    repeats: int,
+) -> str:
     obj = enc()
     wire = len(pack_message(obj))
     y = dec(unpack_message(pack_message(obj))).float()
@@ -91,17 +97,24 @@ def row(name: str, x: torch.Tensor, mask: torch.Tensor, enc: Callable[[], dict],
     normal = err[~mask]
     mb = x.numel() * 4 / 1e6
     t_enc, t_dec = timed(enc, repeats), timed(lambda: dec(obj), repeats)
-    return (f"| {name} | {wire / x.numel():.3f} | {err.max().item():.4g} | {err.mean().item():.4g} | "
-            f"{normal.mean().item():.4g} | {rel:.2e} | {mb / t_enc:.0f} | {mb / t_dec:.0f} |")
+    return (
+        f"| {name} | {wire / x.numel():.3f} | {err.max().item():.4g} | {err.mean().item():.4g} | "
+        f"{normal.mean().item():.4g} | {rel:.2e} | {mb / t_enc:.0f} | {mb / t_dec:.0f} |"
+    )
 
 
 def table(repeats: int) -> str:
     lines = []
-    for label, (x, mask) in (("hidden states with outliers (±24,000 in 4 of 576 channels)", hidden_like()),
-                             ("plain N(0,1)", plain())):
-        lines += [f"**{label}**, float32 {list(SHAPE)}", "",
-                  "| codec | bytes/elem on wire | max abs err | mean abs err | mean abs err, non-outlier | rel L2 err | encode MB/s | decode MB/s |",
-                  "|---|---|---|---|---|---|---|---|"]
+    for label, (x, mask) in (
+        ("hidden states with outliers (±24,000 in 4 of 576 channels)", hidden_like()),
+        ("plain N(0,1)", plain()),
+    ):
+        lines += [
+            f"**{label}**, float32 {list(SHAPE)}",
+            "",
+            "| codec | bytes/elem on wire | max abs err | mean abs err | mean abs err, non-outlier | rel L2 err | encode MB/s | decode MB/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         cases: list[tuple[str, Callable[[], dict], Callable[[dict], torch.Tensor]]] = [
             ("none", lambda: encode_tensor(x), decode_tensor),
             ("float16", lambda: encode_tensor(x, "float16"), decode_tensor),
@@ -119,9 +132,11 @@ def table(repeats: int) -> str:
 def write_docs(body: str) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = (f"## Wire codecs\n\nMeasured with `.venv/bin/python tests/benchmarks/bench_codecs.py --write-docs` "
-               f"(torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); speeds are medians of MB of "
-               f"float32 input per second for encode_tensor/decode_tensor, bytes include msgpack overhead).\n\n{body}\n{NOTES}")
+    section = (
+        f"## Wire codecs\n\nMeasured with `.venv/bin/python tests/benchmarks/bench_codecs.py --write-docs` "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); speeds are medians of MB of "
+        f"float32 input per second for encode_tensor/decode_tensor, bytes include msgpack overhead).\n\n{body}\n{NOTES}"
+    )
     pattern = re.compile(r"^## Wire codecs\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
@@ -130,8 +145,9 @@ def write_docs(body: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads; 1 keeps figures stable on a shared machine")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads; 1 keeps figures stable on a shared machine"
+    )
     parser.add_argument("--write-docs", action="store_true", help="update the section in docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

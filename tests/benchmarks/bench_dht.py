@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 
-from petal.daemon.dht import DHT
+from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.protocol.records import ServerRecord, block_key
 

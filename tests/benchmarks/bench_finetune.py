@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from daemons import Swarm  # noqa: E402
-from petal.ctl.remote_model import RemoteModelForCausalLM  # noqa: E402
-from tinymodels import tiny_llama  # noqa: E402
+from petal.ctl.remote_model import RemoteModelForCausalLM
+from tests.support.daemons import Swarm
+from tests.support.tinymodels import tiny_llama
 
 
 def timed(fn, repeats: int) -> float:
@@ -64,10 +64,13 @@ def main() -> None:
         for name, span in (("s1", spans[1]), ("s2", spans[2])):
             swarm.join(name, boot, "--serve", str(path), "--blocks", span)
         client = swarm.join("c", boot, "--codec", "none")
-        print(f"swarm of 3 servers + client up in {time.monotonic() - t0:.1f} s; blocks {spans}, "
-              f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s)")
-        x = torch.randint(0, local.config.vocab_size, (args.batch, args.tokens),
-                          generator=torch.Generator().manual_seed(0))
+        print(
+            f"swarm of 3 servers + client up in {time.monotonic() - t0:.1f} s; blocks {spans}, "
+            f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s)"
+        )
+        x = torch.randint(
+            0, local.config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
+        )
         tokens = x.numel()
         for method in ("lora", "deep_ptune"):
             remote = RemoteModelForCausalLM.from_pretrained(path, client.socket, codec="none")
@@ -85,8 +88,10 @@ def main() -> None:
                 ref(x)
 
             s, l = timed(swarm_step, args.repeats), timed(local_step, args.repeats)
-            print(f"{method:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
-                  f"{tokens / l:8.1f} tokens/s ({l * 1000:.0f} ms/step)   swarm/local {l / s:.2f}")
+            print(
+                f"{method:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
+                f"{tokens / l:8.1f} tokens/s ({l * 1000:.0f} ms/step)   swarm/local {l / s:.2f}"
+            )
     finally:
         swarm.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -108,7 +113,7 @@ def _local_reference(model, method: str):
     hidden = model.config.hidden_size
     prompts = torch.zeros(8, hidden, requires_grad=True)
     deep = torch.zeros(model.config.num_hidden_layers, 8, hidden, requires_grad=True)
-    from torchref import deep_prompts
+    from tests.support.torchref import deep_prompts
 
     def step(x: torch.Tensor) -> None:
         emb = torch.cat([prompts[None].expand(x.shape[0], -1, -1), model.model.embed_tokens(x)], dim=1)

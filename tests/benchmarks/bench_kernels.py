@@ -149,19 +149,25 @@ def main() -> None:
     parts = load_client_parts(info)
     prompt_hidden = parts.embed(prompt_ids)
 
-    print(f"SmolLM2-135M-Instruct ({info.fingerprint}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
-          f"at start, batch 1, context {CONTEXT}, {args.repeats} repeats\n")
+    print(
+        f"SmolLM2-135M-Instruct ({info.fingerprint}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        f"at start, batch 1, context {CONTEXT}, {args.repeats} repeats\n"
+    )
 
-    print("| weights | decode step per block, ms (30-block step / 30), median / best "
-          "| span [0,10) forward, tokens/s, median / best |")
+    print(
+        "| weights | decode step per block, ms (30-block step / 30), median / best "
+        "| span [0,10) forward, tokens/s, median / best |"
+    )
     print("|---|---:|---:|")
     for name, step_ms, tps in block_and_span_speed(info, prompt_hidden, args.repeats):
         print(f"| {name} | {step_ms} | {tps} |")
 
-    print("\n| whole model (transformers, one process) | decode ms/token, median / best "
-          "| forward tokens/s, median / best "
-          f"| top-1 agreement vs fp32 | perplexity ({text_ids.shape[1]} tokens) |")
+    print(
+        "\n| whole model (transformers, one process) | decode ms/token, median / best "
+        "| forward tokens/s, median / best "
+        f"| top-1 agreement vs fp32 | perplexity ({text_ids.shape[1]} tokens) |"
+    )
     print("|---|---:|---:|---:|---:|")
     ref = None
     for name in VARIANTS:
@@ -176,8 +182,10 @@ def main() -> None:
 
     rows = hop_quality(info, text_ids, ref)
     if rows:
-        print(f"\n| hidden state at the hop after block {HOP - 1} (spans [0,{HOP}) + [{HOP},30), fp32) "
-              "| top-1 agreement vs fp32 | perplexity |")
+        print(
+            f"\n| hidden state at the hop after block {HOP - 1} (spans [0,{HOP}) + [{HOP},30), fp32) "
+            "| top-1 agreement vs fp32 | perplexity |"
+        )
         print("|---|---:|---:|")
         for codec, agree, ppl in rows:
             print(f"| {codec} | {agree:.1%} | {ppl:.3f} |")

@@ -20,18 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-from daemons import Swarm  # noqa: E402
+import torch
 
-from petal.daemon.dht import DHT  # noqa: E402
-from petal.daemon.identity import Identity  # noqa: E402
-from petal.daemon.p2p import Libp2pTransport  # noqa: E402
-from petal.daemon.router import Router  # noqa: E402
-from petal.daemon.session import InferenceSession  # noqa: E402
-from petal.protocol.frames import encode_frame  # noqa: E402
-from petal.protocol.tensors import encode_tensor  # noqa: E402
+from petal.daemon.dht.network import DHT
+from petal.daemon.identity import Identity
+from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.routing.router import Router
+from petal.daemon.routing.session import InferenceSession
+from petal.protocol.frames import encode_frame
+from petal.protocol.tensors import encode_tensor
+from tests.support.daemons import Swarm
 
 
 class DelayedStream:
@@ -99,14 +99,14 @@ class Counted:
         self.delay = 0.0
         inner = transport.open_stream
 
-        async def open_stream(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        async def open_stream(*args, **kwargs):
             return DelayedStream(await inner(*args, **kwargs), self.delay, self)
 
         transport.open_stream = open_stream  # type: ignore[method-assign]
 
 
 def tiny_model_dir(root: Path) -> Path:
-    from tinymodels import tiny_llama
+    from tests.support.tinymodels import tiny_llama
 
     path = root / "tiny-llama"
     tiny_llama(num_hidden_layers=30, hidden_size=32, intermediate_size=64).save_pretrained(path)
@@ -127,10 +127,13 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         serve = ("--serve", str(model_dir))
         boot = swarm.make("s0", "--new-swarm", *serve, "--blocks", f"{cuts[0]}:{cuts[1]}").start(env)
         for i in (1, 2):
-            swarm.make(f"s{i}", "--initial-peer", boot.address, *serve,
-                       "--blocks", f"{cuts[i]}:{cuts[i + 1]}").start(env)
-        print(f"3 daemons serving {model_dir.name} ({blocks} blocks, hidden {hidden}) up in "
-              f"{time.monotonic() - t0:.1f} s; codec {args.codec}, {args.steps} steps x {args.rounds} rounds per mode")
+            swarm.make(f"s{i}", "--initial-peer", boot.address, *serve, "--blocks", f"{cuts[i]}:{cuts[i + 1]}").start(
+                env
+            )
+        print(
+            f"3 daemons serving {model_dir.name} ({blocks} blocks, hidden {hidden}) up in "
+            f"{time.monotonic() - t0:.1f} s; codec {args.codec}, {args.steps} steps x {args.rounds} rounds per mode"
+        )
         ident = Identity.generate()
         transport = Libp2pTransport(ident)
         await transport.start()
@@ -138,8 +141,11 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         dht = DHT(ident, host="127.0.0.1", port=0)
         await dht.start([("127.0.0.1", boot.status()["dht_port"])])
         router = Router(transport, dht, max_age=0.0)
-        push_frame = len(encode_frame({"session": "0" * 32, "step": 1 << 20,
-                                       "hidden": encode_tensor(torch.randn(1, 1, hidden), args.codec)}))
+        push_frame = len(
+            encode_frame(
+                {"session": "0" * 32, "step": 1 << 20, "hidden": encode_tensor(torch.randn(1, 1, hidden), args.codec)}
+            )
+        )
         try:
             for delay_ms in args.client_delay_ms:
                 counted.delay = delay_ms / 1e3
@@ -152,8 +158,15 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         swarm.close()
 
 
-async def measure(args: argparse.Namespace, router: Router, counted: Counted, model: str, hidden: int,
-                  push_frame: int, delay_ms: float) -> None:
+async def measure(
+    args: argparse.Namespace,
+    router: Router,
+    counted: Counted,
+    model: str,
+    hidden: int,
+    push_frame: int,
+    delay_ms: float,
+) -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     per_step: dict[bool, tuple[float, float]] = {}
     pushes: dict[bool, int] = {True: 0, False: 0}
@@ -177,9 +190,11 @@ async def measure(args: argparse.Namespace, router: Router, counted: Counted, mo
         ts = sorted(times[push])
         sent, received = per_step[push]
         between = 2 * push_frame if push else 0
-        print(f"  push {'on ' if push else 'off'}: step median {statistics.median(ts) * 1e3:7.2f} ms   "
-              f"p90 {ts[int(0.9 * len(ts))] * 1e3:7.2f} ms   client sends {sent:5.0f} B, receives "
-              f"{received:5.0f} B; servers push {between:4d} B per step ({pushes[push]} pushes)")
+        print(
+            f"  push {'on ' if push else 'off'}: step median {statistics.median(ts) * 1e3:7.2f} ms   "
+            f"p90 {ts[int(0.9 * len(ts))] * 1e3:7.2f} ms   client sends {sent:5.0f} B, receives "
+            f"{received:5.0f} B; servers push {between:4d} B per step ({pushes[push]} pushes)"
+        )
     on, off = statistics.median(times[True]), statistics.median(times[False])
     print(f"  push saves {(off - on) * 1e3:.2f} ms per step ({(1 - on / off) * 100:.0f} %)")
 
@@ -192,8 +207,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per daemon")
-    parser.add_argument("--client-delay-ms", type=float, nargs="+", default=[0.0, 10.0],
-                        help="one-way delay added to the client's streams (emulates a client far from the servers)")
+    parser.add_argument(
+        "--client-delay-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 10.0],
+        help="one-way delay added to the client's streams (emulates a client far from the servers)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="petal-bp-", dir="/tmp"))
     try:

@@ -12,8 +12,8 @@ import statistics
 import time
 
 from petal.daemon.identity import Identity
-from petal.daemon.p2p import Libp2pTransport, is_circuit
-from petal.daemon.transport import PeerAddr, StreamClosed
+from petal.daemon.net.p2p import Libp2pTransport, is_circuit
+from petal.daemon.net.transport import PeerAddr, StreamClosed
 
 ECHO = "/bench/echo/1"
 
@@ -64,7 +64,9 @@ async def main(runs: int, mb: int) -> None:
         other = Libp2pTransport(Identity.generate())  # a fresh dialer for the direct path (one connection per peer)
         await other.start()
         try:
-            direct = await measure(other, PeerAddr(private.peer_id, tuple(a for a in private.listen_addrs if not is_circuit(a))), runs, mb)
+            direct = await measure(
+                other, PeerAddr(private.peer_id, tuple(a for a in private.listen_addrs if not is_circuit(a))), runs, mb
+            )
         finally:
             await other.stop()
         print(f"{'':18} {'direct':>10} {'relayed':>10}")

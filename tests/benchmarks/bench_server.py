@@ -15,10 +15,10 @@ import time
 import torch
 
 from petal.daemon.identity import Identity
-from petal.daemon.p2p import Libp2pTransport
-from petal.daemon.remote import RemoteSpan
-from petal.daemon.server import BlockServer, ServeSettings, parse_blocks, resolve_model_dir
-from petal.daemon.transport import PeerAddr
+from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.net.transport import PeerAddr
+from petal.daemon.routing.remote import RemoteSpan
+from petal.daemon.serving.server import BlockServer, ServeSettings, parse_blocks, resolve_model_dir
 from petal.kernels.store import load_span, open_model
 
 
@@ -77,10 +77,19 @@ async def main() -> None:
     client_t = Libp2pTransport(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"])
     await server_t.start()
     await client_t.start()
-    server = BlockServer(span, model=info.name, fingerprint=info.fingerprint, family=info.family,
-                         num_blocks=info.num_blocks, transport=server_t,
-                         settings=ServeSettings(max_length=max(args.steps + 64, args.tokens), max_batch=4,
-                                                max_cache_tokens=(end - start) * (args.steps + 64)))
+    server = BlockServer(
+        span,
+        model=info.name,
+        fingerprint=info.fingerprint,
+        family=info.family,
+        num_blocks=info.num_blocks,
+        transport=server_t,
+        settings=ServeSettings(
+            max_length=max(args.steps + 64, args.tokens),
+            max_batch=4,
+            max_cache_tokens=(end - start) * (args.steps + 64),
+        ),
+    )
     await server.start()
     try:
         peer = PeerAddr(server_t.peer_id, tuple(server_t.listen_addrs))
@@ -88,8 +97,10 @@ async def main() -> None:
             remote = RemoteSpan(client_t, peer, info.name, info.fingerprint, start, end, codec)
             r_decode, r_forward = await remote_figures(remote, hidden, args.steps, args.tokens)
             overhead_ms = (1 / r_decode - 1 / decode) * 1e3
-            print(f"via server, codec {codec:<4}:         decode {r_decode:8.1f} steps/s   forward {r_forward:8.1f} "
-                  f"tokens/s   per-step overhead {overhead_ms:.2f} ms")
+            print(
+                f"via server, codec {codec:<4}:         decode {r_decode:8.1f} steps/s   forward {r_forward:8.1f} "
+                f"tokens/s   per-step overhead {overhead_ms:.2f} ms"
+            )
         decode2, forward2 = local_figures(span, hidden, args.steps, args.tokens)
         print(f"local again (load drift check):  decode {decode2:8.1f} steps/s   forward {forward2:8.1f} tokens/s")
     finally:

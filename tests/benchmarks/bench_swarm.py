@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from daemons import Swarm  # noqa: E402
-
-from petal.daemon.dht import DHT  # noqa: E402
-from petal.daemon.identity import Identity  # noqa: E402
+from petal.daemon.dht.network import DHT
+from petal.daemon.identity import Identity
+from tests.support.daemons import Swarm
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -67,9 +66,12 @@ def run(n: int, gets: int) -> dict[str, float]:
             socket_ms.append((time.perf_counter() - t0) * 1000)
         dht_ms = asyncio.run(dht_gets(boot.status()["dht_port"], key, gets))
         return {
-            "ready_median_s": statistics.median(ready), "ready_max_s": max(ready),
-            "socket_get_median_ms": statistics.median(socket_ms), "socket_get_p90_ms": pct(socket_ms, 0.9),
-            "dht_get_median_ms": statistics.median(dht_ms), "dht_get_p90_ms": pct(dht_ms, 0.9),
+            "ready_median_s": statistics.median(ready),
+            "ready_max_s": max(ready),
+            "socket_get_median_ms": statistics.median(socket_ms),
+            "socket_get_p90_ms": pct(socket_ms, 0.9),
+            "dht_get_median_ms": statistics.median(dht_ms),
+            "dht_get_p90_ms": pct(dht_ms, 0.9),
         }
     finally:
         swarm.close()
@@ -85,8 +87,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for n in args.daemons:
         r = run(n, args.gets)
-        print(f"| {n} | {r['ready_median_s']:.2f} | {r['ready_max_s']:.2f} | {r['socket_get_median_ms']:.1f} | "
-              f"{r['socket_get_p90_ms']:.1f} | {r['dht_get_median_ms']:.1f} | {r['dht_get_p90_ms']:.1f} |", flush=True)
+        print(
+            f"| {n} | {r['ready_median_s']:.2f} | {r['ready_max_s']:.2f} | {r['socket_get_median_ms']:.1f} | "
+            f"{r['socket_get_p90_ms']:.1f} | {r['dht_get_median_ms']:.1f} | {r['dht_get_p90_ms']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from daemons import Daemon, Swarm  # noqa: E402
-
-from petal.daemon.server import resolve_model_dir  # noqa: E402
-from petal.kernels.store import load_span, open_model  # noqa: E402
+from petal.daemon.serving.server import resolve_model_dir
+from petal.kernels.store import load_span, open_model
+from tests.support.daemons import Daemon, Swarm
 
 PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]
 
@@ -82,9 +81,27 @@ class Daemons:
         except BaseException:
             self.close()
             raise
-        self.cmd = [*PETALCTL, "--socket", str(client.socket), "bench", "-m", info.name, "--json", "--codec",
-                    args.codec, "--steps", str(args.steps), "--tokens", str(args.tokens), "--batch", str(args.batch),
-                    "--hidden-size", str(info.config.hidden_size), "--seed", str(args.seed)]
+        self.cmd = [
+            *PETALCTL,
+            "--socket",
+            str(client.socket),
+            "bench",
+            "-m",
+            info.name,
+            "--json",
+            "--codec",
+            args.codec,
+            "--steps",
+            str(args.steps),
+            "--tokens",
+            str(args.tokens),
+            "--batch",
+            str(args.batch),
+            "--hidden-size",
+            str(info.config.hidden_size),
+            "--seed",
+            str(args.seed),
+        ]
 
     def run(self) -> dict[str, float]:
         done = subprocess.run(self.cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -103,8 +120,12 @@ def summarize(runs: list[dict[str, float]], args: argparse.Namespace, pick) -> d
     """`pick` (median or min) over the repeats; rates derive from the picked times."""
     ms = pick(r["decode_ms_per_step"] for r in runs)
     fwd = pick(r["forward_s"] for r in runs)
-    return {"decode_ms_per_step": ms, "decode_steps_per_s": 1000 / ms, "forward_s": fwd,
-            "forward_tokens_per_s": args.batch * args.tokens / fwd}
+    return {
+        "decode_ms_per_step": ms,
+        "decode_steps_per_s": 1000 / ms,
+        "forward_s": fwd,
+        "forward_tokens_per_s": args.batch * args.tokens / fwd,
+    }
 
 
 def wait_for_route(client: Daemon, model: str, num_blocks: int, timeout: float = 60.0) -> list[dict]:
@@ -143,9 +164,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = Path(resolve_model_dir(args.model))
     info = open_model(path)
-    print(f"model {info.name} ({info.num_blocks} blocks, hidden {info.config.hidden_size}), codec {args.codec}, "
-          f"torch threads {args.threads}, batch {args.batch}, {args.steps} decode steps, forward of {args.tokens} "
-          f"tokens, {args.repeats} interleaved repeats; load average at start {load()}")
+    print(
+        f"model {info.name} ({info.num_blocks} blocks, hidden {info.config.hidden_size}), codec {args.codec}, "
+        f"torch threads {args.threads}, batch {args.batch}, {args.steps} decode steps, forward of {args.tokens} "
+        f"tokens, {args.repeats} interleaved repeats; load average at start {load()}"
+    )
     setups: dict[str, Local | Daemons] = {"local": Local(path, args)}
     try:
         setups["1 hop"] = Daemons("1hop", path, [(0, info.num_blocks)], args)
@@ -158,8 +181,14 @@ def main() -> None:
         for setup in setups.values():
             if isinstance(setup, Daemons):
                 setup.close()
-    print("routes: " + "; ".join(f"{name} " + " -> ".join(f"{h['start']}:{h['end']}" for h in setup.route)
-                                 for name, setup in setups.items() if isinstance(setup, Daemons)))
+    print(
+        "routes: "
+        + "; ".join(
+            f"{name} " + " -> ".join(f"{h['start']}:{h['end']}" for h in setup.route)
+            for name, setup in setups.items()
+            if isinstance(setup, Daemons)
+        )
+    )
     for label, pick in (("median", statistics.median), ("best", min)):
         print(f"-- {label} of {args.repeats}")
         table({name: summarize(r, args, pick) for name, r in runs.items()}, args)
@@ -168,15 +197,21 @@ def main() -> None:
 
 def table(rows: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     base = rows["local"]
-    print(f"{'set-up':8s} {'decode steps/s':>15s} {'ms/step':>9s} {'x local':>8s} {'forward tok/s':>14s} {'x local':>8s}")
+    print(
+        f"{'set-up':8s} {'decode steps/s':>15s} {'ms/step':>9s} {'x local':>8s} {'forward tok/s':>14s} {'x local':>8s}"
+    )
     for name, r in rows.items():
-        print(f"{name:8s} {r['decode_steps_per_s']:15.2f} {r['decode_ms_per_step']:9.2f} "
-              f"{r['decode_steps_per_s'] / base['decode_steps_per_s']:8.3f} {r['forward_tokens_per_s']:14.1f} "
-              f"{r['forward_tokens_per_s'] / base['forward_tokens_per_s']:8.3f}")
+        print(
+            f"{name:8s} {r['decode_steps_per_s']:15.2f} {r['decode_ms_per_step']:9.2f} "
+            f"{r['decode_steps_per_s'] / base['decode_steps_per_s']:8.3f} {r['forward_tokens_per_s']:14.1f} "
+            f"{r['forward_tokens_per_s'] / base['forward_tokens_per_s']:8.3f}"
+        )
     hop_ms = (rows["3 hops"]["decode_ms_per_step"] - rows["1 hop"]["decode_ms_per_step"]) / 2
     hop_fwd_ms = 1000 * (rows["3 hops"]["forward_s"] - rows["1 hop"]["forward_s"]) / 2
-    print(f"per-hop overhead: decode {hop_ms:.2f} ms/step, forward {hop_fwd_ms:.1f} ms per {args.batch}x{args.tokens} "
-          "forward")
+    print(
+        f"per-hop overhead: decode {hop_ms:.2f} ms/step, forward {hop_fwd_ms:.1f} ms per {args.batch}x{args.tokens} "
+        "forward"
+    )
 
 
 if __name__ == "__main__":

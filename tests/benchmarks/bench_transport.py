@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from petal.daemon.identity import Identity
-from petal.daemon.p2p import Libp2pTransport, build_host
-from petal.daemon.transport import PeerAddr, StreamClosed
+from petal.daemon.net.p2p import Libp2pTransport, build_host
+from petal.daemon.net.transport import PeerAddr, StreamClosed
 from petal.protocol.frames import FrameDecoder, encode_frame
 
 SIZES = {"64 B": 64, "16 KiB": 16 * 1024, "1 MiB": 1024 * 1024}
@@ -140,7 +140,10 @@ async def _raw_libp2p(runs: int, mb: int) -> dict[str, str]:
             n += len(m)
 
     listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-    ha, hb = build_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]), build_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"])
+    ha, hb = (
+        build_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]),
+        build_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]),
+    )
     hb.set_stream_handler(TProtocol(ECHO), echo)
     hb.set_stream_handler(TProtocol(SINK), sink)
     out = {}

@@ -1,0 +1,201 @@
+"""The model frontend: text in, tokens out, with the transformer blocks run by the swarm.
+
+The client side of a model (tokenizer, chat template, embeddings, final norm and head) stays on this machine,
+as in Petals: only hidden states cross the network. ``generate`` prefills the prompt once through an
+``InferenceSession`` and then runs one step per new token, so the servers keep the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from petal.daemon.routing.router import Router
+from petal.daemon.routing.session import InferenceSession
+from petal.kernels.sampling import SamplingParams, make_generator, sample_next
+from petal.kernels.store import ModelStoreError, load_client_parts, open_model
+from petal.protocol.errors import PetalError
+
+log = logging.getLogger("petal.frontend")
+
+
+def resolve_model(name: str, models_dir: Path | None = None) -> Path:
+    """``name`` is a model dir, or a model pulled into the models dir; raises PetalError("not_found") otherwise."""
+    from petal.daemon.pull import default_models_dir
+
+    path = Path(name).expanduser()
+    if "/" in name and (path / "config.json").is_file():
+        return path
+    root = models_dir or default_models_dir()
+    candidate = root / name
+    if (candidate / "config.json").is_file():
+        return candidate
+    raise PetalError(
+        "not_found",
+        f"model {name!r} is not in the local models dir {root}: the client side (tokenizer, embeddings, head) runs "
+        f"here, so pull it first with `petalctl models pull {name}` (or `petald pull {name}`)",
+    )
+
+
+@dataclass
+class Token:
+    """One generated token: its id and the text it adds to the answer (may be "" while a character is incomplete)."""
+
+    id: int | None  # None for a final flush of held-back text
+    text: str
+
+
+@dataclass
+class Generation:
+    """What a finished ``generate`` produced; filled in as it runs."""
+
+    prompt_tokens: int = 0
+    tokens: list[int] | None = None
+    text: str = ""
+    finish_reason: str = "length"  # "length" | "stop" (end-of-sequence token or stop sequence)
+
+
+class ModelFrontend:
+    """Tokenizer + chat template + local ClientParts for one model dir."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        try:
+            self.info = open_model(model_dir)
+        except ModelStoreError as e:
+            raise PetalError("not_found", str(e)) from None
+        self.name = self.info.name
+        self.parts = load_client_parts(self.info, dtype=dtype)
+        self.dtype = dtype
+        self.tokenizer: Any = None
+        if (self.info.path / "tokenizer.json").is_file() or (self.info.path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.info.path)
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.info.path).eos_token_id
+        except (OSError, ValueError):
+            eos = getattr(self.info.config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        return ids
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise PetalError("bad_request", f"model {self.name!r} has no tokenizer in {self.info.path}; send input_ids")
+        return self.tokenizer
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of ``prompt``; with ``chat`` it becomes one user message through the model's chat template."""
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return list(self._need_tokenizer()(prompt)["input_ids"])
+
+    def encode_messages(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of a chat (``[{"role", "content"}, ...]``) with the generation prompt appended."""
+        tok = self._need_tokenizer()
+        if not tok.chat_template:
+            raise PetalError("bad_request", f"model {self.name!r} has no chat template; use a plain prompt")
+        out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    async def generate(
+        self,
+        router: Router,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        result: Generation | None = None,
+        **session_kwargs: Any,
+    ) -> AsyncIterator[Token]:
+        """Yield new tokens as they are sampled; ``result`` (if given) holds the totals at the end.
+
+        Stops after ``max_new_tokens``, at an end-of-sequence token (not yielded), or when the text reaches a stop
+        sequence (the text is cut before it). Text is held back while it could still be the start of a stop
+        sequence or an incomplete UTF-8 character, so streamed text never has to be taken back.
+        """
+        params.validate()
+        ids = [int(i) for i in input_ids]
+        vocab = int(self.info.config.vocab_size)
+        if not ids:
+            raise PetalError("bad_request", "the prompt is empty")
+        if any(not 0 <= i < vocab for i in ids):
+            raise PetalError("bad_request", f"input_ids must be in [0, {vocab})")
+        result = result if result is not None else Generation()
+        result.prompt_tokens, result.tokens, result.text = len(ids), [], ""
+        generator = make_generator(params.seed)
+        generated: list[int] = []
+        shown = ""
+        session = InferenceSession(router, self.name, max_length=len(ids) + params.max_new_tokens, **session_kwargs)
+        async with session:
+            await self._check_fingerprint(router)
+            x = torch.tensor([ids])
+            for _ in range(params.max_new_tokens):
+                with torch.no_grad():
+                    hidden = await session.step(self.parts.embed(x).to(self.dtype))
+                    logits = self.parts.logits(hidden[:, -1:].float())[0, -1]
+                token = sample_next(logits, params, ids + generated, generator)
+                if token in self.eos_token_ids:
+                    result.finish_reason = "stop"
+                    break
+                generated.append(token)
+                result.tokens = list(generated)
+                text = self.decode(generated)
+                cut = _find_stop(text, params.stop)
+                if cut is not None:
+                    result.text = text[:cut]
+                    result.finish_reason = "stop"
+                    if len(result.text) > len(shown):
+                        yield Token(token, result.text[len(shown) :])
+                    return
+                safe = len(text) - _held_back(text, params.stop)
+                piece = text[len(shown) : safe] if safe > len(shown) else ""
+                shown += piece
+                result.text = text
+                yield Token(token, piece)
+                x = torch.tensor([[token]])
+        if len(result.text) > len(shown):  # whatever was held back, now that no stop sequence can follow
+            yield Token(None, result.text[len(shown) :])
+
+    async def _check_fingerprint(self, router: Router) -> None:
+        view = await router.view(self.name)
+        if view.fingerprint and view.fingerprint != self.info.fingerprint:
+            raise PetalError(
+                "conflict",
+                f"the swarm serves {self.name!r} with fingerprint {view.fingerprint} but the local copy is "
+                f"{self.info.fingerprint}: pull the same version the servers run",
+            )
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters to keep back: an incomplete character, or a possible start of a stop string."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep

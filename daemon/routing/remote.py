@@ -1,0 +1,336 @@
+"""Client side of one server's span of blocks: `info`, `forward`, `backward` and inference sessions over a transport.
+
+What callers (the router and sessions) must catch, and what it means for failover:
+
+- `PetalError` (from `petal.protocol.errors`): the server answered with an error frame. `e.code` says why:
+  "busy" (KV budget or queue full: retry later or elsewhere), "max_length", "unknown_block", "wrong_shape",
+  "bad_request", "timeout" (the server's own per-request limit), "internal" (a server bug), "unavailable"
+  (shutting down). The inference stream stays open after an error frame (the session is still usable).
+- `WireError` (a `PetalError` subclass, codes "bad_frame"/"bad_tensor"/"too_large"): our request was rejected as
+  malformed, or the server's reply was malformed (a faulty server: ban it).
+- `petal.daemon.net.transport.TransportError` and its subclasses `DialError`, `ProtocolNotSupported`, `StreamClosed`,
+  `StreamReset`: the server is unreachable, gone, or dropped the stream. Fail over.
+- `TimeoutError`: no answer in time. For an inference step the stream is then reset (a late answer could no longer
+  be paired with its step) and the `RemoteInference` is closed: open a new one and replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from petal.daemon.net.transport import PeerAddr, Stream, StreamClosed, Transport
+from petal.protocol.errors import PetalError
+from petal.protocol.lora import Lora, decode_lora_grads, encode_lora
+from petal.protocol.messages import (
+    BACKWARD_PROTOCOL,
+    DEFAULT_CODEC,
+    DEFAULT_MAX_TENSOR_BYTES,
+    FORWARD_PROTOCOL,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    SESSION_ID_RE,
+    check_reply,
+    decode_reply_tensor,
+)
+from petal.protocol.tensors import encode_tensor
+
+__all__ = ["RemoteInference", "RemoteSpan", "StepReply"]
+
+
+def _enc(tensor: torch.Tensor | None, codec: str) -> dict[str, Any] | None:
+    return None if tensor is None else encode_tensor(tensor.detach(), codec)
+
+
+def _enc_mask(mask: torch.Tensor | None) -> dict[str, Any] | None:
+    return None if mask is None else encode_tensor(mask.detach().to(torch.uint8), "none")
+
+
+class RemoteSpan:
+    """Blocks `[start, end)` of `model` as served by `peer`; stateless, cheap to create, safe to share."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        peer: PeerAddr,
+        model: str,
+        fingerprint: str,
+        start: int,
+        end: int,
+        codec: str = DEFAULT_CODEC,
+        max_reply_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    ) -> None:
+        if not 0 <= start < end:
+            raise ValueError(f"span [{start}, {end}) is empty or negative")
+        self.transport = transport
+        self.peer = peer
+        self.model = model
+        self.fingerprint = fingerprint
+        self.start = start
+        self.end = end
+        self.codec = codec
+        self.max_reply_bytes = max_reply_bytes
+
+    def __repr__(self) -> str:
+        return f"RemoteSpan({self.model}[{self.start}:{self.end}] @ {self.peer.peer_id[-8:]})"
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "start": self.start,
+            "end": self.end,
+            "codec": self.codec,
+        }
+
+    async def info(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The server's `info` map (span, limits, throughput, cache tokens left, versions)."""
+        reply = await self.transport.call(self.peer, INFO_PROTOCOL, {"model": self.model}, timeout=timeout)
+        return check_reply(reply, "start", "end", "hidden_size")
+
+    def _lora(self, lora: Lora | None) -> tuple[Lora | None, dict[str, Any] | None]:
+        """This span's share of ``lora`` and its wire form; weights always travel exactly (codec "none")."""
+        sub = None if lora is None else lora.for_blocks(self.start, self.end)
+        return sub, None if sub is None else encode_lora(sub, "none")
+
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        timeout: float = 60.0,
+        lora: Lora | None = None,
+    ) -> torch.Tensor:
+        """The span's output for `hidden` `[B, T, H]` (no cache), in `hidden`'s dtype.
+
+        `lora` may hold weights for any blocks: only those of this span are sent.
+        """
+        request = {
+            **self._header(),
+            "hidden": _enc(hidden, self.codec),
+            "mask": _enc_mask(mask),
+            "prompts": _enc(prompts, self.codec),
+        }
+        _, wire_lora = self._lora(lora)
+        if wire_lora is not None:
+            request["lora"] = wire_lora
+        reply = check_reply(await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout), "hidden")
+        out = decode_reply_tensor(reply, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
+        return out.to(hidden.dtype)
+
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        timeout: float = 60.0,
+        lora: Lora | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Gradients w.r.t. the span's input `hidden`, `prompts` and this span's `lora` weights, given `grad` w.r.t.
+        its output. The LoRA gradients (None when no weight of `lora` falls in this span) have exactly the sent keys
+        and shapes.
+        """
+        request = {
+            **self._header(),
+            "hidden": _enc(hidden, self.codec),
+            "grad": _enc(grad, self.codec),
+            "mask": _enc_mask(mask),
+            "prompts": _enc(prompts, self.codec),
+        }
+        sub, wire_lora = self._lora(lora)
+        if wire_lora is not None:
+            request["lora"] = wire_lora
+        reply = check_reply(await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout), "grad")
+        grad_in = decode_reply_tensor(reply, "grad", self.max_reply_bytes, shape=tuple(hidden.shape)).to(hidden.dtype)
+        grad_prompts = None
+        if prompts is not None:
+            if reply.get("grad_prompts") is None:
+                raise PetalError("internal", "the server sent no grad_prompts although prompts were sent")
+            grad_prompts = decode_reply_tensor(
+                reply, "grad_prompts", self.max_reply_bytes, shape=tuple(prompts.shape)
+            ).to(prompts.dtype)
+        grad_lora = None
+        if sub is not None:
+            grad_lora = decode_lora_grads(reply.get("grad_lora"), sub, max_bytes=self.max_reply_bytes)
+        return grad_in, grad_prompts, grad_lora
+
+    async def open_inference(
+        self, max_length: int, batch: int, timeout: float = 30.0, push: bool = False
+    ) -> RemoteInference:
+        """Open a session holding a KV cache of `max_length` tokens for `batch` sequences on the server.
+
+        With `push` the server also accepts this session's inputs pushed by the previous hop; whether it does is
+        `RemoteInference.accepts_push` (False for servers that predate push). Raises PetalError "busy" if the server
+        cannot reserve the cache within its allocation timeout.
+        """
+        stream = await self.transport.open_stream(self.peer, INFERENCE_PROTOCOL, timeout=timeout)
+        try:
+            request: dict[str, Any] = {**self._header(), "max_length": max_length, "batch": batch}
+            if push:
+                request["push"] = True
+            await stream.send(request)
+            try:
+                reply = check_reply(await stream.recv(timeout=timeout), "ok", "max_length")
+            except StreamClosed:
+                raise StreamClosed(f"{self!r} closed the inference stream without answering") from None
+        except BaseException:
+            await stream.reset()
+            raise
+        session = reply.get("session")
+        if not (isinstance(session, str) and SESSION_ID_RE.fullmatch(session)):
+            session = None
+        accepts = push and reply.get("push") is True and session is not None
+        return RemoteInference(self, stream, int(reply["max_length"]), batch, session, accepts)
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """One reply of an inference stream: the output, or None if the server skipped a step that waited for a push
+    because the client's next message came first; `pushed` says whether the output also went to the next hop."""
+
+    hidden: torch.Tensor | None
+    pushed: bool
+
+
+class RemoteInference:
+    """One open inference session on one server. Steps are serialized; use as `async with`.
+
+    `step` is one request and its reply. For push, `send_step` and `recv_step` split it: the caller sends every hop
+    its message first and then reads the replies in order (one per message sent); the caller serializes them.
+    """
+
+    def __init__(
+        self,
+        span: RemoteSpan,
+        stream: Stream,
+        max_length: int,
+        batch: int,
+        session_id: str | None = None,
+        accepts_push: bool = False,
+    ) -> None:
+        self.span = span
+        self.stream = stream
+        self.max_length = max_length
+        self.batch = batch
+        self.session_id = session_id  # the server's id of this session (None from servers that predate push)
+        self.accepts_push = accepts_push  # the server takes this session's inputs by push from the previous hop
+        self.position = 0  # tokens in the server's cache
+        self.closed = False
+        self.outstanding = 0  # messages sent whose reply was not read yet
+        self._lock = asyncio.Lock()
+
+    def push_target(self) -> dict[str, Any]:
+        """Where the previous hop pushes this session's inputs (the `push_to` field of its step message)."""
+        if self.session_id is None:
+            raise PetalError("bad_request", f"{self.span!r} did not open a push session; step it without push")
+        return {"peer": self.span.peer.peer_id, "addrs": list(self.span.peer.addrs), "session": self.session_id}
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        position: int | None = None,
+        prompts: torch.Tensor | None = None,
+        timeout: float = 60.0,
+    ) -> torch.Tensor:
+        """Run `t` new tokens `hidden` `[B, t, H]` at cache `position` (default: the end of the cache).
+
+        A `position` below the current one truncates the server's cache first (history replay). `mask` is
+        `[B, position + t]`. Returns the output `[B, t, H]` in `hidden`'s dtype.
+        """
+        async with self._lock:
+            await self.send_step(hidden, mask, position, prompts)
+            reply = await self.recv_step(tuple(hidden.shape), hidden.dtype, timeout)
+            if reply.hidden is None:
+                raise PetalError("internal", f"{self.span!r} skipped a step that carried its input")
+            return reply.hidden
+
+    async def send_step(
+        self,
+        hidden: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        position: int | None = None,
+        prompts: torch.Tensor | None = None,
+        *,
+        step: int | None = None,
+        tokens: int | None = None,
+        push_from: str | None = None,
+        push_to: dict[str, Any] | None = None,
+    ) -> None:
+        """Send one step message. `hidden=None` with `push_from` (the previous hop's peer id), `step` and `tokens`:
+        take the input from that peer's push. `push_to` (another session's `push_target()`): push the output there.
+        """
+        if self.closed:
+            raise PetalError("bad_request", f"the inference session on {self.span!r} is closed; open a new one")
+        message: dict[str, Any] = {
+            "hidden": _enc(hidden, self.span.codec),
+            "mask": _enc_mask(mask),
+            "position": self.position if position is None else position,
+            "prompts": _enc(prompts, self.span.codec),
+        }
+        if step is not None:
+            message["step"] = step
+        if hidden is None:
+            message.update(push_from=push_from, tokens=tokens)
+        if push_to is not None:
+            message["push_to"] = push_to
+        try:
+            await self.stream.send(message)
+        except StreamClosed:
+            self.closed = True
+            raise StreamClosed(f"{self.span!r} closed the inference stream") from None
+        except BaseException:
+            await self._abort()
+            raise
+        self.outstanding += 1
+
+    async def recv_step(
+        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, timeout: float = 60.0
+    ) -> StepReply:
+        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepReply)."""
+        try:
+            raw = await self.stream.recv(timeout=timeout)
+        except TimeoutError:
+            await self._abort()
+            raise TimeoutError(f"inference step on {self.span!r} got no answer within {timeout}s") from None
+        except StreamClosed:
+            self.closed = True
+            raise StreamClosed(f"{self.span!r} closed the inference stream") from None
+        except BaseException:
+            await self._abort()
+            raise
+        self.outstanding -= 1
+        reply = check_reply(raw, "position")
+        new_position = reply["position"]
+        if not isinstance(new_position, int) or isinstance(new_position, bool):
+            raise PetalError("internal", f"the server sent a non-integer position {new_position!r:.40}")
+        self.position = new_position
+        if reply.get("skipped") is True:
+            return StepReply(None, False)
+        check_reply(reply, "hidden")
+        out = decode_reply_tensor(reply, "hidden", self.span.max_reply_bytes, shape=shape)
+        return StepReply(out.to(dtype), reply.get("pushed") is True)
+
+    async def _abort(self) -> None:
+        self.closed = True
+        await self.stream.reset()
+
+    async def close(self) -> None:
+        """End the session; the server frees its cache. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        await self.stream.close()
+
+    async def __aenter__(self) -> RemoteInference:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            await self.close()
+        else:
+            await self._abort()

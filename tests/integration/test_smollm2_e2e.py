@@ -1,0 +1,161 @@
+"""SmolLM2 end to end: three real petald daemons serve [0,10) [10,20) [20,30); `petalctl` and the OpenAI client
+talk to the first one's socket, and the text equals transformers' greedy `generate` on the same model dir.
+
+This is the path a user takes (the README's demo), so it runs the real CLI as a subprocess, not in-process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support.daemons import Swarm, wait_for_route
+
+pytestmark = pytest.mark.smollm2
+
+MODEL = "smollm2"
+NEW_TOKENS = 24
+PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2_dir):
+    root = Path(tempfile.mkdtemp(prefix="petal-", dir="/tmp"))  # short: AF_UNIX paths are limited to 108 bytes
+    s = Swarm(root)
+    env = {"PETAL_MODELS_DIR": str(smollm2_dir.parent), "OMP_NUM_THREADS": "1"}
+    try:
+        serve = ("--serve", MODEL, "--codec", "none")  # q8 on the wire changes SmolLM2's greedy text after ~15 tokens
+        first = s.make("s0", "--new-swarm", *serve, "--blocks", "0:10").start(extra_env=env)
+        boot = first.address
+        with ThreadPoolExecutor(max_workers=2) as pool:  # startup is mostly loading and waiting: overlap it
+            futures = [
+                pool.submit(s.make(f"s{i}", "--initial-peer", boot, *serve, "--blocks", blocks).start, env)
+                for i, blocks in ((1, "10:20"), (2, "20:30"))
+            ]
+            for f in futures:
+                f.result()
+        chain = wait_for_route(first, MODEL, 30)
+        assert [(h["start"], h["end"]) for h in chain] == [(0, 10), (10, 20), (20, 30)]
+        yield first
+    finally:
+        s.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_model(smollm2_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, local_model):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = local_model
+
+    def greedy_text(ids: list[int], n: int = NEW_TOKENS) -> str:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    return tokenizer, greedy_text
+
+
+def petalctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*PETALCTL, "--socket", str(socket_path), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_petalctl_generate_equals_transformers(swarm, reference):
+    tokenizer, greedy_text = reference
+    prompt = "The capital of France is"
+    done = petalctl(swarm.socket, "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\n")
+    want = greedy_text(tokenizer(prompt)["input_ids"])
+    assert want.strip(), "the reference produced no text: the comparison would prove nothing"
+    assert done.stdout[:-1] == want
+
+
+def test_petalctl_generate_chat_equals_transformers(swarm, reference):
+    tokenizer, greedy_text = reference
+    prompt = "What is the capital of France?"
+    done = petalctl(swarm.socket, "generate", "-m", MODEL, "--chat", prompt, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert done.stdout[:-1] == greedy_text(list(ids))
+
+
+def test_openai_chat_streamed_equals_non_streamed(swarm, reference):
+    import httpx
+    import openai
+
+    tokenizer, greedy_text = reference
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.socket)), timeout=300)
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+    text = chat.choices[0].message.content
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    assert text == greedy_text(list(ids))
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0, stream=True
+        )
+    ]
+    assert len([p for p in pieces if p]) > 1, "the answer should arrive in several pieces"
+    assert "".join(pieces) == text
+    http.close()
+
+
+def test_lora_forward_and_backward_equal_peft(swarm, smollm2_dir, local_model):
+    """Fine-tuning on the real model: logits and LoRA gradients through the 3 daemons equal PEFT run locally."""
+    from petal.ctl.remote_model import RemoteModelForCausalLM
+    from tests.support.torchref import peft_key, peft_llama
+
+    model = RemoteModelForCausalLM.from_pretrained(smollm2_dir, socket=str(swarm.socket), codec="none")
+    targets = ["q_proj", "v_proj"]
+    lora = model.enable_lora(rank=4, alpha=8.0, targets=targets, blocks=[0, 12, 29])
+    with torch.no_grad():
+        for w in lora.parameters():
+            w.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))  # B = 0 (PEFT's init) would zero A's grads
+    x = torch.randint(0, local_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(x, labels=x)
+    out.loss.backward()
+
+    peft = peft_llama(local_model, lora.weights(), rank=4, alpha=8.0, targets=targets)
+    want = peft(input_ids=x, labels=x)
+    want.loss.backward()
+    scale = float(want.logits.abs().max())
+    diff = float((out.logits - want.logits).abs().max())
+    print(
+        f"\nSmolLM2 LoRA logits: max |diff| {diff:.2e} (max |ref| {scale:.1f}); loss {out.loss.item():.5f} vs "
+        f"{want.loss.item():.5f}"
+    )
+    assert diff <= 1e-4 * max(1.0, scale)
+    params = dict(peft.named_parameters())
+    worst = 0.0
+    for key, w in lora.weights().items():
+        ref = params[peft_key(key)].grad
+        assert w.grad is not None and float(ref.abs().max()) > 0, key
+        rel = float((w.grad - ref).abs().max()) / float(ref.abs().max())
+        worst = max(worst, rel)
+        assert rel <= 1e-3, f"{key}: relative grad error {rel:.2e}"
+    print(f"SmolLM2 LoRA grads: worst max|diff|/max|ref| {worst:.2e} over {len(lora.weights())} tensors")
