@@ -119,10 +119,12 @@ def make_app(node: Node) -> web.Application:
     app.router.add_put("/v1/dht/{key}", put_dht)
     app.router.add_delete("/v1/dht/{key}", delete_dht)
     from petal.daemon.api.generate import add_routes
+    from petal.daemon.api.serve import add_serve_routes
     from petal.daemon.api.tensors import add_tensor_routes
 
     add_routes(app, node)
     add_tensor_routes(app)
+    add_serve_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
