@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv lint test demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,7 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: venv
+# ruff (format check and lint) and mypy, configured in pyproject.toml
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	mkdir -p .cache/typecheck/petal
+	for p in protocol kernels daemon ctl; do ln -sfn ../../../$$p .cache/typecheck/petal/$$p; done
+	$(VENV)/bin/mypy
+
+test: venv lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: venv

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from petal.kernels.families import get_family
+from petal.kernels.families.base import FamilyModule
 from petal.protocol.lora import Lora, lora_key, split_key
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterError", "load_adapter", "save_adapter"]
@@ -41,7 +42,7 @@ class AdapterError(ValueError):
     """The adapter dir cannot be written or read as plain PEFT LoRA; the message says what to change."""
 
 
-def _family_module(family: str) -> Any:
+def _family_module(family: str) -> FamilyModule:
     try:
         return get_family(SimpleNamespace(model_type=family))
     except ValueError as e:

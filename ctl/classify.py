@@ -66,7 +66,7 @@ class RemoteModelForSequenceClassification(nn.Module):
         hidden = body.run_blocks(embeds, mask, body.start, body.end)[:, body.prompt_len :]
         idx = last_token_index(attention_mask, input_ids.shape[0], input_ids.shape[1])
         pooled = hidden[torch.arange(hidden.shape[0]), idx.to(hidden.device)]
-        norm = getattr(body.parts, "norm", None) or body.parts.ln_f
+        norm: nn.Module = getattr(body.parts, "norm", None) or body.parts.get_submodule("ln_f")
         logits = self.score(norm(pooled))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.to(logits.device))
         return SequenceClassifierOutput(loss, logits)

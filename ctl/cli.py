@@ -284,7 +284,7 @@ def bench(
             f"`petalctl models pull {model}` or pass --hidden-size"
         )
         sys.exit(1)
-    opts = {} if codec is None else {"codec": codec}
+    opts: dict[str, Any] = {} if codec is None else {"codec": codec}
     gen = torch.Generator().manual_seed(seed)
     try:
         with ctx.client.open_session(model, max_length=steps + 1, batch=batch, **opts) as session:
@@ -346,7 +346,7 @@ def bench(
 )
 @click.pass_obj
 def generate(
-    ctx: Ctx, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], adapter: str | None, **options: Any
+    ctx: Ctx, /, model: str, prompt: str, as_json: bool, stop: tuple[str, ...], adapter: str | None, **options: Any
 ) -> None:
     """Generate text from PROMPT through the swarm, streaming tokens as they come."""
     as_json = as_json or ctx.as_json

@@ -3,7 +3,8 @@
 
 JSON for control, msgpack for tensors (`petal.protocol.tensors` maps, never pickle): `forward`/`backward` run
 hidden states through the swarm's blocks, `open_session` keeps an inference session (the servers' KV cache) open
-across steps, `serve`/`unserve` make the local daemon host blocks or stop.
+across steps, `serve`/`unserve` make the local daemon host blocks or stop. Request and error bodies come from
+`petal.protocol.socket_api`, the same types the daemon parses them with.
 """
 
 from __future__ import annotations
@@ -18,21 +19,37 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from petal.ctl.bodies import (
+    MAX_REPLY_TENSOR_BYTES,
+    DaemonError,
+    backward_result,
+    decode_json_reply,
+    decode_reply,
+    ndjson_data,
+    ndjson_line,
+    no_daemon,
+    reply_tensor,
+    session_request,
+    sse_data,
+    step_request,
+    tensor_request,
+)
+from petal.protocol.socket_api import MSGPACK, ServeRequest, UnserveRequest, chat_body, generate_body
+
+__all__ = [
+    "MAX_REPLY_TENSOR_BYTES",
+    "AsyncClient",
+    "AsyncClientSession",
+    "Client",
+    "ClientSession",
+    "DaemonError",
+    "default_socket",
+]
+
 if TYPE_CHECKING:
     import torch
 
     from petal.protocol.lora import Lora
-
-MSGPACK = "application/x-msgpack"
-MAX_REPLY_TENSOR_BYTES = 1 << 40  # the local daemon is trusted to size its replies; decoding still checks structure
-
-
-class DaemonError(RuntimeError):
-    """The daemon answered with an error, or could not be reached; `code` is the API's error code."""
-
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
 
 
 def default_socket() -> Path:
@@ -77,7 +94,7 @@ class Client:
         try:
             conn.request(method, path, body=payload, headers=headers)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise _no_daemon(self.socket_path) from None
+            raise no_daemon(self.socket_path) from None
         return conn.getresponse()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -87,7 +104,7 @@ class Client:
             data = response.read()
         finally:
             conn.close()
-        return _decode(response, data)
+        return decode_json_reply(response, data)
 
     def request_msgpack(self, method: str, path: str, body: Any = None) -> Any:
         """A msgpack request; the reply is decoded from msgpack (or, for errors, JSON -> DaemonError)."""
@@ -97,16 +114,16 @@ class Client:
             data = response.read()
         finally:
             conn.close()
-        return _decode_any(response.status, response.getheader("Content-Type") or "", data)
+        return decode_reply(response.status, response.getheader("Content-Type") or "", data)
 
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """Yield each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
-        return self._stream(method, path, body, "ndjson", _ndjson_data)
+        return self._stream(method, path, body, "ndjson", ndjson_data)
 
     def events(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """Yield each ``data:`` event of a Server-Sent-Events reply (the OpenAI endpoints) until ``[DONE]``; an
         in-band ``{"error"}`` event raises DaemonError."""
-        return self._stream(method, path, body, "event-stream", _sse_data)
+        return self._stream(method, path, body, "event-stream", sse_data)
 
     def _stream(
         self, method: str, path: str, body: Any, kind: str, data_of: Callable[[bytes], bytes | None]
@@ -118,21 +135,20 @@ class Client:
             response = self._send(conn, method, path, body)
             ctype = response.getheader("Content-Type") or ""
             if response.status >= 400 or kind not in ctype:
-                yield _decode_any(response.status, ctype, response.read())
+                yield decode_reply(response.status, ctype, response.read())
                 return
             while line := response.readline():
                 data = data_of(line)
                 if data is None:
                     return
                 if data:
-                    yield _ndjson_line(data)
+                    yield ndjson_line(data)
         finally:
             conn.close()
 
     def chat(self, model: str, messages: list[dict[str, str]], **options: Any) -> Iterator[str]:
         """Stream a chat completion (``/v1/chat/completions``): the answer's text pieces as they come."""
-        body = {"model": model, "messages": messages, "stream": True, **options}
-        for event in self.events("POST", "/v1/chat/completions", body):
+        for event in self.events("POST", "/v1/chat/completions", chat_body(model, messages, **options)):
             for choice in event.get("choices") or ():
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
@@ -140,14 +156,14 @@ class Client:
 
     def generate(self, model: str, prompt: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
         """Stream ``/v1/generate``: ``{"token", "text"}`` objects, then the final ``{"done": true, ...}``."""
-        body = {"model": model, "stream": True, **({"prompt": prompt} if prompt is not None else {}), **options}
-        return self.stream("POST", "/v1/generate", body)
+        return self.stream("POST", "/v1/generate", generate_body(model, prompt, **options))
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
     def status(self) -> dict[str, Any]:
-        return self.get("/v1/status")
+        status: dict[str, Any] = self.get("/v1/status")
+        return status
 
     # tensors
 
@@ -168,7 +184,7 @@ class Client:
         `opts`: `codec` (the wire codec between daemon and servers), `allowed`/`blocked` (peer id lists).
         """
         body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
-        return _tensor(self.request_msgpack("POST", "/v1/forward", body), "hidden")
+        return reply_tensor(self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
     def backward(
         self,
@@ -216,18 +232,18 @@ class Client:
     ) -> Iterator[dict[str, Any]]:
         """Make the local daemon serve `model` (blocks "A:B", or `num_blocks` where the swarm needs them, or all);
         yields progress events, the last being ``{"event": "serving", "start", "end", "throughput"}``."""
-        return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
+        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
 
     def unserve(self, model: str) -> dict[str, Any]:
         """Stop serving `model`: ``{"model", "stopped": [{"start", "end"}]}``."""
-        return self.request("POST", "/v1/unserve", {"model": model})
+        stopped: dict[str, Any] = self.request("POST", "/v1/unserve", UnserveRequest(model).to_body())
+        return stopped
 
 
-class ClientSession:
-    """An open inference session on the daemon; use as a context manager so the servers' caches are freed."""
+class _OpenSession:
+    """What the daemon said when it opened an inference session (POST /v1/sessions), and where it stands."""
 
-    def __init__(self, client: Client, info: dict[str, Any]) -> None:
-        self.client = client
+    def __init__(self, info: dict[str, Any]) -> None:
         self.id: str = info["session"]
         self.model: str = info["model"]
         self.start: int = info["start"]
@@ -237,11 +253,19 @@ class ClientSession:
         self.position = 0
         self.closed = False
 
+
+class ClientSession(_OpenSession):
+    """An open inference session on the daemon; use as a context manager so the servers' caches are freed."""
+
+    def __init__(self, client: Client, info: dict[str, Any]) -> None:
+        super().__init__(info)
+        self.client = client
+
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding)."""
         reply = self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
         self.position = int(reply["position"])
-        return _tensor(reply, "hidden")
+        return reply_tensor(reply, "hidden")
 
     def close(self) -> None:
         if not self.closed:
@@ -298,19 +322,20 @@ class AsyncClient:
             async with self._session().request(method, "http://localhost" + path, **kwargs) as r:
                 return r.status, r.headers.get("Content-Type", ""), await r.read()
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
-            raise _no_daemon(self.socket_path) from None
+            raise no_daemon(self.socket_path) from None
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
-        return _decode_any(*await self._call(method, path, body, packed=False))
+        return decode_reply(*await self._call(method, path, body, packed=False))
 
     async def request_msgpack(self, method: str, path: str, body: Any = None) -> Any:
-        return _decode_any(*await self._call(method, path, body, packed=True))
+        return decode_reply(*await self._call(method, path, body, packed=True))
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)
 
     async def status(self) -> dict[str, Any]:
-        return await self.get("/v1/status")
+        status: dict[str, Any] = await self.get("/v1/status")
+        return status
 
     async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[dict[str, Any]]:
         """Each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""
@@ -320,17 +345,16 @@ class AsyncClient:
             async with self._session().request(method, "http://localhost" + path, json=body) as r:
                 ctype = r.headers.get("Content-Type", "")
                 if r.status >= 400 or "ndjson" not in ctype:
-                    yield _decode_any(r.status, ctype, await r.read())
+                    yield decode_reply(r.status, ctype, await r.read())
                     return
                 async for line in r.content:
                     if line.strip():
-                        yield _ndjson_line(line)
+                        yield ndjson_line(line)
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
-            raise _no_daemon(self.socket_path) from None
+            raise no_daemon(self.socket_path) from None
 
     def generate(self, model: str, prompt: str | None = None, **options: Any) -> AsyncIterator[dict[str, Any]]:
-        body = {"model": model, "stream": True, **({"prompt": prompt} if prompt is not None else {}), **options}
-        return self.stream("POST", "/v1/generate", body)
+        return self.stream("POST", "/v1/generate", generate_body(model, prompt, **options))
 
     async def forward(
         self,
@@ -345,7 +369,7 @@ class AsyncClient:
         **opts: Any,
     ) -> torch.Tensor:
         body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
-        return _tensor(await self.request_msgpack("POST", "/v1/forward", body), "hidden")
+        return reply_tensor(await self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
     async def backward(
         self,
@@ -386,23 +410,26 @@ class AsyncClient:
     def serve(
         self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        return self.stream("POST", "/v1/serve", serve_request(model, blocks, num_blocks))
+        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
 
     async def unserve(self, model: str) -> dict[str, Any]:
-        return await self.request("POST", "/v1/unserve", {"model": model})
+        stopped: dict[str, Any] = await self.request("POST", "/v1/unserve", UnserveRequest(model).to_body())
+        return stopped
 
 
-class AsyncClientSession(ClientSession):
+class AsyncClientSession(_OpenSession):
     """`ClientSession` for `AsyncClient`: `await step(...)`, `await close()`, `async with`."""
 
-    client: AsyncClient  # type: ignore[assignment]
+    def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
+        super().__init__(info)
+        self.client = client
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         reply = await self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
         self.position = int(reply["position"])
-        return _tensor(reply, "hidden")
+        return reply_tensor(reply, "hidden")
 
-    async def close(self) -> None:  # type: ignore[override]
+    async def close(self) -> None:
         if not self.closed:
             self.closed = True
             await self.client.request_msgpack("DELETE", f"/v1/sessions/{self.id}")
@@ -412,141 +439,3 @@ class AsyncClientSession(ClientSession):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-# --- request bodies and replies (shared by both clients; other languages build the same maps) --------------------
-
-
-def _enc(t: torch.Tensor | None) -> dict[str, Any] | None:
-    from petal.protocol.tensors import encode_tensor  # lazily: torch's import would slow every petalctl command
-
-    return None if t is None else encode_tensor(t, "none")
-
-
-def _dec(obj: Any) -> torch.Tensor:
-    from petal.protocol.tensors import decode_tensor
-
-    return decode_tensor(obj, max_bytes=MAX_REPLY_TENSOR_BYTES)
-
-
-def tensor_request(
-    model: str,
-    hidden: torch.Tensor,
-    *,
-    grad: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    prompts: torch.Tensor | None = None,
-    start: int = 0,
-    end: int | None = None,
-    lora: Lora | None = None,
-    **opts: Any,
-) -> dict[str, Any]:
-    """The msgpack body of /v1/forward (and, with `grad`, /v1/backward)."""
-    body: dict[str, Any] = {"model": model, "hidden": _enc(hidden), "start": start, "end": end, **opts}
-    for key, t in (("grad", grad), ("mask", mask), ("prompts", prompts)):
-        if t is not None:
-            body[key] = _enc(t)
-    if lora is not None:
-        from petal.protocol.lora import encode_lora
-
-        body["lora"] = encode_lora(lora, "none")
-    return body
-
-
-def session_request(
-    model: str,
-    max_length: int,
-    *,
-    batch: int = 1,
-    start: int = 0,
-    end: int | None = None,
-    prompts: torch.Tensor | None = None,
-    **opts: Any,
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "max_length": max_length,
-        "batch": batch,
-        "start": start,
-        "end": end,
-        "prompts": _enc(prompts),
-        **opts,
-    }
-
-
-def step_request(hidden: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
-    return {"hidden": _enc(hidden), "mask": _enc(mask)}
-
-
-def serve_request(model: str, blocks: str | None, num_blocks: int | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model}
-    if blocks is not None:
-        body["blocks"] = blocks
-    if num_blocks is not None:
-        body["num_blocks"] = num_blocks
-    return body
-
-
-def _tensor(reply: Any, key: str) -> torch.Tensor:
-    if not isinstance(reply, dict) or reply.get(key) is None:
-        raise DaemonError("bad_response", f"the daemon's reply lacks {key!r}: {str(reply)[:200]}")
-    return _dec(reply[key])
-
-
-def backward_result(reply: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-    grad = _tensor(reply, "grad")
-    grad_prompts = None if reply.get("grad_prompts") is None else _tensor(reply, "grad_prompts")
-    lora = reply.get("grad_lora")
-    grad_lora = None if lora is None else {k: _dec(v) for k, v in lora.items()}
-    return grad, grad_prompts, grad_lora
-
-
-def _no_daemon(socket_path: str) -> DaemonError:
-    return DaemonError(
-        "unavailable",
-        f"no petald listening on {socket_path}: start one with `petald --new-swarm` "
-        "(or `systemctl start petald`), or pass --socket",
-    )
-
-
-def _ndjson_data(line: bytes) -> bytes:
-    return line.strip()
-
-
-def _sse_data(line: bytes) -> bytes | None:
-    if not line.startswith(b"data: "):
-        return b""
-    data = line[6:].strip()
-    return None if data == b"[DONE]" else data
-
-
-def _ndjson_line(line: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        raise DaemonError("bad_response", f"daemon sent a non-JSON line: {line[:200]!r}") from None
-    if isinstance(obj, dict) and "error" in obj:
-        err = obj["error"] if isinstance(obj["error"], dict) else {}
-        raise DaemonError(err.get("code", "error"), err.get("message", str(obj)))
-    return obj
-
-
-def _decode_any(status: int, content_type: str, data: bytes) -> Any:
-    """A reply body by its Content-Type: msgpack, else JSON; a status >= 400 raises DaemonError."""
-    if MSGPACK in content_type and status < 400:
-        try:
-            return msgpack.unpackb(data, raw=False)
-        except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:
-            raise DaemonError("bad_response", f"daemon sent bad msgpack ({status}): {e}") from None
-    try:
-        decoded = json.loads(data) if data else None
-    except json.JSONDecodeError:
-        raise DaemonError("bad_response", f"daemon sent non-JSON ({status}): {data[:200]!r}") from None
-    if status >= 400:
-        err = (decoded or {}).get("error", {}) if isinstance(decoded, dict) else {}
-        raise DaemonError(err.get("code", "error"), err.get("message", str(decoded)), status)
-    return decoded
-
-
-def _decode(response: http.client.HTTPResponse, data: bytes) -> Any:
-    return _decode_any(response.status, "application/json", data)

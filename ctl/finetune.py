@@ -118,13 +118,15 @@ def make_batch(examples: Sequence[Example], pad_id: int = 0) -> tuple[torch.Tens
 def prepare(model: RemoteModelForCausalLM, config: FinetuneConfig) -> list[torch.nn.Parameter]:
     """Add the method's trainable parameters to `model` (unless it already has them) and return them."""
     if config.method in ("ptune", "deep_ptune"):
-        if model.prompts is None:
-            model.enable_ptune(config.prompt_len, deep=config.method == "deep_ptune", seed=config.seed)
-        return list(model.prompts.parameters())  # type: ignore[union-attr]
-    if model.lora is None:
+        prompts = model.prompts
+        if prompts is None:
+            prompts = model.enable_ptune(config.prompt_len, deep=config.method == "deep_ptune", seed=config.seed)
+        return list(prompts.parameters())
+    lora = model.lora
+    if lora is None:
         torch.manual_seed(config.seed)
-        model.enable_lora(rank=config.rank, alpha=config.alpha, targets=config.targets)
-    return list(model.lora.parameters())  # type: ignore[union-attr]
+        lora = model.enable_lora(rank=config.rank, alpha=config.alpha, targets=config.targets)
+    return list(lora.parameters())
 
 
 def train(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from petal.kernels.families.base import ClientPartsBase
 from petal.kernels.sampling import SamplingParams, make_generator, sample_next
 from petal.kernels.store import ModelInfo, load_client_parts, open_model
 from petal.protocol.lora import Lora
@@ -162,7 +163,14 @@ class RemoteModelForCausalLM(nn.Module):
     """
 
     def __init__(
-        self, info: ModelInfo, parts: nn.Module, client: Client, *, start: int = 0, end: int | None = None, **opts: Any
+        self,
+        info: ModelInfo,
+        parts: ClientPartsBase,
+        client: Client,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        **opts: Any,
     ) -> None:
         super().__init__()
         self.info, self.config, self.client = info, info.config, client
@@ -279,7 +287,8 @@ class RemoteModelForCausalLM(nn.Module):
             lora.scale if lora is not None else 1.0,
             dict(self.opts),
         )
-        return RemoteBlocks.apply(call, hidden, prompts, *values)
+        out: torch.Tensor = RemoteBlocks.apply(call, hidden, prompts, *values)  # type: ignore[no-untyped-call, unused-ignore]  # torch: apply is unannotated (flagged only when strict)
+        return out
 
     def embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -322,7 +331,8 @@ class RemoteModelForCausalLM(nn.Module):
         """
         prompts = None
         if self.prompts is not None and self.prompts.deep:
-            prompts = self.prompts.deep_for(self.start, self.end, batch).detach().contiguous()
+            deep = self.prompts.deep_for(self.start, self.end, batch)
+            prompts = None if deep is None else deep.detach().contiguous()
         session = self.client.open_session(
             self.model_name, max_length, batch=batch, start=self.start, end=self.end, prompts=prompts, **self.opts
         )
@@ -428,7 +438,7 @@ class RemoteModelForCausalLM(nn.Module):
             total = (scores[:, None] + logp).view(-1)
             top, idx = torch.topk(total, 2 * num_beams)
             next_beams, next_scores = [], []
-            for score, flat in zip(top.tolist(), idx.tolist()):
+            for score, flat in zip(top.tolist(), idx.tolist(), strict=True):
                 beam, token = divmod(flat, vocab)
                 seq = torch.cat([beams[beam], torch.tensor([token], dtype=beams.dtype)])
                 if token in eos:
@@ -443,7 +453,7 @@ class RemoteModelForCausalLM(nn.Module):
                 best_possible = float(scores.max()) / (step + 1)
                 if best_possible <= max(s for s, _ in finished):
                     break
-        finished += [(float(s) / (b.shape[0] - prompt), b) for s, b in zip(scores, beams)]
+        finished += [(float(s) / (b.shape[0] - prompt), b) for s, b in zip(scores, beams, strict=True)]
         return max(finished, key=lambda x: x[0])[1]
 
 

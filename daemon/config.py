@@ -53,7 +53,7 @@ class Config:
     http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
     relay: bool = True  # relay for unreachable peers when reachable; reserve on the bootstrap peer when not
-    # block serving (see petal.daemon.serving.server); `serve` is a model name in the models dir or a model dir path
+    # block serving (see petal.daemon.serving); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
     blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
     num_blocks: int | None = None  # host this many blocks where the swarm's throughput is worst
@@ -135,8 +135,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, object
     for name in _PATH_FIELDS & values.keys():
         values[name] = Path(os.path.expanduser(str(values[name])))
     for name in ("listen", "initial_peers"):
-        if isinstance(values.get(name), (str, tuple)):
-            values[name] = [values[name]] if isinstance(values[name], str) else list(values[name])
+        value = values.get(name)
+        if isinstance(value, str):
+            values[name] = [value]
+        elif isinstance(value, tuple):
+            values[name] = list(value)
     try:
         return Config(**values).validate()  # type: ignore[arg-type]
     except TypeError as e:

@@ -7,6 +7,7 @@ runs the same spans in one process instead (no daemons), which is what `greedy_t
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -15,19 +16,25 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import click
 import torch
-from torch import nn
 
+from petal.daemon.pull import pull_model
+from petal.kernels.families.base import ClientPartsBase
 from petal.kernels.span import Span
+from petal.kernels.store import load_client_parts, load_span, open_model
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 __all__ = ["greedy_tokens", "main"]
 
 
 @torch.no_grad()
 def greedy_tokens(
-    parts: nn.Module,
+    parts: ClientPartsBase,
     spans: Sequence[Span],
     input_ids: torch.Tensor,
     max_new_tokens: int,
@@ -45,7 +52,7 @@ def greedy_tokens(
     tokens = input_ids
     for _ in range(max_new_tokens):
         hidden = parts.embed(tokens).to(dtype)
-        for span, cache in zip(spans, caches):
+        for span, cache in zip(spans, caches, strict=True):
             hidden = span.step(hidden, cache)
         token = int(parts.logits(hidden[:, -1:].to(torch.float32)).argmax(-1))
         yield token
@@ -56,7 +63,7 @@ def greedy_tokens(
 
 def _cuts(num_blocks: int, pieces: int) -> list[tuple[int, int]]:
     bounds = [round(i * num_blocks / pieces) for i in range(pieces + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 PETALCTL = [sys.executable, "-c", "from petal.ctl.cli import main; main()"]  # a process: daemon/ never imports ctl/
@@ -81,7 +88,6 @@ def _wait_ready(proc: subprocess.Popen, socket_path: Path, log: Path, timeout: f
 
 def swarm_demo(prompt: str, max_new_tokens: int, keep: bool = False) -> int:
     """Start three serving daemons, generate through them with petalctl, stop them by PID; returns petalctl's code."""
-    from petal.daemon.pull import pull_model
 
     pull_model("smollm2")
     root = Path(tempfile.mkdtemp(prefix="petal-demo-", dir="/tmp"))
@@ -169,18 +175,16 @@ def main(prompt: str, max_new_tokens: int, local: bool, pieces: int, quant: str)
         sys.exit(swarm_demo(prompt, max_new_tokens))
     from transformers import AutoTokenizer
 
-    from petal.daemon.pull import pull_model
-    from petal.kernels.store import load_client_parts, load_span, open_model
-
     info = open_model(pull_model("smollm2"))
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     parts = load_client_parts(info)
     cuts = _cuts(info.num_blocks, pieces)
     spans = [load_span(info, a, b, quant=quant) for a, b in cuts]
     click.echo(f"# {info.name} ({info.fingerprint}), spans {cuts}, quant={quant}", err=True)
-    ids = tokenizer.apply_chat_template(
+    encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    )
+    ids = cast("BatchEncoding", encoded)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     generated: list[int] = []
     shown = ""
@@ -188,7 +192,7 @@ def main(prompt: str, max_new_tokens: int, local: bool, pieces: int, quant: str)
         if token in eos:
             break
         generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
+        text = cast(str, tokenizer.decode(generated, skip_special_tokens=True))
         sys.stdout.write(text[len(shown) :])  # decode the whole answer so multi-token characters come out right
         sys.stdout.flush()
         shown = text

@@ -1,4 +1,8 @@
-"""Node identity: one ed25519 key in the state dir, from which the libp2p peer id and the DHT node id derive."""
+"""Node identity: one ed25519 key in the state dir, from which the libp2p peer id and the DHT node id derive.
+
+libp2p is imported lazily, inside the two methods that need it: it is slow to import, and most commands
+(config checks, the DHT id, signing records) need none of it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,12 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nacl.signing import SigningKey
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
 
 KEY_FILE = "identity.key"
 SEED_BYTES = 32
@@ -66,7 +74,8 @@ class Identity:
         """Kademlia's 160-bit node id: SHA-1 of the public key, stable across restarts."""
         return hashlib.sha1(self.public_key).digest()
 
-    def libp2p_key_pair(self):  # -> libp2p.crypto.keys.KeyPair (imported lazily: libp2p is slow to import)
+    def libp2p_key_pair(self) -> KeyPair:
+        """The same key as libp2p's key pair (for the host's Noise handshake and peer id)."""
         from libp2p.crypto.ed25519 import Ed25519PrivateKey
         from libp2p.crypto.keys import KeyPair
 

@@ -41,7 +41,7 @@ from petal.daemon.systemd import setup_logging
 @click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
-def cli(ctx: click.Context, config_file: str | None, **overrides: object) -> None:
+def cli(ctx: click.Context, /, config_file: str | None, **overrides: object) -> None:
     """Run the petal daemon: join (or start) a swarm and serve the local control socket."""
     if ctx.invoked_subcommand is not None:
         return

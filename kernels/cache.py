@@ -18,7 +18,7 @@ class KVCache:
         if not keys or len(keys) != len(values):
             raise ValueError(f"KVCache needs one key and one value buffer per layer, got {len(keys)} and {len(values)}")
         shape = keys[0].shape
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=True):
             if k.dim() != 4 or k.shape != shape or v.shape != shape:
                 raise ValueError(
                     f"every KV buffer must be [batch, heads, max_length, head_dim] of shape {tuple(shape)}"

@@ -11,8 +11,12 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # transformers is imported when converting, not when the daemon starts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
 __all__ = ["ConversionError", "convert_gguf"]
 
@@ -34,17 +38,25 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
     from transformers.utils import logging as hf_logging
 
     if quiet:
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers: unannotated
     try:
-        with open(os.devnull, "w") as devnull:
-            with contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext():
-                return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
+        with (
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext(),
+        ):
+            return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
     finally:
         if quiet:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # transformers: unannotated
 
 
-def _convert(gguf_path: Path, out_dir: Path, name: str | None, auto_model: type, auto_tokenizer: type) -> Path:
+def _convert(
+    gguf_path: Path,
+    out_dir: Path,
+    name: str | None,
+    auto_model: type[AutoModelForCausalLM],
+    auto_tokenizer: type[AutoTokenizer],
+) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file {gguf_path} does not exist; pull the model again (`petald pull NAME`)")
@@ -55,7 +67,7 @@ def _convert(gguf_path: Path, out_dir: Path, name: str | None, auto_model: type,
     odd = [n for n, m in model.named_modules() if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear]
     if odd:
         raise ConversionError(f"GGUF weights were not dequantized (e.g. {odd[0]}); cannot save plain safetensors")
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers: an undeclared plain attribute
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)

@@ -11,6 +11,8 @@ the CPU matmul is an autograd Function whose backward multiplies by the dequanti
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -28,18 +30,27 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scales
 
 
+class _AutogradCtx(Protocol):
+    """What our autograd Functions use of torch's ctx (torch's stubs type `saved_tensors` as a 1-tuple)."""
+
+    saved_tensors: tuple[torch.Tensor, ...]
+    needs_input_grad: tuple[bool, ...]
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None: ...
+
+
 class _Int8MatMul(torch.autograd.Function):
     """y = x @ (q * scales).T with the int8 kernel; backward gives grad wrt x only (weights are frozen)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: _AutogradCtx, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, scales)
         flat = x.reshape(-1, x.shape[-1]).to(scales.dtype)
         y = torch._weight_int8pack_mm(flat, q, scales)
         return y.reshape(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: _AutogradCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         q, scales = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -52,6 +63,10 @@ class Int8Linear(nn.Module):
 
     Outputs come back in the input's dtype. The weight is a buffer, not a parameter: it is never trained.
     """
+
+    weight_int8: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -77,7 +92,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Int8MatMul.apply(x, self.weight_int8, self.scales)
+        y: torch.Tensor = _Int8MatMul.apply(x, self.weight_int8, self.scales)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -86,28 +101,29 @@ class Int8Linear(nn.Module):
 
 def _cuda_int8_linear(linear: nn.Linear, device: torch.device) -> nn.Module:
     """bitsandbytes LLM.int8: int8 weights, fp16 outlier columns above the threshold; quantizes on `.to(cuda)`."""
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Int8Params, Linear8bitLt
 
-    layer = bnb.nn.Linear8bitLt(
+    layer = Linear8bitLt(
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
         has_fp16_weights=False,
         threshold=LLM_INT8_THRESHOLD,
     )
-    layer.weight = bnb.nn.Int8Params(
+    layer.weight = Int8Params(
         linear.weight.detach().to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
     )
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to("cpu", torch.float16), requires_grad=False)
-    return layer.to(device)
+    moved: nn.Module = layer.to(device)  # type: ignore[no-untyped-call]  # bitsandbytes: Linear8bitLt.to is unannotated
+    return moved
 
 
 def quantize_module(module: nn.Module, device: torch.device | str) -> int:
     """Replace every `nn.Linear` inside `module` with its int8 form for `device`; returns how many were replaced."""
     device = torch.device(device)
     replaced = 0
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is not nn.Linear:
                 continue

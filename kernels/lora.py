@@ -21,17 +21,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from petal.kernels.families import get_family
-from petal.kernels.int8 import Int8Linear
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora
+
+from .families import get_family
+from .int8 import Int8Linear
 
 __all__ = ["apply_lora", "check_lora", "linear_layers", "lora_targets"]
 
 _LINEAR_TYPES = (nn.Linear, Int8Linear)
 
 
-def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+def linear_layers(block: nn.Module) -> dict[str, nn.Linear | Int8Linear]:
     """The block's LoRA-able layers by their path inside the block (e.g. ``self_attn.q_proj``)."""
     return {name: m for name, m in block.named_modules() if name and isinstance(m, _LINEAR_TYPES)}
 
@@ -44,7 +45,7 @@ def lora_targets(config: Any) -> dict[str, tuple[int, int]]:
     return {name: (int(m.in_features), int(m.out_features)) for name, m in linear_layers(block).items()}
 
 
-def _plan(lora: Lora, blocks: dict[int, nn.Module]) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+def _plan(lora: Lora, blocks: dict[int, nn.Module]) -> list[tuple[nn.Linear | Int8Linear, torch.Tensor, torch.Tensor]]:
     """(layer, A, B) for every LoRA pair; raises PetalError naming the first key that does not fit."""
     plan = []
     for index in lora.blocks:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
-from petal.kernels.cache import KVCache
-from petal.kernels.families import get_family
 from petal.protocol.errors import PetalError
+
+from .cache import KVCache
+from .families import get_family
 
 
 class Span(nn.Module):
     """Blocks `[start, start + len(blocks))` of one model, run as a unit with one causal mask and positions."""
 
-    def __init__(self, config: object, blocks: list[nn.Module], start: int) -> None:
+    def __init__(self, config: PretrainedConfig, blocks: list[nn.Module], start: int) -> None:
         super().__init__()
         if not blocks:
             raise ValueError("a span needs at least one block")
@@ -33,11 +35,11 @@ class Span(nn.Module):
         self.eval()
 
     @classmethod
-    def from_model(cls, model: nn.Module, start: int, end: int) -> Span:
+    def from_model(cls, model: PreTrainedModel, start: int, end: int) -> Span:
         """Take blocks `[start, end)` out of a full transformers model (shared, not copied); for tests and tools."""
-        inner = getattr(model, model.base_model_prefix, model)
-        layers = inner.layers if hasattr(inner, "layers") else inner.h
-        return cls(model.config, list(layers[start:end]), start)
+        inner: nn.Module = getattr(model, model.base_model_prefix, model)
+        layers = inner.get_submodule("layers" if hasattr(inner, "layers") else "h")
+        return cls(model.config, list(layers.children())[start:end], start)
 
     @property
     def start(self) -> int:
@@ -49,7 +51,7 @@ class Span(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return int(self.config.hidden_size)
 
     def _check_hidden(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[1] == 0 or hidden.shape[-1] != self.hidden_size:

@@ -17,6 +17,7 @@ reading the whole checkpoint. Not included: the model's name, tokenizer, generat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -24,14 +25,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from petal.kernels.families import get_family
-from petal.kernels.span import Span
+from .families import get_family
+from .families.base import ClientPartsBase
+from .span import Span
 
 __all__ = [
     "FINGERPRINT_CONFIG_FIELDS",
@@ -152,7 +155,7 @@ def load_span(
         blocks.append(block)
     span = Span(info.config, blocks, start)
     if quant == "int8":
-        from petal.kernels.int8 import quantize_span
+        from .int8 import quantize_span
 
         quantize_span(span, torch.device(device))
     return span
@@ -160,7 +163,7 @@ def load_span(
 
 def load_client_parts(
     info: ModelInfo, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> nn.Module:
+) -> ClientPartsBase:
     """The family's `ClientParts` (embeddings, final norm, head; tied or not) filled from the checkpoint."""
     family = get_family(info.config)
     with torch.device("meta"):
@@ -269,17 +272,16 @@ def _fingerprint(config: PretrainedConfig, tensors: dict[str, _TensorEntry]) -> 
     for name in sorted(tensors):
         entry = tensors[name]
         digest.update(json.dumps([name, list(entry.shape), entry.dtype]).encode())
-    handles: dict[Path, object] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, BinaryIO] = {}  # each shard opened once, all closed on exit
         for name in sorted(tensors):
             entry = tensors[name]
-            f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))
+            f = handles.get(entry.file)
+            if f is None:
+                f = handles[entry.file] = stack.enter_context(open(entry.file, "rb"))
             n = min(FINGERPRINT_SAMPLE_BYTES, entry.nbytes)
             f.seek(entry.offset)
             digest.update(f.read(n))
             f.seek(entry.offset + entry.nbytes - n)
             digest.update(f.read(n))
-    finally:
-        for f in handles.values():
-            f.close()
     return digest.hexdigest()[:16]

@@ -28,9 +28,10 @@ def pack_message(obj: object) -> bytes:
     Raises WireError("bad_frame") if ``obj`` holds anything else (tensors must go through encode_tensor).
     """
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+        packed: bytes = msgpack.packb(obj, use_bin_type=True, datetime=False)
     except (TypeError, ValueError, OverflowError) as e:
         raise WireError("bad_frame", f"cannot encode message: {e}") from e
+    return packed
 
 
 def encode_frame(obj: object, *, max_frame: int = MAX_PAYLOAD) -> bytes:
@@ -80,7 +81,7 @@ def unpack_message(payload: bytes | bytearray | memoryview, *, max_bin_len: int 
         )
     except WireError:
         raise
-    except Exception as e:  # msgpack raises ValueError subclasses, UnicodeDecodeError, TypeError, ...
+    except Exception as e:  # noqa: BLE001 - hostile input: msgpack raises ValueError subclasses, TypeError, ...
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise WireError("bad_frame", f"malformed msgpack message ({detail:.400})") from None
     _reject_timestamps(obj)

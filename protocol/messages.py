@@ -3,7 +3,8 @@
 Every request a server receives passes through one of the `parse_*` functions before anything touches it: they
 check field presence and types, ranges, and tensor shapes against what the server hosts (`ServedSpan`), and raise
 `WireError` (malformed) or `PetalError` (well-formed but unservable) with a message that says what to fix. The
-client-side `check_reply` does the same for answers. Pure functions: no I/O, no model.
+client-side `check_reply` does the same for answers (the typed replies of `petal.protocol.replies` build on it).
+Pure functions: no I/O, no model.
 
 The inference stream, with push (paper §3.2; every client message gets exactly one reply, in order):
 
@@ -154,10 +155,10 @@ def _str(msg: dict[str, Any], name: str, what: str) -> str:
 
 
 def _codec(msg: dict[str, Any], what: str) -> str:
-    codec = msg.get("codec", DEFAULT_CODEC)
+    codec: object = msg.get("codec", DEFAULT_CODEC)
     if codec is None:
         codec = DEFAULT_CODEC
-    if codec not in CODECS:
+    if not isinstance(codec, str) or codec not in CODECS:
         raise PetalError("bad_request", f"{what}: unknown reply codec {codec!r:.40}; use one of {', '.join(CODECS)}")
     return codec
 
@@ -168,7 +169,8 @@ def _tensor(msg: dict[str, Any], name: str, served: ServedSpan, *, optional: boo
         if optional:
             return None
         raise WireError("bad_frame", f"field {name!r} (a tensor) is missing")
-    return decode_tensor(obj, max_bytes=served.max_tensor_bytes)
+    tensor: torch.Tensor = decode_tensor(obj, max_bytes=served.max_tensor_bytes)
+    return tensor
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -436,7 +438,7 @@ def check_pushed(hidden: torch.Tensor, batch: int, tokens: int) -> None:
         )
 
 
-# --- replies (client side) -----------------------------------------------------------------------------------------
+# --- error frames and reply checks (the typed replies are in `petal.protocol.replies`) ------------------------
 
 
 def error_reply(error: PetalError) -> dict[str, Any]:
@@ -453,13 +455,3 @@ def check_reply(msg: object, *fields: str) -> dict[str, Any]:
     if missing:
         raise WireError("bad_frame", f"reply lacks field(s) {', '.join(missing)}; the server may be incompatible")
     return m
-
-
-def decode_reply_tensor(
-    reply: dict[str, Any], name: str, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, *, shape: tuple[int, ...] | None = None
-) -> torch.Tensor:
-    """Tensor `name` of a reply, checked for the expected shape (a server must not return anything else)."""
-    tensor = decode_tensor(reply[name], max_bytes=max_bytes)
-    if shape is not None and tuple(tensor.shape) != tuple(shape):
-        raise WireError("bad_tensor", f"reply {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
-    return tensor

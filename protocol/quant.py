@@ -15,13 +15,15 @@ Behaviour at the edges, explicitly:
 - an all-zero block has absmax 0 and every index points at the code's exact 0.0 (no NaN);
 - NaN or ±inf input is rejected with ``WireError("bad_tensor")``: one inf would zero its whole block;
 - the encoder picks the *nearest* code (ties to the lower index). bitsandbytes' CPU kernel uses an
-  approximate search and picks the other neighbour for ~0.1 % of elements; see tests/test_protocol_quant.py.
+  approximate search and picks the other neighbour for ~0.1 % of elements; see
+  tests/unit/protocol/test_protocol_quant.py.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from types import ModuleType
 from typing import Final, NamedTuple
 
 import torch
@@ -111,11 +113,11 @@ def _check_block(block: int) -> None:
         raise WireError("bad_tensor", f"q8 block size must be an int in [1, {MAX_BLOCK}], got {block!r}")
 
 
-def _bnb():  # type: ignore[no-untyped-def]
+def _bnb() -> ModuleType | None:
     """bitsandbytes' functional module, or None; imported lazily because it is optional and slow."""
     try:
         import bitsandbytes.functional as bnb_functional
-    except Exception:  # any failure to load (no CUDA build, missing libs) means "not available"
+    except Exception:  # noqa: BLE001 - any failure to load (no CUDA build, missing libs) means "not available"
         return None
     return bnb_functional
 

@@ -123,8 +123,11 @@ def _canonical(obj: Any, depth: int = 0) -> Any:
     raise RecordError(f"type {type(obj).__name__} cannot appear in a DHT record")
 
 
-def _payload(key: str, public_key: bytes, value: dict, issued_at: float, expires_at: float) -> bytes:
-    return msgpack.packb([key, public_key, _canonical(value), float(issued_at), float(expires_at)], use_bin_type=True)
+def _payload(key: str, public_key: bytes, value: dict[str, Any], issued_at: float, expires_at: float) -> bytes:
+    packed: bytes = msgpack.packb(
+        [key, public_key, _canonical(value), float(issued_at), float(expires_at)], use_bin_type=True
+    )
+    return packed
 
 
 # --- entries --------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ class Entry:
 
     peer_id: str
     public_key: bytes
-    value: dict
+    value: dict[str, Any]
     issued_at: float
     expires_at: float
     key: str = ""
@@ -156,7 +159,7 @@ class Entry:
         return self.expires_at <= (time.time() if now is None else now)
 
 
-def sign_entry(signer: Signer, key: str, value: dict, *, issued_at: float, expires_at: float) -> Entry:
+def sign_entry(signer: Signer, key: str, value: dict[str, Any], *, issued_at: float, expires_at: float) -> Entry:
     """Sign ``value`` under ``key``. Raises RecordError if the value is not encodable or the record too big."""
     if not isinstance(value, dict):
         raise RecordError(f"a DHT value must be a dict, got {type(value).__name__}")
@@ -203,7 +206,7 @@ def verify_entry(
     signature, payload = record[:SIGNATURE_BYTES], record[SIGNATURE_BYTES:]
     try:
         decoded = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise RecordError(f"record payload is not msgpack: {e}") from None
     if not (isinstance(decoded, list) and len(decoded) == 5):
         raise RecordError("record payload must be [key, public_key, value, issued_at, expires_at]")
@@ -235,7 +238,7 @@ def verify_entry(
 # --- value schemas --------------------------------------------------------------------------------------
 
 
-def _field(value: dict, name: str, types: type | tuple[type, ...], what: str) -> Any:
+def _field(value: dict[str, Any], name: str, types: type | tuple[type, ...], what: str) -> Any:
     got = value.get(name)
     if isinstance(got, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         got = None
@@ -244,9 +247,17 @@ def _field(value: dict, name: str, types: type | tuple[type, ...], what: str) ->
     return got
 
 
+def _optional_str(value: dict[str, Any], name: str, what: str) -> str | None:
+    got = value.get(name)
+    if got is not None and not isinstance(got, str):
+        raise RecordError(f"entry value field {name!r} ({what}) must be a string")
+    return got
+
+
 @dataclass(frozen=True)
 class ServerRecord:
-    """What a server announces under each block key it serves. Short field names on the wire."""
+    """What a server announces under each block key it serves, and what routers read back. Short field names on
+    the wire; ``quant`` (``q``) and ``fingerprint`` (``fp``) are written only when set."""
 
     addrs: tuple[str, ...]
     start: int
@@ -257,13 +268,15 @@ class ServerRecord:
     dtype: str
     version: int
     peer_id: str = ""  # filled from the signed entry, not carried in the value
+    quant: str = ""  # weight quantization of the span ("none", "int8", ...)
+    fingerprint: str | None = None  # the model version the server hosts; None: not announced
 
-    def to_value(self) -> dict:
+    def to_value(self) -> dict[str, Any]:
         if self.state not in STATES:
             raise RecordError(f"state must be one of {STATES}, got {self.state!r}")
         if not 0 <= self.start < self.end:
             raise RecordError(f"span [{self.start}, {self.end}) is empty or negative")
-        return {
+        value: dict[str, Any] = {
             "a": list(self.addrs),
             "s": [self.start, self.end],
             STATE_FIELD: self.state,
@@ -272,9 +285,17 @@ class ServerRecord:
             "d": self.dtype,
             "v": int(self.version),
         }
+        if self.quant:
+            value["q"] = self.quant
+        if self.fingerprint is not None:
+            value["fp"] = self.fingerprint
+        return value
 
     @classmethod
-    def from_value(cls, value: dict, peer_id: str = "") -> ServerRecord:
+    def from_value(cls, value: dict[str, Any], peer_id: str = "") -> ServerRecord:
+        """The record in ``value``; raises RecordError naming the first bad field."""
+        if not isinstance(value, dict):
+            raise RecordError(f"a server record must be a map, got {type(value).__name__}")
         addrs = _field(value, "a", list, "addresses")
         span = _field(value, "s", list, "span")
         state = _field(value, STATE_FIELD, str, "state")
@@ -284,21 +305,36 @@ class ServerRecord:
             raise RecordError("span must be [start, end)")
         if state not in STATES or not 0 <= span[0] < span[1]:
             raise RecordError(f"bad state {state!r} or span {span!r}")
+        throughput = float(_field(value, "t", (int, float), "throughput"))
+        if not math.isfinite(throughput):
+            raise RecordError("throughput must be a finite number")
         return cls(
             tuple(addrs),
             span[0],
             span[1],
             state,
-            float(_field(value, "t", (int, float), "throughput")),
+            throughput,
             _field(value, "c", int, "cache tokens left"),
-            _field(value, "d", str, "dtype/quant"),
+            _field(value, "d", str, "dtype"),
             _field(value, "v", int, "version"),
             peer_id,
+            _optional_str(value, "q", "quant") or "",
+            _optional_str(value, "fp", "fingerprint"),
         )
 
     @classmethod
     def from_entry(cls, entry: Entry) -> ServerRecord:
         return cls.from_value(entry.value, entry.peer_id)
+
+    @classmethod
+    def parse(cls, value: object, peer_id: str = "") -> ServerRecord | None:
+        """The record in ``value``, or None if it is malformed: a bad entry from the network is skipped, not fatal."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls.from_value(value, peer_id)
+        except RecordError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -311,7 +347,7 @@ class ModelRecord:
     family: str
     state: str = "online"
 
-    def to_value(self) -> dict:
+    def to_value(self) -> dict[str, Any]:
         if self.state not in STATES:
             raise RecordError(f"state must be one of {STATES}, got {self.state!r}")
         return {
@@ -323,14 +359,30 @@ class ModelRecord:
         }
 
     @classmethod
-    def from_value(cls, value: dict) -> ModelRecord:
+    def from_value(cls, value: dict[str, Any]) -> ModelRecord:
+        """The record in ``value``; raises RecordError naming the first bad field."""
+        if not isinstance(value, dict):
+            raise RecordError(f"a model record must be a map, got {type(value).__name__}")
         state = value.get(STATE_FIELD, "online")
         if state not in STATES:
             raise RecordError(f"bad state {state!r}")
+        num_blocks = _field(value, "b", int, "num_blocks")
+        if num_blocks < 1:
+            raise RecordError(f"num_blocks must be positive, got {num_blocks}")
         return cls(
             _field(value, "n", str, "name"),
             _field(value, "f", str, "fingerprint"),
-            _field(value, "b", int, "num_blocks"),
+            num_blocks,
             _field(value, "fm", str, "family"),
             state,
         )
+
+    @classmethod
+    def parse(cls, value: object) -> ModelRecord | None:
+        """The record in ``value``, or None if it is malformed (skipped, never fatal)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls.from_value(value)
+        except RecordError:
+            return None

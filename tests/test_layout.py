@@ -60,7 +60,7 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, name: str) -> tuple[set[str], list[tuple[int, str]]]:
-    """(project modules imported at module level, TYPE_CHECKING blocks included; (line, module) imported in functions)."""
+    """Project modules imported at module level (TYPE_CHECKING included), and (line, module) imported in functions."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     top: set[str] = set()

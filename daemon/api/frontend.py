@@ -8,13 +8,14 @@ as in Petals: only hidden states cross the network. ``generate`` prefills the pr
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from petal.daemon.pull import default_models_dir
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.session import InferenceSession
 from petal.kernels.sampling import SamplingParams, make_generator, sample_next
@@ -26,8 +27,6 @@ log = logging.getLogger("petal.frontend")
 
 def resolve_model(name: str, models_dir: Path | None = None) -> Path:
     """``name`` is a model dir, or a model pulled into the models dir; raises PetalError("not_found") otherwise."""
-    from petal.daemon.pull import default_models_dir
-
     path = Path(name).expanduser()
     if "/" in name and (path / "config.json").is_file():
         return path
@@ -114,7 +113,7 @@ class ModelFrontend:
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     async def generate(
         self,
@@ -123,7 +122,7 @@ class ModelFrontend:
         params: SamplingParams,
         result: Generation | None = None,
         **session_kwargs: Any,
-    ) -> AsyncIterator[Token]:
+    ) -> AsyncGenerator[Token, None]:
         """Yield new tokens as they are sampled; ``result`` (if given) holds the totals at the end.
 
         Stops after ``max_new_tokens``, at an end-of-sequence token (not yielded), or when the text reaches a stop

@@ -1,8 +1,17 @@
-"""The few multiaddr shapes petald uses: /ip4|ip6|dns/HOST/tcp|udp/PORT[/p2p/PEER_ID]."""
+"""The few multiaddr shapes petald uses (/ip4|ip6|dns/HOST/tcp|udp/PORT[/p2p/PEER_ID], relay circuits) and peer ids.
+
+String work only; ``parse_peer_id`` imports libp2p lazily (it is slow to import and config parsing needs none).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from petal.daemon.net.transport import DialError
+
+if TYPE_CHECKING:
+    from libp2p.peer.id import ID
 
 
 @dataclass(frozen=True)
@@ -39,3 +48,24 @@ def parse_multiaddr(addr: str) -> HostPort:
             raise ValueError(f"cannot parse address {addr!r}: expected {shape}")
         peer_id = rest[1]
     return HostPort(parts[2], port, parts[3], peer_id)
+
+
+def is_circuit(addr: str) -> bool:
+    """Whether `addr` is a relayed address (`.../p2p/RELAY/p2p-circuit/p2p/PEER`)."""
+    return "/p2p-circuit" in addr
+
+
+def strip_p2p(addr: str) -> str:
+    """The transport part of a multiaddr ("/ip4/1.2.3.4/tcp/5/p2p/Qm.." -> "/ip4/1.2.3.4/tcp/5")."""
+    i = addr.find("/p2p/")
+    return addr if i < 0 else addr[:i]
+
+
+def parse_peer_id(peer_id: str) -> ID:
+    """A base58 peer id as libp2p's ID, or DialError saying which id is bad."""
+    from libp2p.peer.id import ID
+
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as e:  # noqa: BLE001 - base58 and multihash raise several types
+        raise DialError(f"{peer_id!r} is not a valid libp2p peer id: {e}") from None

@@ -13,7 +13,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from petal.protocol.errors import WireError
 from petal.protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
@@ -75,7 +75,7 @@ class Stream(Protocol):
 
     async def __aenter__(self) -> Stream: ...
 
-    async def __aexit__(self, *exc: object) -> None: ...
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None: ...
 
 
 Handler = Callable[[Stream], Awaitable[None]]
@@ -120,7 +120,7 @@ class StreamBase:
     async def reset(self) -> None:
         raise NotImplementedError
 
-    async def __aenter__(self) -> StreamBase:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -229,11 +229,12 @@ class MemoryStream(StreamBase):
 
     async def recv(self, timeout: float | None = None) -> object:
         item = await self._next_item(timeout)
-        if item is _EOF or isinstance(item, StreamReset):
+        if item is _EOF:
             self._inbox.put_nowait(item)  # every later recv sees the same end
-            if item is _EOF:
-                raise StreamClosed(f"peer {self.peer_id} closed the {self.protocol_id} stream")
-            raise item  # type: ignore[misc]
+            raise StreamClosed(f"peer {self.peer_id} closed the {self.protocol_id} stream")
+        if isinstance(item, StreamReset):
+            self._inbox.put_nowait(item)
+            raise item
         return item
 
     async def close(self) -> None:

@@ -1,5 +1,7 @@
 """Client side of one server's span of blocks: `info`, `forward`, `backward` and inference sessions over a transport.
 
+Every reply is read with its typed message of `petal.protocol.replies` (the same types the servers send).
+
 What callers (the router and sessions) must catch, and what it means for failover:
 
 - `PetalError` (from `petal.protocol.errors`): the server answered with an error frame. `e.code` says why:
@@ -32,13 +34,18 @@ from petal.protocol.messages import (
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
-    SESSION_ID_RE,
-    check_reply,
+)
+from petal.protocol.replies import (
+    BackwardReply,
+    ForwardReply,
+    InfoReply,
+    OpenReply,
+    StepReply,
     decode_reply_tensor,
 )
 from petal.protocol.tensors import encode_tensor
 
-__all__ = ["RemoteInference", "RemoteSpan", "StepReply"]
+__all__ = ["RemoteInference", "RemoteSpan", "StepOutput"]
 
 
 def _enc(tensor: torch.Tensor | None, codec: str) -> dict[str, Any] | None:
@@ -86,10 +93,11 @@ class RemoteSpan:
             "codec": self.codec,
         }
 
-    async def info(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The server's `info` map (span, limits, throughput, cache tokens left, versions)."""
-        reply = await self.transport.call(self.peer, INFO_PROTOCOL, {"model": self.model}, timeout=timeout)
-        return check_reply(reply, "start", "end", "hidden_size")
+    async def info(self, timeout: float = 10.0) -> InfoReply:
+        """The server's `info` (span, limits, throughput, cache tokens left, versions)."""
+        return InfoReply.from_wire(
+            await self.transport.call(self.peer, INFO_PROTOCOL, {"model": self.model}, timeout=timeout)
+        )
 
     def _lora(self, lora: Lora | None) -> tuple[Lora | None, dict[str, Any] | None]:
         """This span's share of ``lora`` and its wire form; weights always travel exactly (codec "none")."""
@@ -117,8 +125,8 @@ class RemoteSpan:
         _, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
-        reply = check_reply(await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout), "hidden")
-        out = decode_reply_tensor(reply, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
+        reply = ForwardReply.from_wire(await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout))
+        out = decode_reply_tensor(reply.hidden, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
         return out.to(hidden.dtype)
 
     async def backward(
@@ -144,18 +152,21 @@ class RemoteSpan:
         sub, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
-        reply = check_reply(await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout), "grad")
-        grad_in = decode_reply_tensor(reply, "grad", self.max_reply_bytes, shape=tuple(hidden.shape)).to(hidden.dtype)
+        reply = BackwardReply.from_wire(
+            await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout)
+        )
+        grad_in = decode_reply_tensor(reply.grad, "grad", self.max_reply_bytes, shape=tuple(hidden.shape))
+        grad_in = grad_in.to(hidden.dtype)
         grad_prompts = None
         if prompts is not None:
-            if reply.get("grad_prompts") is None:
+            if reply.grad_prompts is None:
                 raise PetalError("internal", "the server sent no grad_prompts although prompts were sent")
             grad_prompts = decode_reply_tensor(
-                reply, "grad_prompts", self.max_reply_bytes, shape=tuple(prompts.shape)
+                reply.grad_prompts, "grad_prompts", self.max_reply_bytes, shape=tuple(prompts.shape)
             ).to(prompts.dtype)
         grad_lora = None
         if sub is not None:
-            grad_lora = decode_lora_grads(reply.get("grad_lora"), sub, max_bytes=self.max_reply_bytes)
+            grad_lora = decode_lora_grads(reply.grad_lora, sub, max_bytes=self.max_reply_bytes)
         return grad_in, grad_prompts, grad_lora
 
     async def open_inference(
@@ -174,23 +185,20 @@ class RemoteSpan:
                 request["push"] = True
             await stream.send(request)
             try:
-                reply = check_reply(await stream.recv(timeout=timeout), "ok", "max_length")
+                reply = OpenReply.from_wire(await stream.recv(timeout=timeout))
             except StreamClosed:
                 raise StreamClosed(f"{self!r} closed the inference stream without answering") from None
         except BaseException:
             await stream.reset()
             raise
-        session = reply.get("session")
-        if not (isinstance(session, str) and SESSION_ID_RE.fullmatch(session)):
-            session = None
-        accepts = push and reply.get("push") is True and session is not None
-        return RemoteInference(self, stream, int(reply["max_length"]), batch, session, accepts)
+        accepts = push and reply.push and reply.session is not None
+        return RemoteInference(self, stream, reply.max_length, batch, reply.session, accepts)
 
 
 @dataclass(frozen=True)
-class StepReply:
-    """One reply of an inference stream: the output, or None if the server skipped a step that waited for a push
-    because the client's next message came first; `pushed` says whether the output also went to the next hop."""
+class StepOutput:
+    """One reply of an inference stream, decoded: the output, or None if the server skipped a step that waited for a
+    push because the client's next message came first; `pushed` says whether the output also went to the next hop."""
 
     hidden: torch.Tensor | None
     pushed: bool
@@ -290,8 +298,8 @@ class RemoteInference:
 
     async def recv_step(
         self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, timeout: float = 60.0
-    ) -> StepReply:
-        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepReply)."""
+    ) -> StepOutput:
+        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepOutput)."""
         try:
             raw = await self.stream.recv(timeout=timeout)
         except TimeoutError:
@@ -304,16 +312,12 @@ class RemoteInference:
             await self._abort()
             raise
         self.outstanding -= 1
-        reply = check_reply(raw, "position")
-        new_position = reply["position"]
-        if not isinstance(new_position, int) or isinstance(new_position, bool):
-            raise PetalError("internal", f"the server sent a non-integer position {new_position!r:.40}")
-        self.position = new_position
-        if reply.get("skipped") is True:
-            return StepReply(None, False)
-        check_reply(reply, "hidden")
-        out = decode_reply_tensor(reply, "hidden", self.span.max_reply_bytes, shape=shape)
-        return StepReply(out.to(dtype), reply.get("pushed") is True)
+        reply = StepReply.from_wire(raw)
+        self.position = reply.position
+        if reply.skipped or reply.hidden is None:
+            return StepOutput(None, False)
+        out = decode_reply_tensor(reply.hidden, "hidden", self.span.max_reply_bytes, shape=shape)
+        return StepOutput(out.to(dtype), reply.pushed is True)
 
     async def _abort(self) -> None:
         self.closed = True

@@ -1,14 +1,10 @@
-"""Running hidden states through a chain of remote spans: inference sessions with failover, forward and backward.
+"""The client-side inference session: a stateful generation over a chain of remote spans, with failover and push.
 
 An ``InferenceSession`` keeps, for every hop of its chain, each input it sent there. When a server fails mid-session
 it is banned, the router finds a replacement for exactly the blocks that server ran (possibly several servers), the
 stored inputs are replayed there as one prefill so the replacement holds the same KV cache, and the step goes on:
-the caller sees no error and the same output (within the wire codec's tolerance).
-
-``forward`` and ``backward`` are stateless calls through a throughput-weighted chain, retried hop by hop on other
-servers. Design choice: ``backward`` re-runs the forward along its chain to get each hop's input instead of
-keeping activations from an earlier ``forward`` call, so a training client needs no server-side or daemon-side
-state between the two calls (it costs one extra forward per hop except the last).
+the caller sees no error and the same output (within the wire codec's tolerance). Where both sides support it,
+servers push each step's output straight to the next hop (one pass along the chain per step, paper §3.2).
 """
 
 from __future__ import annotations
@@ -22,69 +18,14 @@ from typing import Any
 import torch
 
 from petal.daemon.net.transport import StreamClosed, TransportError
-from petal.daemon.routing.remote import RemoteInference, RemoteSpan
-from petal.daemon.routing.router import (
-    Hop,
-    Router,
-    ServerInfo,
-    SwarmView,
-    no_route_error,
-    split_batch,
-    throughput_chain,
-)
+from petal.daemon.routing.chains import Hop
+from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
+from petal.daemon.routing.remote import RemoteInference
+from petal.daemon.routing.router import Router
+from petal.daemon.routing.swarm import SwarmView
 from petal.protocol.errors import PetalError
-from petal.protocol.lora import Lora
 
 log = logging.getLogger("petal.session")
-
-CALLER_ERROR_CODES = frozenset({"max_length", "bad_request", "wrong_shape", "bad_frame", "bad_tensor", "too_large"})
-"""Errors caused by the request itself: another server would refuse it too, so they reach the caller unchanged."""
-DEFAULT_MAX_RETRIES = 5
-"""Server failures one call (one step, one forward, one backward) survives before it gives up."""
-
-
-def is_server_fault(error: BaseException) -> bool:
-    """Whether ``error`` means "this server failed" (fail over) rather than "this request is wrong" (re-raise)."""
-    if isinstance(error, PetalError):
-        return error.code not in CALLER_ERROR_CODES
-    return isinstance(error, (TransportError, TimeoutError, ConnectionError, OSError, EOFError))
-
-
-def _gave_up(what: str, attempts: int, error: BaseException) -> PetalError:
-    return PetalError(
-        "unavailable",
-        f"{what} failed on {attempts} server(s) in a row; last error: {error}. The swarm may be short of healthy "
-        "servers for these blocks: retry later, or check `petalctl` swarm status.",
-    )
-
-
-def _check_hidden(hidden: torch.Tensor, batch: int | None = None) -> None:
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise PetalError(
-            "wrong_shape",
-            f"hidden states must be a [batch, tokens, hidden] tensor, got {getattr(hidden, 'shape', hidden)!r}",
-        )
-    if batch is not None and hidden.shape[0] != batch:
-        raise PetalError(
-            "wrong_shape", f"this session was opened for batch {batch}, got hidden states of batch {hidden.shape[0]}"
-        )
-    if hidden.shape[1] < 1:
-        raise PetalError("wrong_shape", "hidden states hold no tokens")
-
-
-def _slice_prompts(prompts: torch.Tensor | None, offset: int, hop: Hop) -> torch.Tensor | None:
-    """The deep prompts of ``hop``'s blocks, from prompts laid out for blocks [offset, ...)."""
-    return None if prompts is None else prompts[hop.start - offset : hop.end - offset]
-
-
-def remote_span(router: Router, view: SwarmView, hop: Hop, codec: str | None = None) -> RemoteSpan:
-    """The client of ``hop`` (a sub-range of a server's span)."""
-    return RemoteSpan(
-        router.transport, hop.server.peer, view.model, view.fingerprint or "", hop.start, hop.end, codec or router.codec
-    )
-
-
-# --- inference ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -177,14 +118,15 @@ class InferenceSession:
             raise PetalError("bad_request", "this inference session is closed; open a new one")
         self._view = await self.router.view(self.model)
         if self.end is None:
-            self.end = self._view.num_blocks
-        if self.prompts is not None and self.prompts.shape[0] != self.end - self.start:
+            self.end = self._view.num_blocks or 0  # a refreshed view always knows it
+        end = self.end
+        if self.prompts is not None and self.prompts.shape[0] != end - self.start:
             raise PetalError(
                 "wrong_shape",
-                f"prompts cover {self.prompts.shape[0]} blocks but the session runs {self.end - self.start}",
+                f"prompts cover {self.prompts.shape[0]} blocks but the session runs {end - self.start}",
             )
         failures: list[BaseException] = []
-        self._links = await self._open_range(self.start, self.end, None, failures)
+        self._links = await self._open_range(self.start, end, None, failures)
         self._opened = True
 
     async def _open_range(
@@ -202,7 +144,7 @@ class InferenceSession:
             try:
                 x = replay
                 for hop in chain:
-                    span = remote_span(self.router, self._view, hop, self.codec)
+                    span = self.router.span(self._view, hop, self.codec)
                     link = _Link(
                         hop,
                         await span.open_inference(
@@ -215,7 +157,7 @@ class InferenceSession:
                             x,
                             mask=self._last_mask,
                             position=0,
-                            prompts=_slice_prompts(self.prompts, self.start, hop),
+                            prompts=slice_prompts(self.prompts, self.start, hop),
                             timeout=self.step_timeout,
                         )
                         link.history.append(x)
@@ -228,12 +170,12 @@ class InferenceSession:
                 self.router.ban(hop.peer_id, e)
                 failures.append(e)
                 if len(failures) > self.max_retries:
-                    raise _gave_up(f"opening blocks {a}..{b} of {self.model}", len(failures), e) from e
+                    raise gave_up(f"opening blocks {a}..{b} of {self.model}", len(failures), e) from e
                 log.info("could not open blocks [%d, %d) on %s (%s); trying another server", a, b, hop.peer_id, e)
 
     async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the next ``t`` tokens through the chain; fails over transparently when a server dies."""
-        _check_hidden(hidden, self.batch)
+        check_hidden(hidden, self.batch)
         t = hidden.shape[1]
         if self.position + t > self.max_length:
             raise PetalError(
@@ -244,7 +186,8 @@ class InferenceSession:
         if mask is not None and tuple(mask.shape) != (self.batch, self.position + t):
             raise PetalError(
                 "wrong_shape",
-                f"mask must be [batch, tokens so far + new] = [{self.batch}, {self.position + t}], got {tuple(mask.shape)}",
+                f"mask must be [batch, tokens so far + new] = [{self.batch}, {self.position + t}], "
+                f"got {tuple(mask.shape)}",
             )
         async with self._lock:
             await self.open()
@@ -269,7 +212,7 @@ class InferenceSession:
     def _prompts(self, link: _Link) -> torch.Tensor | None:
         if self.prompts is None or self.position >= self.prompts.shape[2]:
             return None
-        return _slice_prompts(self.prompts, self.start, link.hop)
+        return slice_prompts(self.prompts, self.start, link.hop)
 
     def _failed(self, link: _Link, error: Exception, failures: list[BaseException]) -> None:
         """Ban the hop's server for a server fault (re-raise anything else) and count it against the retry budget."""
@@ -278,7 +221,7 @@ class InferenceSession:
         self.router.ban(link.hop.peer_id, error)
         failures.append(error)
         if len(failures) > self.max_retries:
-            raise _gave_up(f"inference step at position {self.position}", len(failures), error) from error
+            raise gave_up(f"inference step at position {self.position}", len(failures), error) from error
 
     async def _repair(self, failures: list[BaseException]) -> None:
         """Replace hops whose stream an earlier failed step left closed or with unread replies (no ban)."""
@@ -301,6 +244,8 @@ class InferenceSession:
                     x, mask=mask, position=self.position, prompts=self._prompts(link), timeout=self.step_timeout
                 )
             except Exception as e:
+                if not is_server_fault(e):
+                    raise  # the request itself is wrong: another server would refuse it too
                 self._failed(link, e, failures)
                 await self._replace(i, failures)
                 continue  # the same input, now to the replacement's first hop
@@ -387,6 +332,8 @@ class InferenceSession:
                 if reply.hidden is None:
                     raise PetalError("internal", f"{link.hop.peer_id} skipped step {step} although it had its input")
             except Exception as e:
+                if not is_server_fault(e):
+                    raise  # the request itself is wrong: another server would refuse it too
                 self._failed(link, e, failures)
                 await self._replace(i, failures)
                 continue  # the same input, now to the replacement's first hop
@@ -443,290 +390,3 @@ async def _close_links(links: list[_Link]) -> None:
             await link.remote.close()
         except Exception as e:  # noqa: BLE001 - the server may already be gone; its cache times out there
             log.debug("closing the session on %s: %s", link.hop.peer_id, e)
-
-
-# --- forward and backward -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Call:
-    """Shared arguments of one forward/backward call."""
-
-    router: Router
-    view: SwarmView
-    mask: torch.Tensor | None
-    prompts: torch.Tensor | None
-    offset: int  # the block the prompts' first row belongs to
-    codec: str | None
-    allowed: list[str] | None
-    blocked: list[str]
-    max_retries: int
-    timeout: float
-    split_min_rows: int
-    failures: list[BaseException] = field(default_factory=list)
-    lora: Lora | None = None  # client-owned LoRA weights; each hop gets its own blocks' share
-
-    def candidates(self) -> list[ServerInfo]:
-        return self.router.candidates(self.view, self.allowed, self.blocked)
-
-    def next_hop(self, a: int, b: int) -> Hop:
-        """A throughput-weighted server for block ``a`` onwards (up to ``b``)."""
-        chain = throughput_chain(self.candidates(), a, a + 1, self.router.rng)
-        if chain is None:
-            raise no_route_error(self.view.model, a, b, self.candidates(), list(self.view.servers.values()))
-        server = chain[0].server
-        return Hop(server, a, min(server.end, b))
-
-    def span(self, hop: Hop) -> RemoteSpan:
-        return remote_span(self.router, self.view, hop, self.codec)
-
-    def failed(self, hop: Hop, error: BaseException, what: str) -> None:
-        if not is_server_fault(error):
-            raise error
-        self.router.ban(hop.peer_id, error)
-        self.failures.append(error)
-        if len(self.failures) > self.max_retries:
-            raise _gave_up(what, len(self.failures), error) from error
-
-
-async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
-    """One hop's forward; a large batch is split across the servers that cover exactly this hop."""
-    prompts = _slice_prompts(call.prompts, call.offset, hop)
-    batch = x.shape[0]
-    peers = [s for s in call.candidates() if s.covers(hop.start, hop.end)]
-    if batch < 2 * call.split_min_rows or len(peers) < 2:
-        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout, lora=call.lora)
-    parts = split_batch(batch, [hop.server] + [s for s in peers if s.peer_id != hop.peer_id], call.split_min_rows)
-
-    async def part(server: ServerInfo, lo: int, hi: int) -> torch.Tensor:
-        sub = Hop(server, hop.start, hop.end)
-        return await call.span(sub).forward(
-            x[lo:hi],
-            None if call.mask is None else call.mask[lo:hi],
-            None if prompts is None else prompts[:, lo:hi],
-            timeout=call.timeout,
-            lora=call.lora,
-        )
-
-    results = await asyncio.gather(*(part(*p) for p in parts), return_exceptions=True)
-    for (server, _, _), r in zip(parts, results):
-        if isinstance(r, BaseException):
-            call.failed(Hop(server, hop.start, hop.end), r, f"forward of blocks {hop.start}..{hop.end}")
-    if any(isinstance(r, BaseException) for r in results):
-        raise _Retry()
-    return torch.cat(results, dim=0)  # type: ignore[arg-type]
-
-
-class _Retry(Exception):
-    """A split hop lost a part: its servers are already banned and counted; choose again."""
-
-
-async def _forward_trace(
-    call: _Call, a: int, b: int, x: torch.Tensor, *, last: bool = True
-) -> tuple[torch.Tensor | None, list[tuple[Hop, torch.Tensor]]]:
-    """Run [a, b) hop by hop; returns the output and each hop with its input.
-
-    With ``last=False`` the final hop is chosen but not run (backward only needs its input); output is then None.
-    """
-    trace: list[tuple[Hop, torch.Tensor]] = []
-    while a < b:
-        hop = call.next_hop(a, b)
-        if not last and hop.end == b:
-            trace.append((hop, x))
-            return None, trace
-        try:
-            out = await _forward_hop(call, hop, x)
-        except _Retry:
-            continue
-        except Exception as e:
-            call.failed(hop, e, f"forward of blocks {hop.start}..{hop.end} of {call.view.model}")
-            continue
-        trace.append((hop, x))
-        x, a = out, hop.end
-    return x, trace
-
-
-async def _backward_range(
-    call: _Call,
-    a: int,
-    b: int,
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    grad_prompts: torch.Tensor | None,
-    grad_lora: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Gradient w.r.t. ``x`` (input of block a) given ``grad`` w.r.t. the output of block b-1.
-
-    Fills ``grad_prompts`` and ``grad_lora`` (each LoRA key belongs to one block, so exactly one hop reports it;
-    a hop retried elsewhere overwrites nothing it did not compute).
-    """
-    _, trace = await _forward_trace(call, a, b, x, last=False)
-    for hop, inp in reversed(trace):
-        prompts = _slice_prompts(call.prompts, call.offset, hop)
-        try:
-            grad, gp, gl = await call.span(hop).backward(
-                inp, grad, call.mask, prompts, timeout=call.timeout, lora=call.lora
-            )
-        except Exception as e:
-            call.failed(hop, e, f"backward of blocks {hop.start}..{hop.end} of {call.view.model}")
-            grad = await _backward_range(call, hop.start, hop.end, inp, grad, grad_prompts, grad_lora)
-            continue
-        if grad_prompts is not None and gp is not None:
-            grad_prompts[hop.start - call.offset : hop.end - call.offset] = gp
-        if grad_lora is not None and gl is not None:
-            grad_lora.update(gl)
-    return grad
-
-
-async def _prepare_call(
-    router: Router,
-    model: str,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    prompts: torch.Tensor | None,
-    start: int,
-    end: int | None,
-    kwargs: dict[str, Any],
-) -> tuple[_Call, int]:
-    _check_hidden(hidden)
-    view = await router.view(model)
-    end = view.num_blocks if end is None else end
-    if not 0 <= start < end <= (view.num_blocks or 0):
-        raise PetalError("bad_request", f"block range [{start}, {end}) is outside {model}'s {view.num_blocks} blocks")
-    if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
-        raise PetalError(
-            "wrong_shape", f"mask must be [batch, tokens] = {list(hidden.shape[:2])}, got {list(mask.shape)}"
-        )
-    if prompts is not None and (
-        prompts.dim() != 4 or prompts.shape[0] != end - start or prompts.shape[1] != hidden.shape[0]
-    ):
-        raise PetalError(
-            "wrong_shape",
-            f"prompts must be [blocks={end - start}, batch={hidden.shape[0]}, P, hidden], got {list(prompts.shape)}",
-        )
-    lora = kwargs.get("lora")
-    if lora is not None:
-        outside = [i for i in lora.blocks if not start <= i < end]
-        if outside:
-            raise PetalError(
-                "bad_request",
-                f"lora has weights for block(s) {outside[:5]} outside the call's blocks "
-                f"[{start}, {end}); send only the weights of the blocks you run (Lora.for_blocks)",
-            )
-    allowed = kwargs.get("allowed")
-    call = _Call(
-        router,
-        view,
-        mask,
-        prompts,
-        start,
-        kwargs.get("codec"),
-        None if allowed is None else list(allowed),
-        list(kwargs.get("blocked") or ()),
-        kwargs.get("max_retries", DEFAULT_MAX_RETRIES),
-        kwargs.get("timeout", 60.0),
-        kwargs.get("split_min_rows", 8),
-        lora=lora,
-    )
-    return call, end
-
-
-async def forward(
-    router: Router,
-    model: str,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    prompts: torch.Tensor | None = None,
-    *,
-    start: int = 0,
-    end: int | None = None,
-    codec: str | None = None,
-    allowed: Iterable[str] | None = None,
-    blocked: Iterable[str] | None = None,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    timeout: float = 60.0,
-    split_min_rows: int = 8,
-    lora: Lora | None = None,
-) -> torch.Tensor:
-    """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
-
-    Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
-    elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
-    ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call.
-    """
-    call, end = await _prepare_call(
-        router,
-        model,
-        hidden,
-        mask,
-        prompts,
-        start,
-        end,
-        dict(
-            codec=codec,
-            allowed=allowed,
-            blocked=blocked,
-            max_retries=max_retries,
-            timeout=timeout,
-            split_min_rows=split_min_rows,
-            lora=lora,
-        ),
-    )
-    out, _ = await _forward_trace(call, start, end, hidden.detach())
-    assert out is not None
-    return out
-
-
-async def backward(
-    router: Router,
-    model: str,
-    hidden: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    prompts: torch.Tensor | None = None,
-    *,
-    start: int = 0,
-    end: int | None = None,
-    codec: str | None = None,
-    allowed: Iterable[str] | None = None,
-    blocked: Iterable[str] | None = None,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    timeout: float = 60.0,
-    lora: Lora | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-    """Gradients w.r.t. ``hidden`` (the input of block ``start``), ``prompts`` and ``lora``'s weights, given ``grad``
-    w.r.t. the output of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see
-    module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has ``lora``'s keys.
-    """
-    call, end = await _prepare_call(
-        router,
-        model,
-        hidden,
-        mask,
-        prompts,
-        start,
-        end,
-        dict(
-            codec=codec,
-            allowed=allowed,
-            blocked=blocked,
-            max_retries=max_retries,
-            timeout=timeout,
-            split_min_rows=1 << 30,
-            lora=lora,
-        ),
-    )
-    if tuple(grad.shape) != tuple(hidden.shape):
-        raise PetalError(
-            "wrong_shape", f"grad must have the shape of hidden {list(hidden.shape)}, got {list(grad.shape)}"
-        )
-    grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-    grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
-    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
-    if lora is not None:
-        assert grad_lora is not None
-        missing = sorted(set(lora.weights) - set(grad_lora))
-        if missing:
-            raise PetalError("internal", f"no server returned the gradients of lora {missing[:5]}; please report this")
-        grad_lora = {k: grad_lora[k] for k in lora.weights}
-    return grad_in, grad_prompts, grad_lora

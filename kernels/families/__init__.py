@@ -6,7 +6,10 @@ Adding a family = one new module + one line in `_FAMILIES`.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # base imports torch; this registry stays importable without it
+    from .base import FamilyModule
 
 _FAMILIES: dict[str, str] = {
     "llama": "petal.kernels.families.llama",
@@ -16,7 +19,7 @@ _FAMILIES: dict[str, str] = {
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
 
-def get_family(config: object) -> ModuleType:
+def get_family(config: object) -> FamilyModule:
     """The family module for a transformers config, dispatching on `config.model_type`."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
@@ -24,4 +27,4 @@ def get_family(config: object) -> ModuleType:
             f"unsupported model family {model_type!r}: petal supports {', '.join(SUPPORTED_FAMILIES)}; "
             "pick a model of one of these families or add a module under kernels/families/"
         )
-    return importlib.import_module(_FAMILIES[model_type])
+    return cast("FamilyModule", importlib.import_module(_FAMILIES[model_type]))

@@ -7,7 +7,7 @@ module plus one registry line in `__init__.py`:
   current default device (the model store calls it under `torch.device("meta")`).
 - `block_prefix(index) -> str`: that block's parameter prefix in the Hugging Face checkpoint.
 - `CLIENT_PREFIXES`: `ClientParts` state-dict prefix -> checkpoint prefix (embeddings, final norm, head).
-- `ClientParts(config)`: the client-side modules with `embed(input_ids)` and `logits(hidden)`.
+- `ClientParts(config)`: the client-side modules, a `ClientPartsBase` with `embed(input_ids)` and `logits(hidden)`.
 - `client_param_names(config) -> dict[str, str]`: `ClientParts` parameter name -> checkpoint tensor name.
 - `kv_shape(config) -> (kv_heads, head_dim)`: what the KV cache stores per layer.
 - `BlockRunner(config)`: how to call that family's blocks with a causal mask, positions and a cache slot.
@@ -20,11 +20,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from petal.kernels.cache import LayerSlot
+from ..cache import LayerSlot
 
 
 class BlockRunner(Protocol):
     """Calls one family's blocks; built once per span, holds only derived state (e.g. rotary frequencies)."""
+
+    def __init__(self, config: object) -> None: ...
 
     def prepare(self, attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> object:
         """Everything the blocks need for `t` new tokens given the full `[B, past + t]` key mask."""
@@ -35,11 +37,23 @@ class BlockRunner(Protocol):
         ...
 
 
+class ClientPartsBase(nn.Module):
+    """What every family's `ClientParts` provides: the embeddings, final norm and head that stay with the client."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `[B, T, H]` for token ids `[B, T]`."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: `[B, T, H]` hidden states -> `[B, T, vocab]` logits."""
+        raise NotImplementedError
+
+
 class FamilyModule(Protocol):
     """The static interface of a family module (see the module docstring)."""
 
     CLIENT_PREFIXES: dict[str, str]
-    ClientParts: type[nn.Module]
+    ClientParts: type[ClientPartsBase]
     BlockRunner: type[BlockRunner]
 
     def make_block(self, config: object, index: int) -> nn.Module: ...

@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from transformers import BloomConfig
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from petal.kernels.cache import LayerSlot
-from petal.kernels.families import base
+from ..cache import LayerSlot
+from . import base
 
 # ClientParts state-dict prefix -> checkpoint prefix (checkpoints saved from BloomForCausalLM). BLOOM ties its
 # head to the word embeddings; an untied config gets its own lm_head.
@@ -38,7 +38,7 @@ def kv_shape(config: BloomConfig) -> tuple[int, int]:
     return config.n_head, config.hidden_size // config.n_head
 
 
-class ClientParts(nn.Module):
+class ClientParts(base.ClientPartsBase):
     """Word embeddings (+ their layernorm), final layernorm and head: the parts that stay with the client."""
 
     def __init__(self, config: BloomConfig) -> None:
@@ -50,7 +50,8 @@ class ClientParts(nn.Module):
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        embeds: torch.Tensor = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        return embeds
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.ln_f(hidden)
@@ -78,4 +79,5 @@ class BlockRunner:
     def run_block(
         self, block: nn.Module, hidden: torch.Tensor, prepared: dict[str, object], kv: LayerSlot | None
     ) -> torch.Tensor:
-        return block(hidden, layer_past=kv, use_cache=kv is not None, **prepared)[0]
+        out: torch.Tensor = block(hidden, layer_past=kv, use_cache=kv is not None, **prepared)[0]
+        return out

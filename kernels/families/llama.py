@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from petal.kernels.cache import LayerSlot
-from petal.kernels.families import base
+from ..cache import LayerSlot
+from . import base
 
 ATTN_IMPLEMENTATION = "sdpa"
 
@@ -41,10 +41,11 @@ def block_prefix(index: int) -> str:
 
 def kv_shape(config: LlamaConfig) -> tuple[int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_key_value_heads, head_dim
+    kv_heads = config.num_key_value_heads or config.num_attention_heads  # LlamaConfig fills None the same way
+    return kv_heads, int(head_dim)
 
 
-class ClientParts(nn.Module):
+class ClientParts(base.ClientPartsBase):
     """Embeddings, final norm and head: the parts that stay with the client."""
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -55,7 +56,8 @@ class ClientParts(nn.Module):
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        embeds: torch.Tensor = self.embed_tokens(input_ids)
+        return embeds
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)
@@ -89,4 +91,5 @@ class BlockRunner:
     def run_block(
         self, block: nn.Module, hidden: torch.Tensor, prepared: dict[str, object], kv: LayerSlot | None
     ) -> torch.Tensor:
-        return block(hidden, past_key_values=kv, use_cache=kv is not None, **prepared)
+        out: torch.Tensor = block(hidden, past_key_values=kv, use_cache=kv is not None, **prepared)
+        return out

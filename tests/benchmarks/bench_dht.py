@@ -46,7 +46,7 @@ async def _time_get(node: DHT, expect: int) -> float:
 
 def _row(name: str, samples: list[float]) -> str:
     ms = sorted(s * 1000 for s in samples)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+    p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
     return f"| {name:<40} | {len(ms):>4} | {statistics.median(ms):>9.2f} | {p90:>8.2f} | {ms[-1]:>8.2f} |"
 
 

@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,18 +80,18 @@ def main() -> None:
             else:
                 remote.enable_ptune(8, deep=True)
 
-            def swarm_step() -> None:
+            def swarm_step(remote: RemoteModelForCausalLM = remote) -> None:
                 remote(x, labels=x).loss.backward()
 
             ref = _local_reference(local, method)
 
-            def local_step() -> None:
+            def local_step(ref: Callable[[torch.Tensor], object] = ref) -> None:
                 ref(x)
 
-            s, l = timed(swarm_step, args.repeats), timed(local_step, args.repeats)
+            s, loc = timed(swarm_step, args.repeats), timed(local_step, args.repeats)
             print(
                 f"{method:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
-                f"{tokens / l:8.1f} tokens/s ({l * 1000:.0f} ms/step)   swarm/local {l / s:.2f}"
+                f"{tokens / loc:8.1f} tokens/s ({loc * 1000:.0f} ms/step)   swarm/local {loc / s:.2f}"
             )
     finally:
         swarm.close()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from petal.daemon.serving.server import parse_blocks, resolve_model_dir
+from petal.daemon.serving.placement import parse_blocks
+from petal.daemon.serving.plan import resolve_model_dir
 from petal.kernels.store import load_span, open_model
 
 SPIN = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end:\n    pass\n"

@@ -76,9 +76,9 @@ def block_and_span_speed(info: ModelInfo, prompt: torch.Tensor, repeats: int) ->
         cache = blocks.new_cache(1, CONTEXT + repeats + 8, dtype, "cpu")
         blocks.step(prompt.to(dtype), cache)
         token = prompt[:, -1:].to(dtype)
-        step = timings(lambda: blocks.step(token, cache), repeats)
+        step = timings(lambda blocks=blocks, token=token, cache=cache: blocks.step(token, cache), repeats)
         span = load_span(info, 0, 10, dtype=dtype, quant=quant)
-        fwd = timings(lambda: span(prompt.to(dtype)), max(3, repeats // 4), warmup=1)
+        fwd = timings(lambda span=span, dtype=dtype: span(prompt.to(dtype)), max(3, repeats // 4), warmup=1)
         rows.append((name, _ms(step, info.num_blocks), _tps(fwd)))
     return rows
 

@@ -12,7 +12,8 @@ import statistics
 import time
 
 from petal.daemon.identity import Identity
-from petal.daemon.net.p2p import Libp2pTransport, is_circuit
+from petal.daemon.net.addrs import is_circuit
+from petal.daemon.net.p2p import Libp2pTransport
 from petal.daemon.net.transport import PeerAddr, StreamClosed
 
 ECHO = "/bench/echo/1"

@@ -18,7 +18,10 @@ from petal.daemon.identity import Identity
 from petal.daemon.net.p2p import Libp2pTransport
 from petal.daemon.net.transport import PeerAddr
 from petal.daemon.routing.remote import RemoteSpan
-from petal.daemon.serving.server import BlockServer, ServeSettings, parse_blocks, resolve_model_dir
+from petal.daemon.serving.block_server import BlockServer
+from petal.daemon.serving.placement import parse_blocks
+from petal.daemon.serving.plan import resolve_model_dir
+from petal.daemon.serving.settings import ServeSettings
 from petal.kernels.store import load_span, open_model
 
 

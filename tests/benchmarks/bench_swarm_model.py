@@ -12,6 +12,7 @@ So (t_3hops - t_1hop) / 2 is what one more server in the chain costs per decode 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from petal.daemon.serving.server import resolve_model_dir
+from petal.daemon.serving.plan import resolve_model_dir
 from petal.kernels.store import load_span, open_model
 from tests.support.daemons import Daemon, Swarm
 
@@ -143,7 +144,7 @@ def wait_for_route(client: Daemon, model: str, num_blocks: int, timeout: float =
 
 def thirds(n: int) -> list[tuple[int, int]]:
     bounds = [round(i * n / 3) for i in range(4)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def load() -> str:

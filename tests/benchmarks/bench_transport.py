@@ -126,7 +126,7 @@ async def _raw_libp2p(runs: int, mb: int) -> dict[str, str]:
             while True:
                 m = await _read_frame(stream, decoder, queue)
                 await stream.write(encode_frame(m))
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever ends the stream (EOF, reset) ends the echo
             await stream.reset()
 
     async def sink(stream) -> None:

@@ -9,6 +9,7 @@ is "none", so results match to float32 rounding.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import shutil
 import socket
@@ -108,7 +109,7 @@ def test_session_steps_equal_the_full_forward(client, models, start, end):
     with client.open_session(MODEL, max_length=8, start=start, end=end, codec="none") as s:
         assert (s.start, s.end) == (start, end or 30)
         assert s.route[0]["start"] == start and s.route[-1]["end"] == (end or 30)
-        assert all(a["end"] == b["start"] for a, b in zip(s.route, s.route[1:]))
+        assert all(a["end"] == b["start"] for a, b in itertools.pairwise(s.route))
         outs = [s.step(hidden[:, :5])]
         assert s.position == 5
         for t in range(5, 8):
@@ -369,5 +370,5 @@ def test_lora_over_the_socket_equals_local_hooks(client, models):
     grad, _, grad_lora = client.backward(MODEL, hidden, grad_out, start=2, end=20, codec="none", lora=lora)
     torch.testing.assert_close(grad, grads[0], atol=ATOL, rtol=1e-4)
     assert grad_lora is not None and set(grad_lora) == set(weights)
-    for key, g in zip(weights, grads[1:]):
+    for key, g in zip(weights, grads[1:], strict=True):
         torch.testing.assert_close(grad_lora[key], g, atol=ATOL, rtol=1e-4)

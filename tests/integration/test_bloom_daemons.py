@@ -21,8 +21,9 @@ import torch
 from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.routing.calls import backward, forward
 from petal.daemon.routing.router import Router
-from petal.daemon.routing.session import InferenceSession, backward, forward
+from petal.daemon.routing.session import InferenceSession
 from tests.support.daemons import Swarm, wait_for_route
 from tests.support.tinymodels import TINY_VOCAB, tiny_bloom
 

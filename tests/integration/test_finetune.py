@@ -70,10 +70,11 @@ def remote(env) -> RemoteModelForCausalLM:
 
 
 def synthetic_task() -> list[Example]:
-    """Eight random 6-token prefixes (one batch: servers take at most 8 rows), always followed by the same two tokens: learnable only through the adapter."""
+    """Eight random 6-token prefixes (one batch: servers take at most 8 rows), always followed by the same two
+    tokens: learnable only through the adapter."""
     g = torch.Generator().manual_seed(1)
     prefixes = [torch.randint(40, 128, (6,), generator=g).tolist() for _ in range(8)]
-    return [Example(p + [5, 9], [-100] * 6 + [5, 9]) for p in prefixes]
+    return [Example([*p, 5, 9], [-100] * 6 + [5, 9]) for p in prefixes]
 
 
 @pytest.mark.parametrize(("method", "lr"), [("ptune", 0.3), ("deep_ptune", 1.0), ("lora", 0.03)])

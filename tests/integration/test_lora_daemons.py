@@ -1,7 +1,7 @@
 """Client-owned LoRA through real petald daemons: forward and backward equal local PEFT; bad LoRA gets clear errors.
 
 Three daemons serve blocks [0, 10), [10, 20), [20, 30) of a tiny random 30-block Llama. The client half (libp2p
-transport, DHT node, router) runs in the test process and calls `petal.daemon.routing.session.forward/backward` with a
+transport, DHT node, router) runs in the test process and calls `petal.daemon.routing.calls.forward/backward` with a
 `Lora` made of the PEFT model's adapter weights (q_proj and v_proj of every block, random nonzero A and B).
 Codec "none": tolerance TOL on max |diff| / max(1, max |ref|) for logits, input grads and LoRA grads.
 """
@@ -21,8 +21,8 @@ import torch
 from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.routing.calls import backward, forward
 from petal.daemon.routing.router import Router
-from petal.daemon.routing.session import backward, forward
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora, encode_lora
 from petal.protocol.messages import FORWARD_PROTOCOL, check_reply
@@ -117,7 +117,7 @@ async def test_forward_backward_match_peft(router) -> None:
     assert grad_prompts is None and grad_lora is not None
     print(f"input grad: max rel |diff| {close(grad_in, ref_grads[0]):.2e}")
     assert list(grad_lora) == list(lora.weights)
-    worst = max(close(grad_lora[k], g) for k, g in zip(params, ref_grads[1:]))
+    worst = max(close(grad_lora[k], g) for k, g in zip(params, ref_grads[1:], strict=True))
     print(f"lora grads (120 tensors): worst max rel |diff| {worst:.2e}")
 
     # a sub-range crossing a server boundary, with only some blocks' weights

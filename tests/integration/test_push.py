@@ -1,7 +1,8 @@
 """Server-to-server push of inference steps (paper §3.2): one pass along the chain per step, exact failover.
 
-In-process tests use real BlockServers on MemoryTransports (real frame encoding) and a real DHT, as in
-test_session.py; the last test runs real petald daemons over libp2p (tests/daemons.py).
+In-process tests use real BlockServers on MemoryTransports (real frame encoding) and an in-memory DHT, as in
+tests/unit/daemon/test_session.py (tests/support/swarms.py); the last test runs real petald daemons over libp2p
+(tests/support/daemons.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import PUSH_PROTOCOL, check_reply, parse_push, parse_step
 from petal.protocol.tensors import encode_tensor
-from tests.integration.test_session_daemons import Client
 from tests.support.daemons import Swarm
+from tests.support.swarms import MODEL, Client, LocalSwarm, embed, logits
 from tests.support.tinymodels import tiny_llama
-from tests.unit.daemon.test_session import MODEL, LocalSwarm, embed, logits
 
 H = 64  # tiny_llama's hidden size
 
@@ -120,7 +120,7 @@ async def test_push_refused_falls_back_to_the_client(swarm, model):
 async def open_push_session(swarm, peer, start, end, *, push=True, batch=1):
     server = swarm.servers[peer][0]
     span = RemoteSpan(swarm.client_transport, PeerAddr(peer), MODEL, "FP", start, end, codec="none")
-    assert server.info()["push"] is True
+    assert server.info().push is True
     return await span.open_inference(16, batch, push=push)
 
 

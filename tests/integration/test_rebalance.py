@@ -7,11 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from petal.daemon.serving.server import should_move, weakest_window
+from petal.daemon.serving.placement import should_move, weakest_window
 from petal.kernels.store import open_model
 from petal.protocol.records import block_key
+from tests.support.blocks import tiny_llama
 from tests.support.daemons import Swarm
-from tests.unit.daemon.test_server import tiny_llama
 
 
 def swarm_of(*servers: tuple[str, int, int, float], total: int = 6) -> dict[int, list[dict]]:
@@ -64,7 +64,7 @@ def test_stopping_a_server_makes_a_redundant_one_close_the_gap():
         spans = [served(d, name) for d in daemons]
         assert sorted(map(tuple, spans[:3])) == [tuple(range(10)), tuple(range(10, 20)), tuple(range(20, 30))]
         # the 4th duplicates one span; stop a server it does not duplicate, leaving a 10-block gap
-        victim = next(d for d, s in zip(daemons[:3], spans) if s != spans[3])
+        victim = next(d for d, s in zip(daemons[:3], spans[:3], strict=True) if s != spans[3])
         gap = served(victim, name)
         assert victim.stop() == 0
         live = [d for d in daemons if d is not victim]

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from petal.daemon.identity import Identity
-from petal.daemon.net.p2p import Libp2pTransport, RelayError, is_circuit
+from petal.daemon.net.addrs import is_circuit
+from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.net.relay import RelayError
 from petal.daemon.net.transport import DialError, PeerAddr, StreamClosed
 
 ECHO = "/test/relay-echo/1"
@@ -103,7 +105,7 @@ async def test_bidirectional_stream_through_relay(trio_nodes):
 
 
 async def test_use_relay_on_peer_without_relay_service(trio_nodes):
-    relay, private, dialer = trio_nodes
+    _relay, private, dialer = trio_nodes
     with pytest.raises(RelayError, match="offers no relay service"):
         await private.use_relay(direct(dialer))  # the dialer was started without relay_service
     assert private.circuit_addrs == [] and not any(is_circuit(a) for a in private.listen_addrs)

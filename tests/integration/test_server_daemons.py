@@ -1,7 +1,7 @@
 """Real petald processes on 127.0.0.1 serving blocks of a tiny random 30-block Llama; the test talks libp2p to them.
 
-Same reference and tolerances as test_server.py: blocks [a, b) map transformers' `hidden_states[a]` to
-`hidden_states[b]`; codec "none" within ATOL (relative), "q8" within Q8_TOL.
+Same reference and tolerances as test_server.py (`tests.support.blocks`): blocks [a, b) map transformers'
+`hidden_states[a]` to `hidden_states[b]`; codec "none" within ATOL (relative), "q8" within Q8_TOL.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from petal.daemon.routing.remote import RemoteSpan
 from petal.kernels.store import open_model
 from petal.protocol.errors import PetalError
 from petal.protocol.records import block_key
+from tests.support.blocks import ATOL, HIDDEN, Q8_TOL, close, hidden_states, tiny_llama
 from tests.support.daemons import Swarm
-from tests.unit.daemon.test_server import ATOL, HIDDEN, Q8_TOL, close, hidden_states, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,11 @@ async def test_real_daemons_match_transformers(served, client) -> None:
     first, nxt = remote(client, boot, model_dir, 0, 10), remote(client, second, model_dir, 10, 20)
 
     info = await nxt.info()
-    assert (info["start"], info["end"], info["cache_tokens_left"]) == (10, 20, 16) and info["throughput"] > 0
+    assert (info.start, info.end, info.cache_tokens_left) == (10, 20, 16) and info.throughput > 0
     announced = boot.status()["announced"]
-    assert block_key(info["model"], 0) in announced and block_key(info["model"], 9) in announced
+    assert block_key(info.model, 0) in announced and block_key(info.model, 9) in announced
     throughput_cache = json.loads((boot.state_dir / "throughput.json").read_text())
-    assert len(throughput_cache) == 1 and list(throughput_cache.values())[0] > 0
+    assert len(throughput_cache) == 1 and next(iter(throughput_cache.values())) > 0
 
     # a chain of two servers
     out = await nxt.forward(await first.forward(embeds))
@@ -110,7 +110,7 @@ async def test_real_daemons_match_transformers(served, client) -> None:
 
 
 async def test_real_daemon_errors_and_busy(served, client) -> None:
-    model_dir, boot, second = served
+    model_dir, _, second = served
     nxt = remote(client, second, model_dir, 10, 20)
     good = await nxt.open_inference(8, 1)  # 10 blocks x 8 tokens = 80 of the 160 token-blocks
     h = torch.randn(1, 2, HIDDEN)
@@ -135,4 +135,4 @@ async def test_real_daemon_errors_and_busy(served, client) -> None:
     assert close(last, full[:, 2:], ATOL)
     await good.close()
     await asyncio.sleep(0.2)
-    assert (await nxt.info())["cache_tokens_left"] == 16  # freed on close
+    assert (await nxt.info()).cache_tokens_left == 16  # freed on close

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from petal.kernels.store import open_model
 from petal.protocol.records import block_key
+from tests.support.blocks import tiny_llama
 from tests.support.daemons import Swarm
-from tests.unit.daemon.test_server import tiny_llama
 
 
 def test_num_blocks_daemons_cover_the_model() -> None:

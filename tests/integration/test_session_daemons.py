@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from petal.daemon.dht.network import DHT
-from petal.daemon.identity import Identity
-from petal.daemon.net.p2p import Libp2pTransport
-from petal.daemon.routing.router import Router
 from petal.daemon.routing.session import InferenceSession
 from tests.support.daemons import Swarm
+from tests.support.swarms import Client
 from tests.support.tinymodels import tiny_llama
 
 MODEL = "tiny-llama"
@@ -46,24 +43,6 @@ def swarm():
     yield s
     s.close()
     shutil.rmtree(root, ignore_errors=True)
-
-
-class Client:
-    """The client half of a daemon, in the test process: transport, DHT node and router."""
-
-    async def start(self, boot_dht_port: int) -> Client:
-        self.identity = Identity.generate()
-        self.transport = Libp2pTransport(self.identity)
-        await self.transport.start()
-        self.dht = DHT(self.identity, host="127.0.0.1", port=0)
-        await self.dht.start([("127.0.0.1", boot_dht_port)])
-        self.router = Router(self.transport, self.dht, max_age=0.0)
-        return self
-
-    async def stop(self) -> None:
-        await self.router.close()
-        await self.dht.stop()
-        await self.transport.stop()
 
 
 async def generate(client, model, prompt, kill=None):
@@ -125,7 +104,8 @@ async def test_sigkilled_server_changes_no_token(swarm, model_dir):
             assert got == want, f"round {r}: tokens differ after failover"
             add_middle(replacement[-1])
             print(
-                f"round {r}: generation with failover {t1 - t0:.2f} s, waiting for the new server {time.monotonic() - t1:.2f} s"
+                f"round {r}: generation with failover {t1 - t0:.2f} s, "
+                f"waiting for the new server {time.monotonic() - t1:.2f} s"
             )
         assert len(set(killed)) == ROUNDS
     finally:

@@ -109,9 +109,9 @@ def test_garbage_datagrams_and_frames_do_not_stop_the_daemon(swarm):
 
 
 def test_config_errors_are_clear(tmp_path):
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "petal.daemon", *a], capture_output=True, text=True, timeout=60
-    )
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "petal.daemon", *a], capture_output=True, text=True, timeout=60)
+
     r = run("--state-dir", str(tmp_path), "--socket", str(tmp_path / "s"))
     assert r.returncode == 2 and "--initial-peer" in r.stderr and "--new-swarm" in r.stderr
     bad = tmp_path / "bad.toml"

@@ -66,7 +66,7 @@ class Daemon:
             "info",
             *self.args,
         ]
-        self._log_file = open(self.log_path, "ab")
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - the daemon writes to it until stop() closes it
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self.wait_ready()
         return self

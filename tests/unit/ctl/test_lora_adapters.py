@@ -131,5 +131,5 @@ def test_unsupported_adapters_are_rejected_clearly(tmp_path: Path) -> None:
     (out / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(AdapterError, match="never loaded"):
         load_adapter(out)
-    with pytest.raises(AdapterError, match="no adapter_config.json"):
+    with pytest.raises(AdapterError, match=r"no adapter_config.json"):
         load_adapter(tmp_path)

@@ -13,7 +13,8 @@ import pytest
 import umsgpack
 from kademlia.node import Node
 
-from petal.daemon.dht.network import DHT, PetalStorage
+from petal.daemon.dht.network import DHT
+from petal.daemon.dht.storage import PetalStorage
 from petal.daemon.identity import Identity
 from petal.protocol.records import (
     MAX_DATAGRAM,
@@ -295,7 +296,7 @@ async def test_lone_node_and_bad_arguments():
         with pytest.raises(RecordError):
             await node.announce(KEY, {"x": object()}, ttl=10)
     with pytest.raises(RuntimeError, match="start"):
-        DHT(Identity.generate()).port
+        _ = DHT(Identity.generate()).port
 
 
 async def test_bootstrap_to_nobody_runs_alone():

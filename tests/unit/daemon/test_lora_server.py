@@ -14,7 +14,8 @@ import torch
 
 from petal.daemon.net.transport import MemoryNetwork, MemoryTransport, PeerAddr
 from petal.daemon.routing.remote import RemoteSpan
-from petal.daemon.serving.server import BlockServer, ServeSettings
+from petal.daemon.serving.block_server import BlockServer
+from petal.daemon.serving.settings import ServeSettings
 from petal.kernels.lora import apply_lora, lora_targets
 from petal.kernels.store import load_span, open_model
 from petal.protocol.lora import Lora
@@ -71,7 +72,7 @@ async def test_server_equals_local_blocks(model_dir: Path, quant: str, dtype: st
 
         leaves = Lora(lora.scale, {k: t.clone().requires_grad_(True) for k, t in lora.weights.items()})
         xl = x.to(torch_dtype).requires_grad_(True)
-        with apply_lora(leaves, zip(range(1, 4), local.blocks[1:])):
+        with apply_lora(leaves, zip(range(1, 4), local.blocks[1:], strict=True)):
             hidden = xl
             prepared = local._runner.prepare(torch.ones(2, 5, dtype=torch.long), 5, torch_dtype)
             for block in local.blocks[1:]:
@@ -83,7 +84,7 @@ async def test_server_equals_local_blocks(model_dir: Path, quant: str, dtype: st
         g_in, g_prompts, g_lora = await remote.backward(x, grad_out, lora=lora)
         assert g_prompts is None and g_lora is not None and list(g_lora) == list(lora.weights)
         assert (g_in - want_grads[0].float()).abs().max().item() <= TOL
-        for key, want in zip(leaves.weights, want_grads[1:]):
+        for key, want in zip(leaves.weights, want_grads[1:], strict=True):
             assert g_lora[key].dtype == torch.float32 and (g_lora[key] - want).abs().max().item() <= TOL, key
         # without LoRA the server is the plain blocks again (no hook left behind)
         plain = await remote.forward(x)

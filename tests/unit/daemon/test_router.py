@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
 import pytest
 
-from petal.daemon.routing.router import (
-    BanList,
+from petal.daemon.routing.bans import BanList
+from petal.daemon.routing.chains import (
     Hop,
-    ServerInfo,
-    SwarmView,
-    group_servers,
     min_latency_chain,
     no_route_error,
-    parse_server_value,
     select_servers,
     split_batch,
     throughput_chain,
     uncovered,
 )
+from petal.daemon.routing.swarm import ServerInfo, SwarmView, group_servers
 from petal.protocol.errors import PetalError
-from petal.protocol.records import MODELS_KEY, block_key
+from petal.protocol.records import MODELS_KEY, ModelRecord, ServerRecord, block_key
 
 
 def S(peer: str, start: int, end: int, throughput: float = 100.0, **kw) -> ServerInfo:
@@ -91,7 +89,7 @@ def test_throughput_chain_is_weighted_and_covers():
     for _ in range(2000):
         chain = throughput_chain(servers, 0, 30, rng)
         assert chain[0].start == 0 and chain[-1].end == 30
-        assert all(x.end == y.start for x, y in zip(chain, chain[1:]))
+        assert all(x.end == y.start for x, y in itertools.pairwise(chain))
         assert all(h.server.covers(h.start, h.end) for h in chain)
         firsts[chain[0].peer_id] += 1
     assert 0.68 < firsts["b"] / 2000 < 0.82  # 300 / (300 + 100) = 0.75
@@ -105,9 +103,9 @@ def test_split_batch_proportional():
     parts = split_batch(3, servers, min_rows=2)  # too small to split in two
     assert [(s.peer_id, lo, hi) for s, lo, hi in parts] == [("x", 0, 3)]
     for batch in range(1, 40):
-        parts = split_batch(batch, servers + [S("z", 0, 10, 7.0)], min_rows=2)
+        parts = split_batch(batch, [*servers, S("z", 0, 10, 7.0)], min_rows=2)
         assert parts[0][1] == 0 and parts[-1][2] == batch
-        assert all(p[2] == q[1] for p, q in zip(parts, parts[1:]))
+        assert all(p[2] == q[1] for p, q in itertools.pairwise(parts))
         assert all(hi - lo >= min(2, batch) for _, lo, hi in parts)
 
 
@@ -140,7 +138,7 @@ def test_select_servers_applies_bans_and_lists():
 def test_no_route_error_names_the_gap_and_the_swarm():
     servers = [S("peer-aaaaaa", 0, 10), S("peer-bbbbbb", 20, 30)]
     assert uncovered(servers, 0, 30) == [(10, 20)]
-    err = no_route_error("tiny", 0, 30, servers, servers + [S("peer-cccccc", 5, 25)])
+    err = no_route_error("tiny", 0, 30, servers, [*servers, S("peer-cccccc", 5, 25)])
     assert isinstance(err, PetalError) and err.code == "unavailable"
     assert "no servers cover blocks 10..20 of tiny" in err.message
     assert "[0, 10) on aaaaaa" in err.message and "1 of them banned" in err.message
@@ -149,34 +147,26 @@ def test_no_route_error_names_the_gap_and_the_swarm():
 # --- entries -> servers ---------------------------------------------------------------------------------------------
 
 
-def test_parse_and_group_accept_long_and_short_names_and_drop_other_fingerprints():
-    long_v = {
-        "span": [0, 10],
-        "state": "online",
-        "throughput": 50.0,
-        "cache": 100,
-        "quant": "none",
-        "fp": "F1",
-        "addrs": ["/ip4/127.0.0.1/tcp/1"],
-    }
-    short_v = {
-        "s": [10, 20],
-        "st": "joining",
-        "t": 20,
-        "c": 5,
-        "d": "float32",
-        "q": "int8",
-        "a": ["/ip4/127.0.0.1/tcp/2"],
-        "v": 1,
-    }
-    info = parse_server_value("p1", long_v)
+def record_value(start: int, end: int, *, state: str = "online", throughput: float = 50.0, **kw) -> dict:
+    """A block-key value as servers write it (ServerRecord), quant and fingerprint included."""
+    kw.setdefault("quant", "none")
+    kw.setdefault("fingerprint", "F1")
+    return ServerRecord(("/ip4/127.0.0.1/tcp/1",), start, end, state, throughput, 100, "float32", 1, **kw).to_value()
+
+
+def test_entries_are_read_as_server_records_and_grouped_dropping_other_fingerprints():
+    first = record_value(0, 10)
+    second = {**record_value(10, 20, state="joining", throughput=20, quant="int8"), "a": ["/ip4/127.0.0.1/tcp/2"]}
+    info = ServerInfo.from_record(ServerRecord.parse(first, "p1"))
     assert (info.start, info.end, info.throughput, info.fingerprint, info.cache_tokens_left) == (0, 10, 50.0, "F1", 100)
-    assert parse_server_value("p2", short_v).addrs == ("/ip4/127.0.0.1/tcp/2",)
-    assert parse_server_value("p2", short_v).quant == "int8"
-    assert parse_server_value("p", {"span": [5, 5]}) is None
-    assert parse_server_value("p", {"span": [True, 3]}) is None
-    pairs = [("p1", long_v)] * 10 + [("p2", short_v)] * 10 + [("p3", {**long_v, "fp": "OTHER"})]
-    pairs += [("p4", {**long_v, "state": "offline"})]
+    assert ServerInfo.from_record(ServerRecord.parse(second, "p2")).addrs == ("/ip4/127.0.0.1/tcp/2",)
+    assert ServerInfo.from_record(ServerRecord.parse(second, "p2")).quant == "int8"
+    assert ServerRecord.parse({**first, "s": [5, 5]}, "p") is None
+    assert ServerRecord.parse({**first, "s": [True, 3]}, "p") is None
+    assert ServerRecord.parse({"s": [0, 3]}, "p") is None  # fields missing: skipped, not a crash
+    assert ServerRecord.parse(["not", "a", "map"], "p") is None
+    pairs = [("p1", first)] * 10 + [("p2", second)] * 10 + [("p3", record_value(0, 10, fingerprint="OTHER"))]
+    pairs += [("p4", record_value(0, 10, state="offline")), ("p5", {"s": [0, 10]}), ("p6", "garbage")]
     grouped = group_servers(pairs, "F1")
     assert sorted(grouped) == ["p1", "p2"]
     assert grouped["p2"].state == "joining"
@@ -196,23 +186,17 @@ async def test_swarm_view_reads_servers_from_a_real_dht():
         await n.start([("127.0.0.1", nodes[0].port)])
     try:
         model = "tiny-test"
-        for k, (node, span, fp) in enumerate(zip(nodes[1:], [(0, 2), (2, 4)], ["FP", "FP"])):
-            value = {
-                "span": list(span),
-                "state": "online",
-                "throughput": 10.0 * (k + 1),
-                "cache": 64,
-                "fp": fp,
-                "quant": "none",
-                "dtype": "float32",
-                "v": 1,
-                "addrs": [f"/ip4/127.0.0.1/tcp/{k + 1}"],
-            }
-            await node.announce(MODELS_KEY, {"name": model, "fp": fp, "num_blocks": 4, "family": "llama"}, ttl=60)
+        for k, (node, span, fp) in enumerate(zip(nodes[1:], [(0, 2), (2, 4)], ["FP", "FP"], strict=True)):
+            addrs = (f"/ip4/127.0.0.1/tcp/{k + 1}",)
+            value = ServerRecord(
+                addrs, *span, "online", 10.0 * (k + 1), 64, "float32", 1, quant="none", fingerprint=fp
+            ).to_value()
+            await node.announce(MODELS_KEY, ModelRecord(model, fp, 4, "llama").to_value(), ttl=60)
             for b in range(*span):
                 await node.announce(block_key(model, b), value, ttl=60)
         # a stranger announces a different model version under the same name: ignored (majority fingerprint)
-        await nodes[0].announce(block_key(model, 0), {"span": [0, 4], "state": "online", "fp": "EVIL"}, ttl=60)
+        evil = ServerRecord((), 0, 4, "online", 1.0, 64, "float32", 1, fingerprint="EVIL").to_value()
+        await nodes[0].announce(block_key(model, 0), evil, ttl=60)
         view = SwarmView(nodes[0], model)
         await view.refresh()
         assert view.fingerprint == "FP" and view.num_blocks == 4 and view.family == "llama"
@@ -249,10 +233,10 @@ async def test_one_empty_dht_read_is_retried_but_a_model_that_left_is_not_found(
         now = time.time()
         return Entry(peer_id="peerA", public_key=b"", value=value, issued_at=now, expires_at=now + 60)
 
-    value = {"span": [0, 2], "state": "online", "throughput": 5.0, "cache": 64, "fp": "FP", "v": 1, "addrs": []}
+    value = ServerRecord((), 0, 2, "online", 5.0, 64, "float32", 1, fingerprint="FP").to_value()
     dht = _ForgetfulDHT(
         {
-            MODELS_KEY: [entry({"name": "m", "fp": "FP", "num_blocks": 2, "family": "llama"})],
+            MODELS_KEY: [entry(ModelRecord("m", "FP", 2, "llama").to_value())],
             block_key("m", 0): [entry(value)],
             block_key("m", 1): [entry(value)],
         }

@@ -2,7 +2,8 @@
 
 Reference: the full transformers model with `output_hidden_states`; `hidden_states[b]` is the input of block b, so
 blocks [a, b) must map `hidden_states[a]` to `hidden_states[b]` (b < num_layers: the last entry has the final norm).
-fp32 with codec "none" must match within ATOL (relative to max |ref|); codec "q8" within Q8_TOL.
+fp32 with codec "none" must match within ATOL (relative to max |ref|); codec "q8" within Q8_TOL
+(reference model and tolerances: `tests.support.blocks`).
 """
 
 from __future__ import annotations
@@ -13,36 +14,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from petal.daemon.net.transport import MemoryNetwork, MemoryTransport, PeerAddr, StreamReset
 from petal.daemon.routing.remote import RemoteSpan
-from petal.daemon.serving.server import BlockServer, ComputeWorker, KVPool, ServeSettings, choose_span
+from petal.daemon.serving.block_server import BlockServer
+from petal.daemon.serving.kv_pool import KVPool
+from petal.daemon.serving.placement import choose_span
+from petal.daemon.serving.settings import ServeSettings
+from petal.daemon.serving.worker import ComputeWorker
 from petal.kernels.store import load_span, open_model
 from petal.protocol.errors import PetalError, WireError
-from petal.protocol.messages import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
+from petal.protocol.messages import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    PUSH_PROTOCOL,
+)
 from petal.protocol.records import ServerRecord
+from petal.protocol.replies import (
+    BackwardReply,
+    ForwardReply,
+    InfoReply,
+    OpenReply,
+    PushAck,
+    StepReply,
+    decode_reply_tensor,
+)
 from petal.protocol.tensors import encode_tensor
+from tests.support.blocks import HIDDEN, LAYERS, Q8_TOL, close, hidden_states, tiny_llama
 
-ATOL = 1e-5
-Q8_TOL = 0.05  # 8-bit blockwise activations through 4-10 blocks: max |diff| / max |ref|
-LAYERS, HIDDEN = 30, 64
 SERVED = (0, 10)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=LAYERS,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +58,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(model_dir).eval()
-
-
-def hidden_states(ref: LlamaForCausalLM, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return ref(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = ATOL) -> bool:
-    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-    print(f"max rel |diff| = {err:.2e} (tol {tol})")
-    return err <= tol
 
 
 async def eventually(condition, timeout: float = 10.0) -> None:
@@ -108,10 +101,10 @@ async def swarm(model_dir: Path):
 
 
 async def test_info(swarm) -> None:
-    server, remote, _ = swarm
+    _, remote, _ = swarm
     info = await remote().info()
-    assert (info["start"], info["end"], info["hidden_size"], info["num_blocks"]) == (0, 10, HIDDEN, LAYERS)
-    assert info["cache_tokens_left"] == 2 * 64 and info["max_batch"] == 4 and "q8" in info["codecs"]
+    assert (info.start, info.end, info.hidden_size, info.num_blocks) == (0, 10, HIDDEN, LAYERS)
+    assert info.cache_tokens_left == 2 * 64 and info.max_batch == 4 and "q8" in info.codecs
 
 
 async def test_forward_matches_transformers(swarm, reference) -> None:
@@ -285,9 +278,9 @@ async def test_bad_requests_get_errors_and_a_concurrent_session_goes_on(swarm, r
 
 
 async def test_budget_exhaustion_is_busy_then_freed(swarm) -> None:
-    server, remote, _ = swarm
+    _, remote, _ = swarm
     s1 = await remote().open_inference(max_length=64, batch=2)  # the whole budget: 10 blocks x 2 x 64
-    assert (await remote().info())["cache_tokens_left"] == 0
+    assert (await remote().info()).cache_tokens_left == 0
     with pytest.raises(PetalError) as e:
         await remote().open_inference(max_length=8, batch=1)
     assert e.value.code == "busy"
@@ -300,6 +293,59 @@ async def test_budget_exhaustion_is_busy_then_freed(swarm) -> None:
     s2 = await waiter
     assert (await s2.step(torch.randn(1, 2, HIDDEN))).shape == (1, 2, HIDDEN)
     await s2.close()
+
+
+async def test_replies_parse_with_the_schema_that_writes_them(swarm) -> None:
+    """One schema per wire thing: each raw reply of a real server parses with its `from_wire` and is exactly what
+    that type's `to_wire` writes (info, forward, backward, open, steps computed, pushed, taken from a push and
+    skipped, the push ack), and its DHT record reads back with `ServerRecord`."""
+    server, _, client_t = swarm
+    peer = PeerAddr("server")
+    header = {"model": server.model, "fingerprint": server.fingerprint, "start": 0, "end": 10}
+    x = encode_tensor(torch.randn(1, 2, HIDDEN))
+
+    def schema(kind, raw):
+        parsed = kind.from_wire(raw)
+        assert parsed.to_wire() == raw, kind.__name__
+        return parsed
+
+    info = schema(InfoReply, await client_t.call(peer, INFO_PROTOCOL, {"model": server.model}, timeout=10))
+    assert info == server.info() and info.push is True and "none" in info.codecs
+    fwd = schema(ForwardReply, await client_t.call(peer, FORWARD_PROTOCOL, {**header, "hidden": x}, timeout=10))
+    assert decode_reply_tensor(fwd.hidden, "hidden", shape=(1, 2, HIDDEN)).isfinite().all()
+    request = {**header, "hidden": x, "grad": x, "prompts": encode_tensor(torch.randn(10, 1, 1, HIDDEN))}
+    bwd = schema(BackwardReply, await client_t.call(peer, BACKWARD_PROTOCOL, request, timeout=10))
+    assert bwd.grad_prompts is not None and bwd.grad_lora is None
+    decode_reply_tensor(bwd.grad_prompts, "grad_prompts", shape=(10, 1, 1, HIDDEN))
+
+    a = await client_t.open_stream(peer, INFERENCE_PROTOCOL)
+    b = await client_t.open_stream(peer, INFERENCE_PROTOCOL)
+    opened = []
+    for stream in (a, b):
+        await stream.send({**header, "max_length": 8, "batch": 1, "push": True})
+        opened.append(schema(OpenReply, await stream.recv(timeout=10)))
+    assert all(o.push and o.session is not None and o.max_length == 8 for o in opened)
+    session_b = opened[1].session
+    await a.send({"step": 0, "hidden": x, "push_to": {"peer": "server", "session": session_b}})
+    step = schema(StepReply, await a.recv(timeout=10))
+    assert (step.position, step.pushed, step.skipped) == (2, True, False)
+    await b.send({"step": 0, "tokens": 2, "push_from": "server"})  # takes a's output, pushed above
+    taken = schema(StepReply, await b.recv(timeout=10))
+    assert taken.position == 2 and taken.pushed is None and taken.hidden is not None
+    await b.send({"step": 1, "tokens": 1, "push_from": "server"})  # no push comes: the client's input wins
+    await b.send({"step": 1, "hidden": encode_tensor(torch.randn(1, 1, HIDDEN))})
+    skipped = schema(StepReply, await b.recv(timeout=10))
+    assert skipped == StepReply(2, skipped=True)
+    assert schema(StepReply, await b.recv(timeout=10)).position == 3
+    push = await client_t.open_stream(peer, PUSH_PROTOCOL)
+    await push.send({"session": session_b, "step": 2, "hidden": encode_tensor(torch.randn(1, 1, HIDDEN))})
+    assert schema(PushAck, await push.recv(timeout=10)) == PushAck()
+    for stream in (push, a, b):
+        await stream.close()
+    await eventually(lambda: server.pool.free_units == server.pool.units)
+    record = ServerRecord.from_value(server.record("online"), "server")  # the DHT value too, "q" and "fp" included
+    assert record.to_value() == server.record("online") and {"q", "fp"} <= set(server.record("online"))
+    assert (record.quant, record.fingerprint, record.start, record.end) == ("none", server.fingerprint, 0, 10)
 
 
 def test_choose_span_picks_the_weakest_window() -> None:
@@ -322,8 +368,8 @@ async def test_kv_pool_first_fit_and_coalescing() -> None:
     a = pool.try_allocate(2, 1, 20)
     b = pool.try_allocate(3, 1, 20)
     assert a is not None and b is not None and pool.free_units == 0 and pool.try_allocate(1, 1, 1) is None
-    a.keys[1].fill_(1.0)
-    assert b.keys[0].abs().sum() == 0  # views do not overlap
+    a.cache.keys[1].fill_(1.0)
+    assert b.cache.keys[0].abs().sum() == 0  # views do not overlap
     pool.free(a)
     pool.free(a)  # idempotent
     assert pool.free_units == 40 and pool.try_allocate(1, 1, 41) is None
@@ -352,7 +398,7 @@ async def test_compute_worker_priority_and_bound() -> None:
 
 async def test_malformed_reply_is_a_wire_error(swarm) -> None:
     """A server that answers with garbage is reported as WireError, which the router treats as a faulty server."""
-    _, remote, client_t = swarm
+    _, _, client_t = swarm
     network = client_t.network
     liar = MemoryTransport(network, "liar")
     await liar.start()

@@ -1,8 +1,9 @@
-"""Sessions, forward and backward through real BlockServers and a real DHT, in one process (in-memory transport).
+"""Sessions, forward and backward through real BlockServers, in one process (in-memory transport and DHT).
 
-The servers are F's `BlockServer`s over `MemoryTransport`s (real frame encoding), announced on real Kademlia DHT
-nodes on 127.0.0.1; only libp2p is replaced. A server "dies" by stopping its transport: every open stream resets,
-as when the process is killed, while its DHT entry lingers (as after SIGKILL). Real daemons: test_session_daemons.py.
+The servers are F's `BlockServer`s over `MemoryTransport`s (real frame encoding), announced on an in-memory DHT
+(`MemoryDHT`: real signed entries, no UDP ports); only libp2p and Kademlia are replaced. A server "dies" by stopping
+its transport: every open stream resets, as when the process is killed, while its DHT entry lingers (as after
+SIGKILL). The in-process swarm is tests/support/swarms.py; real daemons: tests/integration/test_session_daemons.py.
 """
 
 from __future__ import annotations
@@ -10,75 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from petal.daemon.dht.network import DHT
-from petal.daemon.identity import Identity
-from petal.daemon.net.transport import MemoryNetwork, MemoryTransport
-from petal.daemon.routing.router import Router
-from petal.daemon.routing.session import InferenceSession, backward, forward
-from petal.daemon.serving.server import BlockServer
+from petal.daemon.routing.calls import backward, forward
+from petal.daemon.routing.session import InferenceSession
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import FORWARD_PROTOCOL
+from tests.support.swarms import MODEL, LocalSwarm, N, embed, logits
 from tests.support.tinymodels import tiny_llama
 
-MODEL = "tiny"
-N = 6
 Q8_REL_ERROR = 0.05
-"""q8 on every hop: ||logits - reference|| / ||reference|| stays under this (measured 0.026 on this model: 6 q8 round trips)."""
-
-
-class LocalSwarm:
-    """Block servers on one MemoryNetwork, each with its own DHT node; a client Router on the same network."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.net = MemoryNetwork()
-        self.servers: dict[str, tuple[BlockServer, MemoryTransport, DHT]] = {}
-        self.client_id = Identity.generate()
-        self.client_dht = DHT(self.client_id, host="127.0.0.1", port=0, rpc_timeout=0.5)
-        self.client_transport = MemoryTransport(self.net, self.client_id.peer_id)
-        self.router: Router | None = None
-
-    async def start(self) -> None:
-        await self.client_dht.start()
-        await self.client_transport.start()
-        self.router = Router(self.client_transport, self.client_dht, max_age=0.0, probe_timeout=2.0)
-
-    async def add(self, start: int, end: int, throughput: float = 100.0) -> str:
-        ident = Identity.generate()
-        transport = MemoryTransport(self.net, ident.peer_id)
-        await transport.start()
-        dht = DHT(ident, host="127.0.0.1", port=0, rpc_timeout=0.5)
-        await dht.start([("127.0.0.1", self.client_dht.port)])
-        server = BlockServer(
-            Span.from_model(self.model, start, end),
-            model=MODEL,
-            fingerprint="FP",
-            family="llama",
-            num_blocks=N,
-            transport=transport,
-            announce=lambda k, v, dht=dht: dht.announce(k, v, ttl=120),
-            throughput=throughput,
-        )
-        await server.start()
-        self.servers[ident.peer_id] = (server, transport, dht)
-        return ident.peer_id
-
-    async def kill(self, peer_id: str) -> None:
-        """Crash-like: streams reset, nothing withdrawn from the DHT."""
-        server, transport, dht = self.servers.pop(peer_id)
-        await transport.stop()
-        server._announce = server._withdraw = None
-        await server.stop()
-        await dht.stop()
-
-    async def close(self) -> None:
-        for peer in list(self.servers):
-            await self.kill(peer)
-        if self.router:
-            await self.router.close()
-        await self.client_transport.stop()
-        await self.client_dht.stop()
+"""q8 on every hop: ||logits - reference|| / ||reference|| stays under this (measured 0.026 on this model: 6 q8 round
+trips)."""
 
 
 @pytest.fixture
@@ -92,14 +35,6 @@ async def swarm(model):
     await s.start()
     yield s
     await s.close()
-
-
-def embed(model, ids):
-    return model.model.embed_tokens(ids)
-
-
-def logits(model, hidden):
-    return model.lm_head(model.model.norm(hidden))
 
 
 async def test_session_steps_match_transformers(swarm, model):

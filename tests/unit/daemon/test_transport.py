@@ -309,16 +309,21 @@ async def test_open_stream_timeout_against_a_port_that_never_answers():
     assert set(threading.enumerate()) <= before
 
 
-async def test_two_processes(tmp_path):
-    """A server in another OS process: call, stream, and a clean error once it exits."""
-    from petal.daemon.net.p2p import Libp2pTransport
-
-    proc = subprocess.Popen(
+def _start_serve_process() -> subprocess.Popen[str]:
+    """This file run as a script (`serve`, at the bottom): prints its peer id and address, echoes till stdin closes."""
+    return subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "serve"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+async def test_two_processes(tmp_path):
+    """A server in another OS process: call, stream, and a clean error once it exits."""
+    from petal.daemon.net.p2p import Libp2pTransport
+
+    proc = _start_serve_process()
     a = Libp2pTransport(Identity.generate())
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
@@ -344,7 +349,8 @@ async def test_two_processes(tmp_path):
 async def test_dialback_tells_live_port_from_dead_one():
     import socket
 
-    from petal.daemon.net.p2p import DIALBACK_PROTOCOL, Libp2pTransport, check_reachability, serve_dialback
+    from petal.daemon.net.dialback import DIALBACK_PROTOCOL, check_reachability, serve_dialback
+    from petal.daemon.net.p2p import Libp2pTransport
 
     with socket.socket() as s:  # a port that was free a moment ago and has no listener now
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ def test_layer_slot_writes_in_place_and_returns_filled_prefix() -> None:
     cache = KVCache.allocate(2, 1, 2, 6, 4, torch.float32, "cpu")
     cache.advance(2)
     new_k, new_v = torch.ones(1, 2, 3, 4), torch.full((1, 2, 3, 4), 2.0)
-    keys, values = cache.layer(1).update(new_k, new_v, layer_idx=17)
+    keys, _values = cache.layer(1).update(new_k, new_v, layer_idx=17)
     assert keys.shape == (1, 2, 5, 4) and keys.data_ptr() == cache.keys[1].data_ptr()
     assert torch.equal(cache.keys[1][:, :, 2:5], new_k) and torch.equal(cache.values[1][:, :, 2:5], new_v)
     assert cache.keys[0].abs().sum() == 0  # other layers untouched

@@ -257,7 +257,7 @@ def greedy(model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor, new
     with torch.no_grad():
         for _ in range(new_tokens):
             hidden = parts.embed(inputs)
-            for span, cache in zip(spans, caches):
+            for span, cache in zip(spans, caches, strict=True):
                 hidden = span.step(hidden, cache, mask)
             inputs = parts.logits(hidden[:, -1:]).argmax(-1)
             tokens.append(inputs)

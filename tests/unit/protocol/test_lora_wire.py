@@ -113,7 +113,7 @@ def test_malformed_structure(obj: object, error: type, code: str, match: str) ->
 
 
 def test_unpaired_key() -> None:
-    with pytest.raises(PetalError, match="'7.mlp.down_proj.lora_B' is missing") as e:
+    with pytest.raises(PetalError, match=r"'7.mlp.down_proj.lora_B' is missing") as e:
         parse_lora(_mutate(**{"7__mlp__down_proj__lora_B": None}), max_bytes=MAX)
     assert e.value.code == "bad_request"
 
@@ -151,7 +151,7 @@ def test_bad_tensors(tensor: torch.Tensor, error: type, match: str) -> None:
 def test_garbled_tensor_names_the_key() -> None:
     obj = _mutate()
     obj["weights"]["3.self_attn.q_proj.lora_A"]["data"] = b"\x00" * 3
-    with pytest.raises(WireError, match="'3.self_attn.q_proj.lora_A'.*bytes") as e:
+    with pytest.raises(WireError, match=r"'3.self_attn.q_proj.lora_A'.*bytes") as e:
         parse_lora(obj, max_bytes=MAX)
     assert e.value.code == "bad_tensor"
 

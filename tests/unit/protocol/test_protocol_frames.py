@@ -46,7 +46,7 @@ def test_round_trip_any_chunking(messages, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     dec = FrameDecoder(max_frame=1 << 20)
     got = []
-    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         got += dec.feed(stream[a:b])
     assert got == messages
     dec.eof()

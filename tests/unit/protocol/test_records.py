@@ -1,6 +1,7 @@
 """DHT record schema and signatures: what a node accepts from the network and what it refuses."""
 
 import time
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -165,6 +166,33 @@ def test_schemas_round_trip_and_validate():
         ServerRecord.from_value({**server_value(), "s": [5, 5]})
     with pytest.raises(RecordError):
         ServerRecord((), 0, 1, "weird", 1.0, 1, "int8", 1).to_value()
+
+
+def test_one_schema_for_writers_and_readers():
+    """Routers read block and model entries with the types servers write them with; a bad entry is skipped."""
+    full = ServerRecord(("/ip4/1.2.3.4/tcp/1",), 2, 6, "joining", 12.5, 64, "float32", 1, quant="int8", fingerprint="F")
+    value = full.to_value()
+    assert (value["q"], value["fp"]) == ("int8", "F")
+    assert ServerRecord.parse(value, "peer") == replace(full, peer_id="peer")
+    plain = ServerRecord.from_value(server_value())
+    assert (plain.quant, plain.fingerprint) == ("", None) and "q" not in server_value() and "fp" not in server_value()
+    # what a server that adds quant and fingerprint to the record's value writes reads back the same
+    assert ServerRecord.from_value({**server_value(), "q": "none", "fp": "F"}).fingerprint == "F"
+    for bad in [None, [], "x", {**server_value(), "fp": 3}, {**server_value(), "q": 1}, {"s": [0, 1]}]:
+        assert ServerRecord.parse(bad) is None
+    model = ModelRecord("m", "F", 4, "llama")
+    assert ModelRecord.parse(model.to_value()) == model
+    assert ModelRecord.parse(ModelRecord("m", "F", 4, "llama", "offline").to_value()).state == "offline"
+    for bad in [
+        None,
+        {"n": "m"},
+        {**model.to_value(), "b": 0},
+        {**model.to_value(), "b": True},
+        {**model.to_value(), "st": "?"},
+    ]:
+        assert ModelRecord.parse(bad) is None
+    with pytest.raises(RecordError):
+        ModelRecord.from_value({**model.to_value(), "b": -1})
 
 
 def test_block_key():

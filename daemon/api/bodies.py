@@ -1,0 +1,131 @@
+"""Request and reply bodies of the control API: reading JSON or msgpack bodies within limits, and replying in kind.
+
+The fields inside a body are read with ``petal.protocol.socket_api`` (shared with petalctl); tensors with
+``tensor_field`` here. Every malformed body is a ``PetalError`` whose message says what to send instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import msgpack
+import torch
+from aiohttp import web
+
+from petal.protocol.errors import PetalError, WireError
+from petal.protocol.socket_api import MSGPACK
+from petal.protocol.tensors import DEFAULT_MAX_BYTES, DTYPE_NAMES, FLOAT_DTYPES, decode_tensor, encode_tensor
+
+MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+"""Largest JSON body aiohttp reads (its ``client_max_size``)."""
+MAX_BODY_BYTES: Final = 256 * 1024 * 1024
+"""Largest msgpack body accepted; a bigger one is refused (413) from its Content-Length, before it is read."""
+MAX_TENSOR_BYTES: Final = DEFAULT_MAX_BYTES
+
+
+def _not_json(e: Exception) -> PetalError:
+    return PetalError("bad_request", f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """A JSON object body."""
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _not_json(e) from None
+    if not isinstance(body, dict):
+        raise PetalError("bad_request", "request body must be a JSON object")
+    return body
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The raw body, refusing (413) one over ``limit`` bytes by its declared length or while it streams in."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PetalError(
+            "too_large",
+            f"the body is {request.content_length} bytes; at most {limit} are accepted: "
+            "send a smaller batch or fewer tokens per call",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise PetalError(
+                "too_large", f"the body is over {limit} bytes; send a smaller batch or fewer tokens per call"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def wants_msgpack(request: web.Request) -> bool:
+    return request.content_type == MSGPACK or MSGPACK in request.headers.get("Accept", "")
+
+
+async def read_object(request: web.Request, *, allow_json: bool = False) -> dict[str, Any]:
+    """A msgpack (or, where allowed, JSON) object body; anything else is a 400 that says what to send."""
+    data = await read_body(request)
+    if request.content_type != MSGPACK:
+        if not allow_json:
+            raise PetalError("bad_request", f"send this endpoint a msgpack body with Content-Type: {MSGPACK}")
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise _not_json(e) from None
+    else:
+        try:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:  # FormatError, ExtraData, ... too
+            raise PetalError(
+                "bad_request", f"request body is not valid msgpack: {type(e).__name__}: {str(e)[:200]}"
+            ) from None
+    if not isinstance(body, dict):
+        raise PetalError("bad_request", "the request body must be a map (object)")
+    return body
+
+
+def reply(obj: dict[str, Any], as_msgpack: bool = True, status: int = 200) -> web.Response:
+    if not as_msgpack:
+        return web.json_response(obj, status=status)
+    return web.Response(body=msgpack.packb(obj, use_bin_type=True), content_type=MSGPACK, status=status)
+
+
+def ndjson_line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def tensor_field(
+    body: dict[str, Any], key: str, ndim: int, *, required: bool = False, floating: bool = True
+) -> torch.Tensor | None:
+    """``body[key]`` decoded: float hidden states (``floating``) or an integer/bool mask, with ``ndim`` dimensions."""
+    obj = body.get(key)
+    if obj is None:
+        if required:
+            raise PetalError("bad_request", f"{key!r} is required: a tensor map {{dtype, shape, codec, data}}")
+        return None
+    try:
+        t = decode_tensor(obj, max_bytes=MAX_TENSOR_BYTES)
+    except WireError as e:
+        raise PetalError(e.code, f"{key!r}: {e.message}") from None
+    if floating and DTYPE_NAMES[t.dtype] not in FLOAT_DTYPES:
+        raise PetalError("bad_tensor", f"{key!r} must be float32, float16 or bfloat16, got {DTYPE_NAMES[t.dtype]}")
+    if not floating and (t.dtype.is_floating_point or t.dtype == torch.uint8):
+        raise PetalError(
+            "bad_tensor",
+            f"{key!r} must be int64, int32 or bool (1 = real token, 0 = padding), got {DTYPE_NAMES[t.dtype]}",
+        )
+    if t.dim() != ndim:
+        raise PetalError("wrong_shape", f"{key!r} must have {ndim} dimensions, got shape {list(t.shape)}")
+    return t
+
+
+def required_tensor(body: dict[str, Any], key: str, ndim: int) -> torch.Tensor:
+    t = tensor_field(body, key, ndim, required=True)
+    assert t is not None  # required=True raised otherwise
+    return t
+
+
+def encode(t: torch.Tensor | None) -> dict[str, Any] | None:
+    """A reply tensor, uncompressed (the socket is local)."""
+    return None if t is None else encode_tensor(t, "none")

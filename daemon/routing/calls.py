@@ -1,0 +1,314 @@
+"""Forward and backward through a chain of remote spans: stateless calls for training, retried hop by hop.
+
+Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried elsewhere, and
+a large batch is split across the servers of the same span. Design choice: ``backward`` re-runs the forward along its
+chain to get each hop's input instead of keeping activations from an earlier ``forward`` call, so a training client
+needs no server-side or daemon-side state between the two calls (it costs one extra forward per hop except the last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from petal.daemon.routing.chains import Hop, no_route_error, split_batch, throughput_chain
+from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
+from petal.daemon.routing.remote import RemoteSpan
+from petal.daemon.routing.router import Router
+from petal.daemon.routing.swarm import ServerInfo, SwarmView
+from petal.protocol.errors import PetalError
+from petal.protocol.lora import Lora
+
+
+@dataclass
+class _Call:
+    """Shared arguments of one forward/backward call."""
+
+    router: Router
+    view: SwarmView
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None
+    offset: int  # the block the prompts' first row belongs to
+    codec: str | None
+    allowed: list[str] | None
+    blocked: list[str]
+    max_retries: int
+    timeout: float
+    split_min_rows: int
+    failures: list[BaseException] = field(default_factory=list)
+    lora: Lora | None = None  # client-owned LoRA weights; each hop gets its own blocks' share
+
+    def candidates(self) -> list[ServerInfo]:
+        return self.router.candidates(self.view, self.allowed, self.blocked)
+
+    def next_hop(self, a: int, b: int) -> Hop:
+        """A throughput-weighted server for block ``a`` onwards (up to ``b``)."""
+        chain = throughput_chain(self.candidates(), a, a + 1, self.router.rng)
+        if chain is None:
+            raise no_route_error(self.view.model, a, b, self.candidates(), list(self.view.servers.values()))
+        server = chain[0].server
+        return Hop(server, a, min(server.end, b))
+
+    def span(self, hop: Hop) -> RemoteSpan:
+        return self.router.span(self.view, hop, self.codec)
+
+    def failed(self, hop: Hop, error: BaseException, what: str) -> None:
+        if not is_server_fault(error):
+            raise error
+        self.router.ban(hop.peer_id, error)
+        self.failures.append(error)
+        if len(self.failures) > self.max_retries:
+            raise gave_up(what, len(self.failures), error) from error
+
+
+async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
+    """One hop's forward; a large batch is split across the servers that cover exactly this hop."""
+    prompts = slice_prompts(call.prompts, call.offset, hop)
+    batch = x.shape[0]
+    peers = [s for s in call.candidates() if s.covers(hop.start, hop.end)]
+    if batch < 2 * call.split_min_rows or len(peers) < 2:
+        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout, lora=call.lora)
+    parts = split_batch(batch, [hop.server] + [s for s in peers if s.peer_id != hop.peer_id], call.split_min_rows)
+
+    async def part(server: ServerInfo, lo: int, hi: int) -> torch.Tensor:
+        sub = Hop(server, hop.start, hop.end)
+        return await call.span(sub).forward(
+            x[lo:hi],
+            None if call.mask is None else call.mask[lo:hi],
+            None if prompts is None else prompts[:, lo:hi],
+            timeout=call.timeout,
+            lora=call.lora,
+        )
+
+    results = await asyncio.gather(*(part(*p) for p in parts), return_exceptions=True)
+    for (server, _, _), r in zip(parts, results, strict=True):
+        if isinstance(r, BaseException):
+            call.failed(Hop(server, hop.start, hop.end), r, f"forward of blocks {hop.start}..{hop.end}")
+    outputs = [r for r in results if not isinstance(r, BaseException)]
+    if len(outputs) < len(results):
+        raise _Retry()
+    return torch.cat(outputs, dim=0)
+
+
+class _Retry(Exception):
+    """A split hop lost a part: its servers are already banned and counted; choose again."""
+
+
+async def _forward_trace(
+    call: _Call, a: int, b: int, x: torch.Tensor, *, last: bool = True
+) -> tuple[torch.Tensor | None, list[tuple[Hop, torch.Tensor]]]:
+    """Run [a, b) hop by hop; returns the output and each hop with its input.
+
+    With ``last=False`` the final hop is chosen but not run (backward only needs its input); output is then None.
+    """
+    trace: list[tuple[Hop, torch.Tensor]] = []
+    while a < b:
+        hop = call.next_hop(a, b)
+        if not last and hop.end == b:
+            trace.append((hop, x))
+            return None, trace
+        try:
+            out = await _forward_hop(call, hop, x)
+        except _Retry:
+            continue
+        except Exception as e:
+            if not is_server_fault(e):
+                raise  # the request itself is wrong: another server would refuse it too
+            call.failed(hop, e, f"forward of blocks {hop.start}..{hop.end} of {call.view.model}")
+            continue
+        trace.append((hop, x))
+        x, a = out, hop.end
+    return x, trace
+
+
+async def _backward_range(
+    call: _Call,
+    a: int,
+    b: int,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    grad_prompts: torch.Tensor | None,
+    grad_lora: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` (input of block a) given ``grad`` w.r.t. the output of block b-1.
+
+    Fills ``grad_prompts`` and ``grad_lora`` (each LoRA key belongs to one block, so exactly one hop reports it;
+    a hop retried elsewhere overwrites nothing it did not compute).
+    """
+    _, trace = await _forward_trace(call, a, b, x, last=False)
+    for hop, inp in reversed(trace):
+        prompts = slice_prompts(call.prompts, call.offset, hop)
+        try:
+            grad, gp, gl = await call.span(hop).backward(
+                inp, grad, call.mask, prompts, timeout=call.timeout, lora=call.lora
+            )
+        except Exception as e:
+            if not is_server_fault(e):
+                raise  # the request itself is wrong: another server would refuse it too
+            call.failed(hop, e, f"backward of blocks {hop.start}..{hop.end} of {call.view.model}")
+            grad = await _backward_range(call, hop.start, hop.end, inp, grad, grad_prompts, grad_lora)
+            continue
+        if grad_prompts is not None and gp is not None:
+            grad_prompts[hop.start - call.offset : hop.end - call.offset] = gp
+        if grad_lora is not None and gl is not None:
+            grad_lora.update(gl)
+    return grad
+
+
+async def _prepare_call(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompts: torch.Tensor | None,
+    start: int,
+    end: int | None,
+    kwargs: dict[str, Any],
+) -> tuple[_Call, int]:
+    check_hidden(hidden)
+    view = await router.view(model)
+    total = view.num_blocks or 0  # a refreshed view always knows it
+    end = total if end is None else end
+    if not 0 <= start < end <= total:
+        raise PetalError("bad_request", f"block range [{start}, {end}) is outside {model}'s {view.num_blocks} blocks")
+    if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise PetalError(
+            "wrong_shape", f"mask must be [batch, tokens] = {list(hidden.shape[:2])}, got {list(mask.shape)}"
+        )
+    if prompts is not None and (
+        prompts.dim() != 4 or prompts.shape[0] != end - start or prompts.shape[1] != hidden.shape[0]
+    ):
+        raise PetalError(
+            "wrong_shape",
+            f"prompts must be [blocks={end - start}, batch={hidden.shape[0]}, P, hidden], got {list(prompts.shape)}",
+        )
+    lora = kwargs.get("lora")
+    if lora is not None:
+        outside = [i for i in lora.blocks if not start <= i < end]
+        if outside:
+            raise PetalError(
+                "bad_request",
+                f"lora has weights for block(s) {outside[:5]} outside the call's blocks "
+                f"[{start}, {end}); send only the weights of the blocks you run (Lora.for_blocks)",
+            )
+    allowed = kwargs.get("allowed")
+    call = _Call(
+        router,
+        view,
+        mask,
+        prompts,
+        start,
+        kwargs.get("codec"),
+        None if allowed is None else list(allowed),
+        list(kwargs.get("blocked") or ()),
+        kwargs.get("max_retries", DEFAULT_MAX_RETRIES),
+        kwargs.get("timeout", 60.0),
+        kwargs.get("split_min_rows", 8),
+        lora=lora,
+    )
+    return call, end
+
+
+async def forward(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    codec: str | None = None,
+    allowed: Iterable[str] | None = None,
+    blocked: Iterable[str] | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout: float = 60.0,
+    split_min_rows: int = 8,
+    lora: Lora | None = None,
+) -> torch.Tensor:
+    """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
+
+    Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
+    elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
+    ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call.
+    """
+    call, end = await _prepare_call(
+        router,
+        model,
+        hidden,
+        mask,
+        prompts,
+        start,
+        end,
+        dict(
+            codec=codec,
+            allowed=allowed,
+            blocked=blocked,
+            max_retries=max_retries,
+            timeout=timeout,
+            split_min_rows=split_min_rows,
+            lora=lora,
+        ),
+    )
+    out, _ = await _forward_trace(call, start, end, hidden.detach())
+    assert out is not None
+    return out
+
+
+async def backward(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    codec: str | None = None,
+    allowed: Iterable[str] | None = None,
+    blocked: Iterable[str] | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout: float = 60.0,
+    lora: Lora | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Gradients w.r.t. ``hidden`` (the input of block ``start``), ``prompts`` and ``lora``'s weights, given ``grad``
+    w.r.t. the output of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see
+    module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has ``lora``'s keys.
+    """
+    call, end = await _prepare_call(
+        router,
+        model,
+        hidden,
+        mask,
+        prompts,
+        start,
+        end,
+        dict(
+            codec=codec,
+            allowed=allowed,
+            blocked=blocked,
+            max_retries=max_retries,
+            timeout=timeout,
+            split_min_rows=1 << 30,
+            lora=lora,
+        ),
+    )
+    if tuple(grad.shape) != tuple(hidden.shape):
+        raise PetalError(
+            "wrong_shape", f"grad must have the shape of hidden {list(hidden.shape)}, got {list(grad.shape)}"
+        )
+    grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+    grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
+    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
+    if lora is not None:
+        assert grad_lora is not None
+        missing = sorted(set(lora.weights) - set(grad_lora))
+        if missing:
+            raise PetalError("internal", f"no server returned the gradients of lora {missing[:5]}; please report this")
+        grad_lora = {k: grad_lora[k] for k in lora.weights}
+    return grad_in, grad_prompts, grad_lora

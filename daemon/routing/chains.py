@@ -1,0 +1,195 @@
+"""Route choice, pure (no I/O, so it is tested without a network): the minimum-latency chain for inference, a
+throughput-weighted chain and batch split for forward/backward, which servers a request may use, and the error
+that names the blocks nobody covers.
+
+Inference wants the *fastest* chain (each step crosses every hop, so latency dominates); forward/backward want the
+*highest throughput* and spread load across servers, so they choose at random weighted by throughput (Petals §3.2).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from petal.daemon.routing.bans import BanList
+from petal.daemon.routing.swarm import ServerInfo, describe_swarm
+from petal.protocol.errors import PetalError
+
+DEFAULT_LATENCY = 0.1
+"""Seconds assumed for a server never probed: pessimistic enough that a measured server usually wins."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Blocks [start, end) run on ``server`` (a sub-range of its span)."""
+
+    server: ServerInfo
+    start: int
+    end: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.server.peer_id
+
+
+def uncovered(servers: Iterable[ServerInfo], start: int, end: int) -> list[tuple[int, int]]:
+    """The maximal ranges inside [start, end) that no server covers."""
+    covered = [False] * (end - start)
+    for s in servers:
+        for b in range(max(s.start, start), min(s.end, end)):
+            covered[b - start] = True
+    gaps: list[tuple[int, int]] = []
+    for i, ok in enumerate(covered):
+        if not ok:
+            if gaps and gaps[-1][1] == start + i:
+                gaps[-1] = (gaps[-1][0], start + i + 1)
+            else:
+                gaps.append((start + i, start + i + 1))
+    return gaps
+
+
+def no_route_error(
+    model: str, start: int, end: int, usable: Sequence[ServerInfo], known: Sequence[ServerInfo] | None = None
+) -> PetalError:
+    """The "unavailable" error naming the blocks no usable server covers, and what the swarm has instead.
+
+    ``usable``: the servers the request may use; ``known``: every server the view knows (banned or excluded too).
+    """
+    known = usable if known is None else known
+    gaps = uncovered(usable, start, end)
+    missing = ", ".join(f"{a}..{b}" for a, b in gaps) or f"{start}..{end}"
+    excluded = len({s.peer_id for s in known} - {s.peer_id for s in usable})
+    why = f" ({excluded} of them banned after failures or excluded by the request's server lists)" if excluded else ""
+    return PetalError(
+        "unavailable",
+        f"no servers cover blocks {missing} of {model}; the swarm has {describe_swarm(known)}{why}. "
+        f"Start a server for those blocks (petald --serve {model} --blocks A:B) or wait for one to join.",
+    )
+
+
+def min_latency_chain(
+    servers: Iterable[ServerInfo],
+    start: int,
+    end: int,
+    latency: Mapping[str, float] | Callable[[ServerInfo], float],
+    compute_time: Callable[[ServerInfo], float] = ServerInfo.block_time,
+) -> list[Hop] | None:
+    """The chain covering [start, end) with the least total (latency + blocks x compute time), by Dijkstra.
+
+    Nodes are block boundaries; for every server and every [a, b) inside its span there is an edge a -> b of cost
+    ``latency(server) + (b - a) * compute_time(server)``. Ties go to fewer hops. Returns None if no chain exists.
+    """
+    if not start < end:
+        raise ValueError(f"empty block range [{start}, {end})")
+    if callable(latency):
+        lat = latency
+    else:
+        table = latency
+
+        def lat(s: ServerInfo) -> float:
+            return table.get(s.peer_id, DEFAULT_LATENCY)
+
+    usable = [s for s in servers if s.start < end and s.end > start]
+    costs = {s.peer_id: (max(0.0, lat(s)), max(0.0, compute_time(s))) for s in usable}
+    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
+    back: dict[int, tuple[int, ServerInfo]] = {}
+    heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
+    while heap:
+        cost, hops, a = heapq.heappop(heap)
+        if (cost, hops) > best.get(a, (math.inf, 0)):
+            continue
+        if a == end:
+            break
+        for s in usable:
+            if not s.start <= a < s.end:
+                continue
+            fixed, per_block = costs[s.peer_id]
+            for b in range(a + 1, min(s.end, end) + 1):
+                key = (cost + fixed + (b - a) * per_block, hops + 1)
+                if key < best.get(b, (math.inf, 0)):
+                    best[b] = key
+                    back[b] = (a, s)
+                    heapq.heappush(heap, (key[0], key[1], b))
+    if end not in back:
+        return None
+    chain: list[Hop] = []
+    b = end
+    while b != start:
+        a, s = back[b]
+        chain.append(Hop(s, a, b))
+        b = a
+    return chain[::-1]
+
+
+def throughput_chain(
+    servers: Iterable[ServerInfo], start: int, end: int, rng: random.Random | None = None
+) -> list[Hop] | None:
+    """A chain for forward/backward: at each boundary, a server covering the next block, picked at random with
+    probability proportional to its throughput, used as far as its span reaches (fewer hops, load spread).
+
+    Returns None if some block has no server.
+    """
+    if not start < end:
+        raise ValueError(f"empty block range [{start}, {end})")
+    rng = rng or random.Random()
+    usable = list(servers)
+    chain: list[Hop] = []
+    a = start
+    while a < end:
+        candidates = [s for s in usable if s.start <= a < s.end]
+        if not candidates:
+            return None
+        weights = [max(s.throughput, 1e-6) for s in candidates]
+        s = rng.choices(candidates, weights)[0]
+        b = min(s.end, end)
+        chain.append(Hop(s, a, b))
+        a = b
+    return chain
+
+
+def split_batch(batch: int, servers: Sequence[ServerInfo], min_rows: int = 1) -> list[tuple[ServerInfo, int, int]]:
+    """Split ``batch`` rows across servers of the same span in proportion to throughput: ``(server, lo, hi)``.
+
+    Each part gets at least ``min_rows`` rows (so tiny batches are not scattered); servers that would get fewer
+    are left out, the fastest first kept.
+    """
+    if batch <= 0 or not servers:
+        raise ValueError("split_batch needs a positive batch and at least one server")
+    ranked = sorted(servers, key=lambda s: (-s.throughput, s.peer_id))
+    ranked = ranked[: max(1, min(len(ranked), batch // max(1, min_rows)))]
+    total = sum(max(s.throughput, 1e-6) for s in ranked)
+    shares = [batch * max(s.throughput, 1e-6) / total for s in ranked]
+    counts = [max(min_rows, int(x)) for x in shares]
+    while sum(counts) > batch:  # the floor of min_rows overshot: take back from the largest
+        i = max(range(len(counts)), key=lambda j: counts[j])
+        counts[i] -= 1
+    order = sorted(range(len(ranked)), key=lambda j: shares[j] - int(shares[j]), reverse=True)
+    k = 0
+    while sum(counts) < batch:  # hand out the remainder by largest fractional share
+        counts[order[k % len(order)]] += 1
+        k += 1
+    parts, lo = [], 0
+    for s, c in zip(ranked, counts, strict=True):
+        if c > 0:
+            parts.append((s, lo, lo + c))
+            lo += c
+    return parts
+
+
+def select_servers(
+    servers: Iterable[ServerInfo],
+    bans: BanList | None = None,
+    allowed: Iterable[str] | None = None,
+    blocked: Iterable[str] | None = None,
+) -> list[ServerInfo]:
+    """The servers a request may use: not banned, in ``allowed`` if given, not in ``blocked``."""
+    allow = set(allowed) if allowed is not None else None
+    block = set(blocked or ())
+    return [
+        s
+        for s in servers
+        if (allow is None or s.peer_id in allow) and s.peer_id not in block and not (bans and bans.is_banned(s.peer_id))
+    ]

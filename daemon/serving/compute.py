@@ -1,0 +1,121 @@
+"""The math of serving, run on the compute thread: a span's blocks over one request's tensors (`SpanCompute`).
+
+No I/O and no asyncio here: requests arrive validated (`petal.protocol.messages`), replies leave as the typed
+messages of `petal.protocol.replies` with their tensors encoded (one builder per RPC: `forward`, `backward`, `step`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from petal.kernels.cache import KVCache
+from petal.kernels.lora import apply_lora
+from petal.protocol.lora import Lora, encode_lora_grads
+from petal.protocol.messages import ForwardRequest, StepRequest
+from petal.protocol.replies import BackwardReply, ForwardReply, StepReply
+from petal.protocol.tensors import encode_tensor
+
+if TYPE_CHECKING:
+    from petal.kernels.span import Span
+
+
+class SpanCompute:
+    """Blocks `[span.start, span.end)` on `device` in `dtype`; the server never trains its own weights."""
+
+    def __init__(self, span: Span, dtype: torch.dtype, device: torch.device) -> None:
+        self.span = span
+        self.dtype = dtype
+        self.device = device
+        self.runner = span.family.BlockRunner(span.config)
+        for p in span.parameters():
+            p.requires_grad_(False)  # backward asks only for grads w.r.t. inputs, prompts and the client's LoRA
+
+    def blocks(self, start: int, end: int) -> list[nn.Module]:
+        """The hosted blocks `[start, end)` (absolute indices inside the span)."""
+        return list(self.span.blocks[start - self.span.start : end - self.span.start])
+
+    def run(
+        self,
+        blocks: list[nn.Module],
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+        cache: KVCache | None,
+        position: int,
+    ) -> torch.Tensor:
+        """Blocks in order, with deep prompts added before each block to positions < prompt length."""
+        batch, t, _ = hidden.shape
+        total = position + t
+        if mask is None:
+            mask = torch.ones(batch, total, dtype=torch.long, device=self.device)
+        prepared = self.runner.prepare(mask.to(self.device), t, self.dtype)
+        if prompts is not None:
+            prompts = prompts.to(self.device, self.dtype)
+        for i, block in enumerate(blocks):
+            if prompts is not None:
+                hidden = add_prompts(hidden, prompts[i], position)
+            hidden = self.runner.run_block(block, hidden, prepared, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.advance(t)
+        return hidden
+
+    def _lora_on_device(self, lora: Lora | None, *, trainable: bool) -> Lora | None:
+        """The request's LoRA weights on this server's device (as fresh leaves needing grad for a backward)."""
+        if lora is None:
+            return None
+        return Lora(lora.scale, {k: t.to(self.device).requires_grad_(trainable) for k, t in lora.weights.items()})
+
+    def forward(self, req: ForwardRequest) -> ForwardReply:
+        """The forward RPC's reply: the span's output."""
+        blocks = self.blocks(req.start, req.end)
+        lora = self._lora_on_device(req.lora, trainable=False)
+        with torch.no_grad(), apply_lora(lora, zip(range(req.start, req.end), blocks, strict=True)):
+            hidden = req.hidden.to(self.device, self.dtype)
+            out = self.run(blocks, hidden, req.mask, req.prompts, None, 0)
+        return ForwardReply(encode_tensor(out, req.codec))
+
+    def backward(self, req: ForwardRequest) -> BackwardReply:
+        """The backward RPC's reply: grads w.r.t. the input, the deep prompts and the client's LoRA weights."""
+        assert req.grad is not None
+        blocks = self.blocks(req.start, req.end)
+        lora = self._lora_on_device(req.lora, trainable=True)
+        with torch.enable_grad(), apply_lora(lora, zip(range(req.start, req.end), blocks, strict=True)):
+            hidden = req.hidden.to(self.device, self.dtype).requires_grad_(True)
+            prompts = None if req.prompts is None else req.prompts.to(self.device, self.dtype).requires_grad_(True)
+            out = self.run(blocks, hidden, req.mask, prompts, None, 0)
+            inputs = [hidden] if prompts is None else [hidden, prompts]
+            lora_leaves = [] if lora is None else list(lora.weights.values())
+            found = torch.autograd.grad(
+                out, inputs + lora_leaves, grad_outputs=req.grad.to(self.device, self.dtype), allow_unused=True
+            )
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs + lora_leaves, found, strict=True)]
+        grad_prompts = None if prompts is None else encode_tensor(grads[1], req.codec)
+        grad_lora = (
+            None
+            if lora is None
+            else encode_lora_grads(dict(zip(lora.weights, grads[len(inputs) :], strict=True)), req.codec)
+        )
+        return BackwardReply(encode_tensor(grads[0], req.codec), grad_prompts, grad_lora)
+
+    def step(self, blocks: list[nn.Module], step: StepRequest, cache: KVCache, codec: str) -> StepReply:
+        """One inference step's reply: output and cache length (the cache is truncated first for a replay)."""
+        assert step.hidden is not None
+        if step.position < cache.length:
+            cache.truncate(step.position)
+        with torch.no_grad():
+            hidden = step.hidden.to(self.device, self.dtype)
+            out = self.run(blocks, hidden, step.mask, step.prompts, cache, step.position)
+        return StepReply(cache.length, encode_tensor(out, codec))
+
+
+def add_prompts(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
+    """`hidden[:, p - position] += prompt[:, p]` for the positions p in this chunk that are < prompt length."""
+    t = hidden.shape[1]
+    lo, hi = position, min(position + t, prompt.shape[1])
+    if hi <= lo:
+        return hidden
+    n = hi - lo
+    return torch.cat([hidden[:, :n] + prompt[:, lo:hi], hidden[:, n:]], dim=1)

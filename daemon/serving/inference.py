@@ -1,0 +1,204 @@
+"""The server side of one inference stream (`InferenceSession`): its KV cache, push inbox and pusher, and the loop
+that answers the client's steps until it closes, idles out, or a step times out.
+
+Every client message gets exactly one reply, in order. A step without `hidden` waits for its input by push (see
+`PushInbox`); if the client's next message arrives first, that step is answered `{"skipped": true}` and the client's
+message (its own copy of the input) is served instead, so the client always decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from petal.daemon.net.transport import Stream, StreamClosed
+from petal.daemon.serving.compute import SpanCompute
+from petal.daemon.serving.errors import ComputeTimeout, ErrorReply
+from petal.daemon.serving.kv_pool import Allocation, KVPool
+from petal.daemon.serving.push import Pusher, PushInbox
+from petal.daemon.serving.settings import ServeSettings
+from petal.daemon.serving.worker import INFERENCE, Jobs
+from petal.protocol.errors import PetalError
+from petal.protocol.messages import OpenRequest, ServedSpan, StepRequest, error_reply, parse_step
+from petal.protocol.replies import OpenReply, StepReply
+
+StepJob = concurrent.futures.Future[StepReply]
+
+
+class InferenceSession:
+    """One open inference stream; `run` serves it and always gives the cache back (see the module docstring)."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        opened: OpenRequest,
+        allocation: Allocation,
+        *,
+        session_id: str,
+        served: ServedSpan,
+        settings: ServeSettings,
+        compute: SpanCompute,
+        jobs: Jobs,
+        pool: KVPool,
+        pusher: Pusher,
+        inbox: PushInbox | None,
+    ) -> None:
+        self.stream = stream
+        self.opened = opened
+        self.allocation = allocation
+        self.session_id = session_id
+        self.served = served
+        self.settings = settings
+        self.compute = compute
+        self.jobs = jobs
+        self.pool = pool
+        self.pusher = pusher
+        self.inbox = inbox
+        self.blocks: list[nn.Module] = compute.blocks(opened.start, opened.end)
+        self._pending: object = None  # a client message read while waiting for a push
+        self._running: concurrent.futures.Future[Any] | None = None  # a timed-out job the thread still runs
+
+    @property
+    def cache_length(self) -> int:
+        return self.allocation.cache.length
+
+    async def run(self) -> None:
+        """Acknowledge the open, then one reply per client message; frees the cache (once no job uses it)."""
+        opened = self.opened
+        try:
+            await self.stream.send(OpenReply(opened.max_length, self.session_id, opened.push).to_wire())
+            while (msg := await self._next_message()) is not None:
+                with ErrorReply("inference step", noun="step", passing=(StreamClosed,)) as out:
+                    out.reply = (await self._step(msg)).to_wire()
+                if isinstance(out.error, ComputeTimeout):  # the cache may be mid-write: end the session
+                    self._running = out.error.running
+                    await self.stream.send(out.reply)
+                    return
+                await self.stream.send(out.reply)
+        except StreamClosed:
+            return
+        finally:
+            await self.pusher.close()
+            self._free()
+
+    async def _next_message(self) -> object | None:
+        """The next client message (one read while waiting for a push first); None once the session is over."""
+        if self._pending is not None:
+            msg, self._pending = self._pending, None
+            return msg
+        try:
+            return await self.stream.recv(timeout=self.settings.idle_timeout)
+        except StreamClosed:
+            return None
+        except TimeoutError:
+            timeout = self.settings.idle_timeout
+            error = PetalError("timeout", f"no step for {timeout:.0f}s: session closed, cache freed")
+            await self.stream.send(error_reply(error))
+            return None
+
+    def _submit(self, step: StepRequest) -> StepJob:
+        cache, codec = self.allocation.cache, self.opened.codec
+        return self.jobs.submit(INFERENCE, self.compute.step, self.blocks, step, cache, codec)
+
+    async def _step(self, msg: object) -> StepReply:
+        """One step's reply; raises PetalError (or StreamClosed when the client left while its step waited)."""
+        opened = self.opened
+        step = parse_step(
+            msg,
+            self.served,
+            blocks=len(self.blocks),
+            batch=opened.batch,
+            max_length=opened.max_length,
+            length=self.cache_length,
+        )
+        job: StepJob | None = None
+        if step.hidden is None:
+            hidden, self._pending, job = await self._await_push(step)
+            if hidden is None:
+                return StepReply(self.cache_length, skipped=True)
+            step = replace(step, hidden=hidden)
+        if self.inbox is not None and step.step is not None:
+            self.inbox.taken(step.step)
+        if job is None:
+            job = self._submit(step)
+        reply = await self.jobs.finish(job)
+        if step.push_to is not None:
+            assert step.step is not None
+            assert reply.hidden is not None  # a computed step always has its output
+            reply = replace(reply, pushed=await self.pusher.push(step.push_to, step.step, reply.hidden))
+        return reply
+
+    async def _await_push(self, step: StepRequest) -> tuple[torch.Tensor | None, object, StepJob | None]:
+        """The pushed input of `step` and its job, or (None, message, None) when the client's next message comes first.
+
+        The step's compute is submitted the moment the push is accepted (inside the push handler, before the ack goes
+        out), so the hop-to-hop latency does not include waking this task. The job is None if submitting failed (the
+        caller then submits again and reports the error). Raises StreamClosed when the client goes away,
+        PetalError("timeout") after `request_timeout` without either.
+        """
+        inbox = self.inbox
+        if inbox is None:
+            raise PetalError(
+                "bad_request",
+                "this session was opened without push: send 'hidden' with every step, or open with push: true",
+            )
+        assert step.step is not None and step.push_from is not None
+        number = step.step
+        started: asyncio.Future[tuple[torch.Tensor, StepJob | None]] = asyncio.get_running_loop().create_future()
+
+        def arrived(pushed: int) -> None:
+            hidden = inbox.take(pushed)
+            if hidden is None or started.done():
+                return
+            try:
+                job: StepJob | None = self._submit(replace(step, hidden=hidden))
+            except PetalError:  # busy or stopping: the caller submits again and answers with the error
+                job = None
+            started.set_result((hidden, job))
+
+        inbox.expect(number, step.tokens, step.push_from, on_arrival=arrived)
+        recv = asyncio.ensure_future(self.stream.recv())
+        changed: asyncio.Future[None] | None = None
+        deadline = time.monotonic() + self.settings.request_timeout
+        try:
+            while True:
+                if started.done():  # the push came first and its compute is already queued
+                    hidden, job = started.result()
+                    return hidden, None, job
+                if recv.done():
+                    return None, recv.result(), None
+                taken = inbox.take(number)
+                if taken is not None:
+                    return taken, None, None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PetalError(
+                        "timeout",
+                        f"no push for step {number} from {step.push_from} within "
+                        f"{self.settings.request_timeout:.0f}s; send the step's hidden states yourself",
+                    )
+                changed = asyncio.ensure_future(inbox.changed())
+                waiting: set[asyncio.Future[Any]] = {recv, changed, started}
+                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        finally:
+            inbox.expect(None)
+            for task in (recv, changed):  # also when this session is cancelled: no task left pending or unread
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    def _free(self) -> None:
+        """Give the cache back now, or once the thread lets go of it if a timed-out job still runs."""
+        running = self._running
+        if running is not None and not running.done():
+            loop = asyncio.get_running_loop()
+            running.add_done_callback(lambda _: loop.call_soon_threadsafe(self.pool.free, self.allocation))
+        else:
+            self.pool.free(self.allocation)

@@ -1,0 +1,159 @@
+"""Server-to-server push: inputs an inference session receives from the previous hop (`PushInbox`) and the stream
+that sends its outputs on to the next hop (`Pusher`).
+
+With push, hidden states travel client -> A -> B -> ... instead of back to the client between hops; the client still
+gets every output (it keeps the history for failover) and decides: a step that waits for a push answers "skipped"
+when the client's own copy of the input arrives first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from petal.daemon.net.transport import PeerAddr, Stream, Transport, TransportError
+from petal.protocol.errors import PetalError
+from petal.protocol.messages import PUSH_PROTOCOL, PushRequest, PushTarget, check_pushed
+from petal.protocol.replies import PushAck
+from petal.protocol.tensors import decode_tensor
+
+log = logging.getLogger("petal.server")
+
+PUSH_WINDOW = 4
+"""Pushed inputs one session buffers ahead of the step that takes them; more are refused with "busy"."""
+PUSH_ACK_TIMEOUT = 10.0
+"""Longest a server waits to dial the next hop or for its ack of a push before telling the client it did not push."""
+
+
+class PushInbox:
+    """Inputs pushed to one inference session, by step number: at most PUSH_WINDOW, only for steps not yet taken.
+
+    A push may arrive before or after the client's step message that waits for it. While that step waits, a push
+    for it is checked at once (so the pusher gets the error); one that came earlier is checked when taken.
+    """
+
+    def __init__(self, batch: int, max_length: int) -> None:
+        self.batch = batch
+        self.max_length = max_length
+        self.last = -1  # highest step number this session has run
+        self._items: dict[int, tuple[str, torch.Tensor]] = {}
+        self._waiting: tuple[int, int, str] | None = None  # (step, tokens, sender) of the step now waiting
+        self._event = asyncio.Event()
+        self._on_arrival: Callable[[int], None] | None = None
+
+    def expect(
+        self, step: int | None, tokens: int = 0, sender: str = "", on_arrival: Callable[[int], None] | None = None
+    ) -> None:
+        """Announce the step now waiting (tokens and the peer whose push it takes), or None when it stops waiting.
+
+        `on_arrival(step)` runs inside `put` as soon as that step's push is accepted, so the waiting session can
+        start computing before the push is even acked (waking its task first costs ~1 ms of loop turns).
+        Pushes for earlier steps can no longer be used (the client numbers its steps in order): they are dropped.
+        """
+        self._waiting = None if step is None else (step, tokens, sender)
+        self._on_arrival = None if step is None else on_arrival
+        if step is not None:
+            for s in [s for s in self._items if s < step]:
+                del self._items[s]
+
+    def _check(self, sender: str, step: int, hidden: torch.Tensor) -> None:
+        if self._waiting is None or self._waiting[0] != step:
+            return
+        _, tokens, expected = self._waiting
+        if sender != expected:
+            raise PetalError(
+                "bad_request", f"push for step {step}: this session takes it from peer {expected}, not from {sender}"
+            )
+        check_pushed(hidden, self.batch, tokens)
+
+    def put(self, sender: str, step: int, hidden: torch.Tensor) -> None:
+        """Buffer a push; raises PetalError (for the pusher's error frame) if it does not fit the session."""
+        if step <= self.last:
+            raise PetalError("bad_request", f"push for step {step}: this session has already run step {self.last}")
+        if hidden.shape[0] != self.batch or hidden.shape[1] > self.max_length:
+            raise PetalError(
+                "wrong_shape",
+                f"push: this session takes up to [batch={self.batch}, tokens="
+                f"{self.max_length}, hidden], the push is {list(hidden.shape)}",
+            )
+        if step in self._items:
+            raise PetalError("bad_request", f"push for step {step}: this session already holds one")
+        if len(self._items) >= PUSH_WINDOW:
+            raise PetalError("busy", f"push: this session already buffers {PUSH_WINDOW} pushed steps")
+        self._check(sender, step, hidden)
+        self._items[step] = (sender, hidden)
+        self._event.set()
+        if self._on_arrival is not None and self._waiting is not None and self._waiting[0] == step:
+            self._on_arrival(step)
+
+    def take(self, step: int) -> torch.Tensor | None:
+        """The pushed input of `step` if it is here and fits the waiting step (a misfit is dropped and logged)."""
+        item = self._items.pop(step, None)
+        if item is None:
+            return None
+        try:
+            self._check(item[0], step, item[1])
+        except PetalError as e:
+            log.info("dropping a push that came before its step: %s", e)
+            return None
+        return item[1]
+
+    def taken(self, step: int) -> None:
+        """Step `step` ran (from a push or the client's own input): older and equal pushes are stale now."""
+        self.last = max(self.last, step)
+        for s in [s for s in self._items if s <= self.last]:
+            del self._items[s]
+
+    async def changed(self) -> None:
+        """Return once a push arrived since the last call."""
+        await self._event.wait()
+        self._event.clear()
+
+
+class Pusher:
+    """One session's push stream to the next hop: opened on first use, reused every step, reopened for a new peer."""
+
+    def __init__(self, transport: Transport, local: Callable[[str, PushRequest], None]) -> None:
+        self.transport = transport
+        self._local = local  # delivers pushes whose next hop is this same server
+        self._stream: Stream | None = None
+        self._peer: PeerAddr | None = None
+
+    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any]) -> bool:
+        """Send one step's encoded output; True once the next hop acked it, False (logged) on any failure.
+
+        The client learns the outcome from its reply's `pushed` and sends the next hop the input itself when False.
+        """
+        try:
+            if target.peer == self.transport.peer_id:
+                self._local(target.peer, PushRequest(target.session, step, decode_tensor(hidden)))
+                return True
+            peer = PeerAddr(target.peer, target.addrs)
+            if self._stream is None or self._peer != peer:
+                await self.close()
+                self._stream = await self.transport.open_stream(peer, PUSH_PROTOCOL, timeout=PUSH_ACK_TIMEOUT)
+                self._peer = peer
+            await self._stream.send({"session": target.session, "step": step, "hidden": hidden})
+            PushAck.from_wire(await self._stream.recv(timeout=PUSH_ACK_TIMEOUT))
+            return True
+        except PetalError as e:  # the next hop refused the push (or sent a malformed ack: start over)
+            log.info("push of step %d to %s refused: %s", step, target.peer, e)
+            if e.code in ("bad_frame", "bad_tensor", "too_large"):
+                await self.close()
+            return False
+        except (TransportError, TimeoutError, OSError) as e:
+            log.info("push of step %d to %s failed: %s", step, target.peer, e)
+            await self.close(reset=True)
+            return False
+
+    async def close(self, reset: bool = False) -> None:
+        """Close (or with `reset`, abort) the stream to the next hop, if open; idempotent."""
+        stream, self._stream, self._peer = self._stream, None, None
+        if stream is not None:
+            with contextlib.suppress(TransportError):
+                await (stream.reset() if reset else stream.close())

@@ -1,0 +1,50 @@
+"""The limits one block server runs under (`ServeSettings`), the dtypes it accepts, and its KV-budget default.
+
+Below everything else in `petal.daemon.serving`: the server, the pool, the planner and the host all read these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from petal.daemon.config import Config
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CACHE_TOKENS_PER_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits of one block server (from Config; defaults suit tests)."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    quant: str = "none"
+    max_batch: int = 8
+    max_length: int = 4096
+    max_cache_tokens: int | None = None  # tokens x blocks; None: DEFAULT_CACHE_TOKENS_PER_BLOCK per hosted block
+    codec: str = "q8"
+    alloc_timeout: float = 10.0
+    idle_timeout: float = 600.0  # an inference session with no step for this long is closed and its cache freed
+    request_timeout: float = 300.0  # longest a forward/backward/step may queue + run
+    max_queue: int = 64
+    refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
+
+
+DEFAULT_SETTINGS = ServeSettings()
+
+
+def settings_from_config(config: Config) -> ServeSettings:
+    """The daemon's serving settings (`petald --dtype ...` or the config file); the rest keep their defaults."""
+    return ServeSettings(
+        dtype=config.dtype,
+        device=config.device,
+        quant=config.quant,
+        max_batch=config.max_batch,
+        max_length=config.max_length,
+        max_cache_tokens=config.max_cache_tokens,
+        codec=config.codec,
+        alloc_timeout=config.alloc_timeout,
+    )
