@@ -107,6 +107,25 @@ def route(ctx: Ctx, model: str) -> None:
     console.print(table)
 
 
+@cli.command()
+@click.option("--url", "url_only", is_flag=True, help="Print only the login URL.")
+@click.pass_obj
+def token(ctx: Ctx, url_only: bool) -> None:
+    """The token of the daemon's TCP API (petald --http), and the URL that logs a browser in.
+
+    Clients send it as `Authorization: Bearer TOKEN` (an OpenAI client's api_key). Read over the Unix socket, so
+    any member of its group (e.g. `petal` under systemd) can get it.
+    """
+    out = _call(ctx, "GET", "/v1/http/token")
+    if ctx.as_json:
+        return _print_json(out)
+    if url_only:
+        return click.echo(out["url"])
+    click.echo(f"token: {out['token']}")
+    click.echo(f"login: {out['url']}")
+    click.echo(f"  API: {out['http']}/v1 (send Authorization: Bearer TOKEN; OpenAI clients: api_key=TOKEN)")
+
+
 # --- chat, serve, unserve, bench ------------------------------------------------------------------------------------
 
 

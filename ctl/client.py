@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import socket
+import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,12 +65,37 @@ def default_socket() -> Path:
     return Path(f"/tmp/petal-{os.getuid()}") / "petald.sock"
 
 
+SHARED_TMP = Path("/tmp")
+"""Where the last-resort socket dir ``petal-$UID`` lives: a place any user can create that name first."""
+
+
+def check_socket_dir(socket_path: str) -> None:
+    """Refuse a socket in ``/tmp/petal-$UID`` that another user made (or may write): it would answer as our daemon.
+
+    petald refuses such a directory too; this keeps petalctl from sending prompts to the other user's socket.
+    """
+    directory = Path(socket_path).parent
+    if directory != SHARED_TMP / f"petal-{os.getuid()}":
+        return
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return  # nothing there: the connect fails with "no petald listening"
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DaemonError(
+            "unavailable",
+            f"{directory} is not a private directory of this user (another user may have made it, and may answer "
+            f"on its socket): remove it (`sudo rm -r {directory}`), restart petald, or pass --socket",
+        )
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
     def connect(self) -> None:
+        check_socket_dir(self._path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self._path)
@@ -291,6 +317,7 @@ class AsyncClient:
         import aiohttp
 
         if self._http is None or self._http.closed:
+            check_socket_dir(self.socket_path)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=self.socket_path),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),

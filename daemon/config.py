@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,58 @@ def default_socket() -> Path:
     if runtime:
         return Path(runtime) / "petal" / "petald.sock"
     return Path(f"/tmp/petal-{os.getuid()}") / "petald.sock"
+
+
+def parse_http_address(address: str) -> tuple[str, int]:
+    """``--http HOST:PORT`` as (host, port); an IPv6 host in brackets (``[::1]:8080``) comes back without them."""
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not sep or not host or (":" in host and not bracketed) or not port.isdigit():
+        raise ConfigError(
+            f"--http {address!r}: use HOST:PORT, e.g. 127.0.0.1:8080 (an IPv6 host in brackets: [::1]:8080)"
+        )
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"--http {address!r}: {port} is not a port number")
+    return host, int(port)
+
+
+def prepare_socket_dir(socket: Path) -> Path:
+    """Create the socket's directory (0700; 0750 for a system daemon, whose group may use the socket) or check the
+    one that is there: it must be a real directory (not a symlink), owned by this user, and writable by nobody else,
+    or another user could replace the socket and answer in the daemon's name. Returns the directory.
+    """
+    directory = socket.parent
+    mode = 0o750 if system_mode() else 0o700
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(directory, mode)
+        os.chmod(directory, mode, follow_symlinks=False)  # the umask may have taken bits away; never widen a link
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"cannot create the socket dir {directory} ({e.strerror}); pass --socket elsewhere") from None
+    try:
+        st = os.lstat(directory)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot inspect the socket dir {directory} ({e.strerror}); pass --socket elsewhere"
+        ) from None
+    hint = f"remove it if it is not yours (e.g. `sudo rm -r {directory}`) or pass --socket in a directory only you own"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"socket dir {directory} is not a directory (a symlink or a file): {hint}")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"socket dir {directory} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}), who could "
+            f"replace the socket: {hint}"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"socket dir {directory} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who could replace "
+            f"the socket: `chmod go-w {directory}`, or pass --socket in a directory only you can write"
+        )
+    return directory
 
 
 @dataclass
@@ -77,6 +130,8 @@ class Config:
             raise ConfigError(f"--log-level {self.log_level!r}: use debug, info, warning or error")
         if self.dht_port is not None and not 0 <= self.dht_port < 65536:
             raise ConfigError(f"--dht-port {self.dht_port} is not a port number")
+        if self.http is not None:
+            parse_http_address(self.http)
         if self.announce_ttl < 3:
             raise ConfigError("announce_ttl must be at least 3 seconds")
         if self.serve:
@@ -115,6 +170,21 @@ class Config:
 _PATH_FIELDS = {"state_dir", "socket"}
 
 
+def _toml_type_mismatch(annotation: str, value: object) -> str | None:
+    """What a TOML value for a Config field of type `annotation` should be, or None when it is that."""
+    base = annotation.removesuffix(" | None")
+    if base == "list[str]":
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        return None if ok else "a string or a list of strings"
+    if base == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if base == "int":
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if base == "float":
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    return None if isinstance(value, str) else "a string"  # str and Path
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, object]) -> Config:
     """Defaults, then the TOML file (keys as in Config, dashes or underscores), then non-None overrides."""
     values: dict[str, object] = {}
@@ -125,11 +195,16 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, object
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        known = {f.name for f in dataclasses.fields(Config)}
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"cannot read config file {path} ({reason}): pass a readable TOML file") from None
+        types = {f.name: str(f.type) for f in dataclasses.fields(Config)}
         for key, value in raw.items():
             name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            if name not in types:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(types))}")
+            if want := _toml_type_mismatch(types[name], value):
+                raise ConfigError(f"config file {path}: {key} = {value!r:.60} should be {want}")
             values[name] = value
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     for name in _PATH_FIELDS & values.keys():

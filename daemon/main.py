@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import NoReturn
 
 import click
 
 from petal.daemon.config import ConfigError, load_config
 from petal.daemon.pull import pull_command
-from petal.daemon.systemd import setup_logging
+from petal.daemon.startup import StartupError
+from petal.daemon.systemd import EXIT_CODE_HELP, ExitCode, sd_notify, setup_logging
+
+log = logging.getLogger("petal")
+
+EPILOG = (
+    "\b\nExit status (a failed start prints one line, 'petald: error: WHAT; WHAT TO DO', on stderr):\n"
+    + "\n".join(f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
+)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with the settings below.")
 @click.option("--state-dir", help="Identity key and caches [XDG state dir, or /var/lib/petal for a system daemon].")
 @click.option("--socket", help="Control socket path [$XDG_RUNTIME_DIR/petal/petald.sock or /run/petal/petald.sock].")
@@ -48,21 +57,48 @@ def cli(ctx: click.Context, /, config_file: str | None, **overrides: object) -> 
     try:
         config = load_config(config_file, overrides)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    setup_logging(config.log_level)
-    from petal.daemon.node import StartupError, run_node
+        fail(str(e), ExitCode.USAGE)
+    from petal.daemon.node import run_node
 
+    setup_logging(config.log_level)
     try:
         asyncio.run(run_node(config))
     except StartupError as e:
-        logging.getLogger("petal").error("%s", e)
-        sys.exit(1)
+        fail(str(e), e.code, e)
+    except ConfigError as e:  # a setting that only shows as unusable once used
+        fail(str(e), ExitCode.USAGE, e)
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # noqa: BLE001 - a bug: one line that says so, the traceback at --log-level debug
+        fail(
+            f"unexpected {type(e).__name__}: {e}; this is a bug: rerun with --log-level debug for the traceback "
+            "and report it",
+            ExitCode.INTERNAL,
+            e,
+        )
 
 
 cli.add_command(pull_command)
 
 
+def fail(message: str, code: int, error: BaseException | None = None) -> NoReturn:
+    """Exit with `code` after ONE line on stderr (and in systemd's STATUS=); the traceback only at debug level."""
+    if error is not None:
+        log.debug("petald failed", exc_info=error)
+    line = " ".join(message.split())
+    sd_notify(f"STATUS=failed: {line}")
+    print(f"petald: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    cli()
+    """`petald`: click's own errors (an unknown flag, a value of the wrong type) are one line too, exit status 2."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.UsageError as e:
+        fail(f"{e.format_message()} (see petald --help)", ExitCode.USAGE)
+    except click.ClickException as e:
+        fail(e.format_message(), e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)

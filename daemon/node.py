@@ -4,33 +4,38 @@ together, plus the re-announcing of everything it publishes in the DHT."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from petal.daemon.api.app import ControlServer
-from petal.daemon.config import Config
+from petal.daemon.config import Config, ConfigError, parse_http_address, prepare_socket_dir
 from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.net.addrs import parse_multiaddr
 from petal.daemon.net.dialback import DIALBACK_PROTOCOL, check_reachability, serve_dialback
 from petal.daemon.net.p2p import Libp2pTransport
-from petal.daemon.net.transport import PeerAddr, Stream
+from petal.daemon.net.transport import PeerAddr, Stream, TransportError
 from petal.daemon.serving.errors import ServeError
 from petal.daemon.serving.host import Host
 from petal.daemon.serving.settings import settings_from_config
-from petal.daemon.systemd import sd_notify
+from petal.daemon.startup import StartupError, bind_error, is_ip, load_identity, probe_bind, unix_socket_alive
+from petal.daemon.systemd import ExitCode, sd_notify, watchdog_period
 from petal.protocol import PROTOCOL_VERSION
+from petal.protocol.records import check_announcement
 
 log = logging.getLogger("petal.node")
 
 NODE_INFO_PROTOCOL = "/petal/node-info/1"
 
 
-class StartupError(RuntimeError):
-    """The node could not start; the message says what to change."""
+STATUS_CHECK_S = 5.0
+"""How often the systemd STATUS= line is recomputed (it is sent when it changed, and every STATUS_REFRESH_S)."""
+STATUS_REFRESH_S = 60.0
 
 
 class Node:
@@ -51,6 +56,9 @@ class Node:
         self._host: Host | None = None
         self.control: ControlServer | None = None
         self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
+        self._phase: str | None = "starting"  # what start() is doing (systemd's STATUS=); None once ready
+        self._status_sent: str | None = None
+        self._status_sent_at = 0.0
 
     @property
     def peer_id(self) -> str:
@@ -70,12 +78,19 @@ class Node:
         return self._host
 
     async def start(self) -> None:
+        """Listen, join the swarm, serve what the config says and open the control socket; sends READY=1.
+
+        Every failure the user can fix raises StartupError with a one-line message and an ExitCode."""
         t0 = time.monotonic()
-        await self.transport.start()
+        if os.environ.get("NOTIFY_SOCKET"):
+            self._tasks.append(asyncio.create_task(self._systemd_loop(), name="systemd"))
+        self._set_phase("starting: listening")
+        await self._start_transport()
         self.transport.set_handler(NODE_INFO_PROTOCOL, self._serve_node_info)
         self.transport.set_handler(DIALBACK_PROTOCOL, serve_dialback)
         first = parse_multiaddr(self.transport.listen_addrs[0])
         host = parse_multiaddr(self.config.listen[0]).host
+        self._set_phase("starting: joining the swarm")
         bootstrap, helpers = await self._resolve_initial_peers()
         if helpers:
             await self._check_reachability(helpers[0])
@@ -84,7 +99,8 @@ class Node:
         if bootstrap and dht.routing_table_size() == 0:
             raise StartupError(
                 f"joined no DHT peers from {', '.join(self.config.initial_peers)}: check that those daemons run and "
-                "that their UDP DHT port is reachable"
+                "that their UDP DHT port is reachable",
+                ExitCode.NETWORK,
             )
         self._host = Host(
             transport=self.transport,
@@ -97,8 +113,8 @@ class Node:
         )
         if self.config.serve:
             await self._serve_at_start(self.config.serve)
-        self.control = ControlServer(self)
-        await self.control.start()
+        self._set_phase("starting: opening the control socket")
+        await self._start_control()
         self._tasks.append(asyncio.create_task(self._reannounce_loop(), name="reannounce"))
         self.ready.set()
         log.info(
@@ -110,16 +126,89 @@ class Node:
         )
         for addr in self.transport.listen_addrs:
             log.info("others can join with: petald --initial-peer %s", addr)
-        sd_notify(f"READY=1\nSTATUS=serving on {self.config.socket}")
+        self._phase = None
+        self._notify_status("READY=1")
+
+    async def _start_transport(self) -> None:
+        """Start libp2p on --listen; a bad address is ExitCode.USAGE, a taken port ExitCode.IN_USE.
+
+        Each address is bound once beforehand: libp2p only logs a listener that failed and carries on with the
+        others, so a daemon with one bad --listen of two would start without the address it was asked for."""
+        for addr in self.config.listen:
+            try:
+                hp = parse_multiaddr(addr)
+            except ValueError as e:
+                raise StartupError(f"--listen: {e}", ExitCode.USAGE) from None
+            proto = addr.strip().split("/")[1]
+            if hp.transport != "tcp" or hp.peer_id or not is_ip(hp.host, proto):
+                raise StartupError(
+                    f"--listen {addr!r}: use /ip4/ADDRESS/tcp/PORT (or /ip6/...), e.g. /ip4/0.0.0.0/tcp/31330",
+                    ExitCode.USAGE,
+                )
+            if (failure := probe_bind(hp.host, hp.port)) is not None:
+                raise bind_error(f"TCP port {hp.port} on {hp.host} (--listen {addr})", failure, "--listen port")
+        try:
+            await self.transport.start()
+        except TransportError as e:
+            raise self._listen_failure(e) from e
+        if not self.transport.listen_addrs:  # libp2p logs a listener that failed and carries on without it
+            raise self._listen_failure(None)
+
+    def _listen_failure(self, error: TransportError | None) -> StartupError:
+        """Why libp2p could not listen: bind each --listen address ourselves to find the errno."""
+        for addr in self.config.listen:
+            hp = parse_multiaddr(addr)
+            if (failure := probe_bind(hp.host, hp.port)) is not None:
+                return bind_error(f"TCP port {hp.port} on {hp.host} (--listen {addr})", failure, "--listen port")
+        detail = f" ({error})" if error else ""
+        return StartupError(
+            f"libp2p could not listen on {', '.join(self.config.listen)}{detail}: check --listen", ExitCode.USAGE
+        )
+
+    async def _start_control(self) -> None:
+        """Open the control socket (and --http); sorts a failure into its ExitCode (ControlServer says what)."""
+        try:  # check the socket's directory before connecting to anything in it (an impostor may listen there)
+            prepare_socket_dir(Path(self.config.socket))
+        except ConfigError as e:
+            raise StartupError(str(e), ExitCode.STATE) from e
+        if unix_socket_alive(Path(self.config.socket)):
+            raise StartupError(
+                f"another petald already listens on {self.config.socket}: stop it (`petalctl status` shows it) "
+                "or give this one its own --socket",
+                ExitCode.IN_USE,
+            )
+        self.control = ControlServer(self)
+        try:
+            await self.control.start()
+        except (ConfigError, OSError) as e:
+            if self.config.http:
+                host, port = parse_http_address(self.config.http)
+                if (bound := probe_bind(host, port)) is not None:
+                    raise bind_error(f"--http {self.config.http}", bound, "--http address") from e
+            if isinstance(e, OSError):
+                raise StartupError(
+                    f"cannot open the control socket {self.config.socket} ({e.strerror or e}): pass --socket in a "
+                    "directory this user can write",
+                    ExitCode.STATE,
+                ) from e
+            raise StartupError(str(e), ExitCode.STATE) from e
 
     async def _serve_at_start(self, serve: str) -> None:
         """Load and serve the span configured at startup (--serve, --blocks / --num-blocks)."""
         config = self.config
+        self._set_phase(f"starting: loading {serve}")
         try:
             plan = await self.host.plan(serve, blocks=config.blocks, num_blocks=config.num_blocks)
+            self._set_phase(f"starting: loading {plan.info.name} blocks {plan.start}:{plan.end}")
+            await self.host.serve(plan)
         except ServeError as e:
-            raise StartupError(str(e)) from None
-        await self.host.serve(plan)
+            raise StartupError(str(e), ExitCode.MODEL) from e
+        except Exception as e:  # torch, safetensors and the loaders raise many types; all mean "cannot serve this"
+            raise StartupError(
+                f"cannot load {serve} to serve it ({type(e).__name__}: {e}); check the model dir, --device, --dtype "
+                "and free memory (--log-level debug shows the traceback)",
+                ExitCode.MODEL,
+            ) from e
 
     async def _start_dht(self, host: str, port: int, bootstrap: list[tuple[str, int]]) -> DHT:
         """Listen on UDP `port` (by default the libp2p TCP port's number); fall back to an ephemeral one if taken."""
@@ -128,13 +217,14 @@ class Node:
             await dht.start(bootstrap)
             return dht
         except OSError as e:
-            if self.config.dht_port is not None:
-                raise StartupError(
-                    f"cannot listen on UDP port {port} for the DHT ({e}); choose another --dht-port"
-                ) from e
+            if self.config.dht_port is not None or e.errno != errno.EADDRINUSE:
+                raise bind_error(f"UDP port {port} on {host} for the DHT", e, "--dht-port") from e
             log.warning("UDP port %d is taken (%s); the DHT uses an ephemeral port instead", port, e)
         dht = DHT(self.identity, host=host, port=0)
-        await dht.start(bootstrap)
+        try:
+            await dht.start(bootstrap)
+        except OSError as e:
+            raise bind_error(f"a UDP port on {host} for the DHT", e, "--dht-port") from e
         return dht
 
     async def _resolve_initial_peers(self) -> tuple[list[tuple[str, int]], list[PeerAddr]]:
@@ -148,12 +238,14 @@ class Node:
             try:
                 hp = parse_multiaddr(addr)
             except ValueError as e:
-                raise StartupError(str(e)) from None
+                raise StartupError(f"--initial-peer: {e}", ExitCode.USAGE) from None
             if hp.transport == "udp":  # a bare DHT address: use as is
                 found.append((hp.host, hp.port))
                 continue
             if not hp.peer_id:
-                raise StartupError(f"initial peer {addr!r} lacks /p2p/PEER_ID: copy the full address petald printed")
+                raise StartupError(
+                    f"initial peer {addr!r} lacks /p2p/PEER_ID: copy the full address petald printed", ExitCode.USAGE
+                )
             try:
                 peer = PeerAddr(hp.peer_id, (addr,))
                 info = await self.transport.call(peer, NODE_INFO_PROTOCOL, {}, timeout=10.0)
@@ -166,7 +258,8 @@ class Node:
         if self.config.initial_peers and not found:
             raise StartupError(
                 f"none of the initial peers answered ({', '.join(self.config.initial_peers)}): "
-                "check the addresses and that those daemons are running"
+                "check the addresses, that those daemons are running and that their TCP port is reachable from here",
+                ExitCode.NETWORK,
             )
         return found, helpers
 
@@ -223,8 +316,62 @@ class Node:
             "socket": str(self.config.socket),
         }
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status petald`): what start() does, or what we serve."""
+        if self._phase is not None:
+            return self._phase
+        peers = self._dht.routing_table_size() if self._dht else 0
+        peers_text = f"{peers} peer{'' if peers == 1 else 's'}"
+        served = self._host.status() if self._host else []
+        if served:
+            spans = "; ".join(f"serving {s['model']} blocks {s['start']}:{s['end']}" for s in served)
+            sessions = sum(int(s["sessions"]) for s in served)
+            line = f"{spans}, {peers_text}, {sessions} session{'' if sessions == 1 else 's'}"
+        else:
+            line = f"client only, {peers_text}"
+        if self.reachable is False:
+            line += ", not reachable by others"
+        return line
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        self._notify_status()
+
+    def _notify_status(self, *states: str, watchdog: bool = False) -> None:
+        """Send `states` (READY=1...), WATCHDOG=1 if asked, and STATUS= when it changed or went stale; one datagram."""
+        lines = list(states)
+        if watchdog:
+            lines.append("WATCHDOG=1")
+        try:
+            status = self.status_line()
+        except Exception as e:  # noqa: BLE001 - a status line must never stop the watchdog pings
+            log.debug("no status line: %s", e)
+            status = None
+        now = time.monotonic()
+        if status is not None and (
+            states or status != self._status_sent or now - self._status_sent_at >= STATUS_REFRESH_S
+        ):
+            lines.append(f"STATUS={status}")
+            self._status_sent, self._status_sent_at = status, now
+        if lines:
+            sd_notify("\n".join(lines))
+
+    async def _systemd_loop(self) -> None:
+        """Keep systemd informed: STATUS= on every change (checked every STATUS_CHECK_S) and WATCHDOG=1 every half
+        WatchdogSec=. The pings come from this event loop, so a loop that hangs stops them and systemd restarts us."""
+        period = watchdog_period()
+        tick = min(STATUS_CHECK_S, period) if period else STATUS_CHECK_S
+        if period:
+            log.info("systemd watchdog: pinging every %.3g s", period)
+        while True:
+            self._notify_status(watchdog=period is not None)
+            await asyncio.sleep(tick)
+
     async def announce(self, key: str, value: dict[str, Any]) -> int:
-        """Announce under `key` now and keep re-announcing until withdrawn or stopped."""
+        """Announce under `key` now and keep re-announcing until withdrawn or stopped.
+
+        A value the DHT cannot sign raises RecordError here and is never kept (nor re-announced)."""
+        check_announcement(key, value)
         self._announced[key] = value
         return await self.dht.announce(key, value, ttl=self.config.announce_ttl)
 
@@ -242,8 +389,14 @@ class Node:
                 except Exception as e:  # noqa: BLE001 - keep the loop alive; the next round retries
                     log.warning("re-announcing %s failed: %s", key, e)
 
+    def notify_stopping(self) -> None:
+        """Tell systemd (once) that we are stopping: STOPPING=1 with STATUS=stopping."""
+        if self._phase != "stopping":
+            self._phase = "stopping"
+            self._notify_status("STOPPING=1")
+
     async def stop(self) -> None:
-        sd_notify("STOPPING=1")
+        self.notify_stopping()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -263,8 +416,8 @@ class Node:
 
 
 async def run_node(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down cleanly."""
-    node = Node(config)
+    """Run until SIGTERM or SIGINT, then shut down cleanly; a start that fails raises StartupError (with its code)."""
+    node = Node(config, load_identity(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,5 +426,7 @@ async def run_node(config: Config) -> None:
         await node.start()
         await stop.wait()
         log.info("signal received, shutting down")
+        node.notify_stopping()  # systemd knows at once; the drain below may take up to drain_timeout
+        await node.host.stop(drain=True)  # announce leaving, let open sessions finish (bounded), then stop
     finally:
         await node.stop()

@@ -110,20 +110,30 @@ class ModelInfo:
 
 def open_model(path: str | Path) -> ModelInfo:
     """Read config.json and the safetensors headers of the model dir `path` (no weights are read)."""
-    path = Path(path).expanduser().resolve()
-    if not (path / "config.json").is_file():
+    try:
+        path = Path(path).expanduser().resolve()
+        has_config = (path / "config.json").is_file()
+    except (OSError, RuntimeError, ValueError) as e:  # a name too long, ~user of no such user, a NUL byte
+        raise ModelStoreError(f"{str(path)[:200]!r} is not a model dir ({type(e).__name__}: {e})") from None
+    if not has_config:
         raise ModelStoreError(f"{path} is not a model dir (no config.json); pull one with `petald pull smollm2`")
-    config = AutoConfig.from_pretrained(path)
-    family = getattr(config, "model_type", None)
-    get_family(config)  # fails early, with the list of supported families
-    name = getattr(config, "petal_name", None) or path.name
+    try:
+        config = AutoConfig.from_pretrained(path)
+        family = getattr(config, "model_type", None)
+        get_family(config)  # fails early, with the list of supported families
+        name = getattr(config, "petal_name", None) or path.name
+        num_blocks = int(config.num_hidden_layers)
+        tensors = _read_layout(path)
+    except ModelStoreError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error) as e:
+        # invalid JSON, an unknown model_type, a missing field, a corrupt safetensors header, ...
+        raise ModelStoreError(
+            f"{path} is not a usable model dir ({type(e).__name__}: {str(e)[:300]}); pull the model again "
+            "or fix its config.json"
+        ) from None
     return ModelInfo(
-        path=path,
-        config=config,
-        name=str(name),
-        family=str(family),
-        num_blocks=int(config.num_hidden_layers),
-        tensors=_read_layout(path),
+        path=path, config=config, name=str(name), family=str(family), num_blocks=num_blocks, tensors=tensors
     )
 
 

@@ -23,9 +23,11 @@ The inference stream, with push (paper §3.2; every client message gets exactly 
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import torch
 
@@ -126,6 +128,39 @@ class PushRequest:
     session: str
     step: int
     hidden: torch.Tensor
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def validator(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Make a `parse_*` raise only PetalError: whatever else fails while it reads hostile input (a TypeError,
+    OverflowError or KeyError on a field of the wrong kind, a MemoryError on an absurd size, ...) becomes
+    WireError("bad_frame"), or WireError("too_large") for MemoryError, naming the request and the cause.
+
+    The class of bug this closes: a validator that misses one malformed shape must still answer the caller's
+    mistake as the caller's, never as the server's "internal" error.
+    """
+
+    def wrap(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(parse)
+        def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return parse(*args, **kwargs)
+            except PetalError:
+                raise
+            except MemoryError:
+                raise WireError(
+                    "too_large", f"{what}: a declared size is too large to allocate; send smaller tensors"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - hostile input: any failure to read it is the sender's fault
+                detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                raise WireError("bad_frame", f"{what}: malformed request ({detail:.300})") from None
+
+        return checked
+
+    return wrap
 
 
 # --- field helpers -------------------------------------------------------------------------------------------------
@@ -270,11 +305,13 @@ def _check_total(served: ServedSpan, *tensors: torch.Tensor | None) -> None:
 # --- requests (server side) ----------------------------------------------------------------------------------------
 
 
+@validator("info request")
 def parse_info_request(msg: object, served: ServedSpan) -> None:
     """`{"model": name}`; raises if the server does not host that model."""
     _check_model(_message(msg, "info"), served, "info")
 
 
+@validator("forward/backward request")
 def parse_forward(msg: object, served: ServedSpan, *, backward: bool = False) -> ForwardRequest:
     """A forward (or, with `backward`, a backward) call, fully validated against `served`."""
     what = "backward" if backward else "forward"
@@ -318,6 +355,7 @@ def _check_lora(obj: object, start: int, end: int, served: ServedSpan, what: str
     return lora
 
 
+@validator("inference open")
 def parse_open(msg: object, served: ServedSpan) -> OpenRequest:
     """The first message of an inference stream."""
     m = _message(msg, "inference open")
@@ -362,6 +400,7 @@ def _push_target(obj: object) -> PushTarget | None:
     return PushTarget(peer, tuple(addrs), session)
 
 
+@validator("inference step")
 def parse_step(
     msg: object, served: ServedSpan, *, blocks: int, batch: int, max_length: int, length: int
 ) -> StepRequest:
@@ -413,6 +452,7 @@ def parse_step(
     return StepRequest(hidden, mask, position, prompts, t, step_no, push_from, push_to)
 
 
+@validator("push")
 def parse_push(msg: object, served: ServedSpan) -> PushRequest:
     """A push frame `{session, step, hidden}`: well-formed, within the limits; fit to the session via `check_pushed`."""
     m = _message(msg, "push")

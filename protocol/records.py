@@ -38,8 +38,10 @@ VALUE_BUDGET = 6400
 MAX_DEPTH = 4
 
 MODELS_KEY = "_models"
-STATES = ("joining", "online", "offline")
+STATES = ("joining", "online", "draining", "offline")
 OFFLINE = "offline"
+DRAINING = "draining"
+"""A server that is leaving: it finishes its open sessions but takes no new ones (routers skip it)."""
 STATE_FIELD = "st"
 
 
@@ -159,6 +161,30 @@ class Entry:
         return self.expires_at <= (time.time() if now is None else now)
 
 
+def check_announcement(key: str, value: object) -> dict[str, Any]:
+    """``value`` in canonical form if ``sign_entry`` can sign it under ``key``; else RecordError saying why.
+
+    The same checks as signing (string keys, depth, finite floats, ints msgpack can hold, the record's size with
+    its signature, key and timestamps), without a signer: callers check a value before they keep it.
+    """
+    if not isinstance(key, str) or not key:
+        raise RecordError(f"a DHT key must be a non-empty string, got {key!r:.80}")
+    if not isinstance(value, dict):
+        raise RecordError(f"a DHT value must be a dict, got {type(value).__name__}")
+    canonical: dict[str, Any] = _canonical(value)
+    try:
+        payload = _payload(key, bytes(PUBLIC_KEY_BYTES), canonical, 0.0, 0.0)  # timestamps: fixed-size floats
+    except (OverflowError, ValueError, TypeError) as e:  # ints beyond 64 bits, strings that are not Unicode
+        raise RecordError(f"record value cannot be encoded: {type(e).__name__}: {str(e)[:200]}") from None
+    if SIGNATURE_BYTES + len(payload) > MAX_RECORD_BYTES:
+        raise RecordError(
+            f"record for {key[:60]!r} would be {SIGNATURE_BYTES + len(payload)} bytes, over the "
+            f"{MAX_RECORD_BYTES}-byte limit of one DHT entry; use a shorter key and a smaller value",
+            "too_large",
+        )
+    return canonical
+
+
 def sign_entry(signer: Signer, key: str, value: dict[str, Any], *, issued_at: float, expires_at: float) -> Entry:
     """Sign ``value`` under ``key``. Raises RecordError if the value is not encodable or the record too big."""
     if not isinstance(value, dict):
@@ -167,7 +193,7 @@ def sign_entry(signer: Signer, key: str, value: dict[str, Any], *, issued_at: fl
         raise RecordError("expires_at must be after issued_at")
     if expires_at - issued_at > MAX_TTL:
         raise RecordError(f"TTL {expires_at - issued_at:.0f}s exceeds the {MAX_TTL:.0f}s maximum; re-announce instead")
-    value = _canonical(value)
+    value = check_announcement(key, value)
     public_key = bytes(signer.public_key)
     payload = _payload(key, public_key, value, issued_at, expires_at)
     if SIGNATURE_BYTES + len(payload) > MAX_RECORD_BYTES:

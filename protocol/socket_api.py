@@ -8,7 +8,8 @@ and no torch (petalctl imports this at start-up); tensors inside bodies are ``pe
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +26,20 @@ MAX_PROMPT_TOKENS: Final = 8192
 """Longest prompt (in tokens) a generation request may carry."""
 MAX_NEW_TOKENS: Final = 4096
 """Most tokens one generation request may ask for."""
+MAX_BYTES_PER_TOKEN: Final = 64
+MAX_PROMPT_BYTES: Final = MAX_PROMPT_TOKENS * MAX_BYTES_PER_TOKEN
+"""Longest prompt text (UTF-8 bytes, all chat messages together) read at all: no tokenizer packs more than
+``MAX_BYTES_PER_TOKEN`` bytes of real text into a token, so a longer prompt could not fit ``MAX_PROMPT_TOKENS``
+and is refused before it is tokenized."""
+MAX_MODEL_BYTES: Final = 4096
+"""Longest model name (or model dir path) in UTF-8 bytes."""
+MIN_TEMPERATURE: Final = 1e-5
+"""A temperature above 0 but below this samples greedily: dividing logits by less overflows to inf."""
+MAX_TEMPERATURE: Final = 100.0
+REPETITION_PENALTY_RANGE: Final = (0.01, 100.0)
+MAX_STOP_STRINGS: Final = 16
+MAX_STOP_CHARS: Final = 1024
+MAX_SEED: Final = 2**63
 DEFAULT_MAX_NEW_TOKENS: Final = 64
 MODEL_HINT: Final = 'name the model: "model": "smollm2"'
 
@@ -60,7 +75,26 @@ def model_field(body: Body) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request(MODEL_HINT)
+    try:
+        size = len(model.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise bad_request(f"'model' {model[:60]!r} is not valid Unicode") from None
+    if size > MAX_MODEL_BYTES:
+        raise bad_request(f"'model' is {size} bytes; a model name has at most {MAX_MODEL_BYTES}")
     return model
+
+
+def check_prompt_size(texts: Iterable[str]) -> None:
+    """Refuse (``too_large``), before tokenizing, prompt text longer than ``MAX_PROMPT_TOKENS`` tokens could be."""
+    size = 0
+    for text in texts:
+        size += len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_PROMPT_BYTES:
+            raise PetalError(
+                "too_large",
+                f"the prompt is over {MAX_PROMPT_BYTES} bytes, more than the {MAX_PROMPT_TOKENS}-token limit can "
+                "hold; send a shorter prompt",
+            )
 
 
 def int_field(body: Body, key: str, default: int | None, minimum: int = 0) -> int | None:
@@ -87,9 +121,20 @@ def _number(body: Body, key: str, kind: type[int] | type[float], default: int | 
     if value is None:
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise bad_request(f"{key!r} is out of range, got {value!r:.40}") from None
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise bad_request(f"{key!r} must be a {kind.__name__}, got {value!r}")
+        raise bad_request(f"{key!r} must be a {kind.__name__}, got {value!r:.80}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad_request(f"{key!r} must be a finite number, got {value!r}")
+    return value
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise bad_request(f"{key!r} must be in [{low:g}, {high:g}], got {value!r:.40}")
     return value
 
 
@@ -120,15 +165,23 @@ class SamplingFields:
             stop = [stop]
         if not isinstance(stop, list):
             raise bad_request('"stop" must be a string or a list of strings')
+        if len(stop) > MAX_STOP_STRINGS or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop):
+            raise bad_request(f'"stop" holds at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters')
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise bad_request('"seed" must be an integer')
+        if seed is not None and not 0 <= seed < MAX_SEED:
+            raise bad_request(f'"seed" must be in [0, 2**63), got {seed!r:.40}')
+        temperature = _in_range("temperature", _number(body, "temperature", float, temperature), 0, MAX_TEMPERATURE)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # greedy: what such a temperature means, without the overflow
+        penalty = _number(body, "repetition_penalty", float, 1.0)
         return cls(
             max_new_tokens=int(_number(body, max_tokens_key, int, DEFAULT_MAX_NEW_TOKENS)),
-            temperature=_number(body, "temperature", float, temperature),
+            temperature=temperature,
             top_k=int(_number(body, "top_k", int, 0)),
             top_p=_number(body, "top_p", float, 1.0),
-            repetition_penalty=_number(body, "repetition_penalty", float, 1.0),
+            repetition_penalty=_in_range("repetition_penalty", penalty, *REPETITION_PENALTY_RANGE),
             seed=seed,
             stop=tuple(stop),  # element types are checked by SamplingParams.validate, with its message
         )
@@ -211,8 +264,8 @@ class ServeRequest:
     def from_body(cls, body: Body) -> ServeRequest:
         model = model_field(body)
         blocks = body.get("blocks")
-        if blocks is not None and not isinstance(blocks, str):
-            raise bad_request('"blocks" must be a string "START:END", e.g. "0:10"')
+        if blocks is not None and (not isinstance(blocks, str) or not blocks.strip()):
+            raise bad_request(f'"blocks" must be a string "START:END", e.g. "0:10", got {blocks!r:.40}')
         num_blocks = int_field(body, "num_blocks", None, 1)
         if blocks is not None and num_blocks is not None:
             raise bad_request('pass either "blocks": "A:B" or "num_blocks": N, not both')

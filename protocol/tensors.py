@@ -36,6 +36,9 @@ FLOAT_DTYPES: Final[frozenset[str]] = frozenset({"float32", "float16", "bfloat16
 CODECS: Final[tuple[str, ...]] = ("none", "float16", "bfloat16", "q8")
 DEFAULT_MAX_BYTES: Final[int] = 256 * 1024 * 1024
 MAX_NDIM: Final[int] = 16
+MAX_DIM: Final[int] = 2**40
+"""Largest product of an empty tensor's non-zero dimensions (a non-empty one is bounded by the byte limit): far
+above any real use, far below where torch's int64 size arithmetic overflows."""
 
 _BASE_KEYS: Final[frozenset[str]] = frozenset({"dtype", "shape", "codec", "data"})
 _Q8_KEYS: Final[frozenset[str]] = _BASE_KEYS | {"absmax", "block"}
@@ -100,6 +103,10 @@ def _parse_shape(shape: object) -> list[int]:
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise _fail(f"tensor 'shape' must hold non-negative ints, got {list(shape)!r:.200}")
+    if 0 in shape and math.prod(max(dim, 1) for dim in shape) > MAX_DIM:
+        # An empty tensor has no bytes for the size limits to check, but torch still multiplies out its other
+        # dimensions (in int64: [0, 2**63] overflowed into a RuntimeError).
+        raise _fail(f"an empty tensor's other dimensions may multiply to at most {MAX_DIM}, got {list(shape)!r:.200}")
     return list(shape)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from petal.daemon.api.auth import add_auth_routes, guard_tcp
 from petal.daemon.api.bodies import MAX_REQUEST_BYTES
-from petal.daemon.api.errors import errors_as_json
+from petal.daemon.api.errors import JsonErrorRunner, errors_as_json
 from petal.daemon.api.generate import add_generate_routes
 from petal.daemon.api.models import add_model_routes
 from petal.daemon.api.node_routes import add_node_routes
@@ -23,6 +24,7 @@ from petal.daemon.api.openai import add_openai_routes
 from petal.daemon.api.serve import add_serve_routes
 from petal.daemon.api.state import STATE_KEY, ApiState, NodeLike
 from petal.daemon.api.tensors import add_tensor_routes
+from petal.daemon.config import ConfigError, parse_http_address, prepare_socket_dir
 from petal.protocol.errors import PetalError
 
 log = logging.getLogger("petal.control")
@@ -34,7 +36,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 def make_app(node: NodeLike) -> web.Application:
     """Every endpoint of the socket API; the router (and open sessions, and a load in progress) close with the app."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(middlewares=[errors_as_json, guard_tcp], client_max_size=MAX_REQUEST_BYTES)
     state = ApiState(node)
     app[STATE_KEY] = state
 
@@ -42,6 +44,7 @@ def make_app(node: NodeLike) -> web.Application:
         await state.close()
 
     app.on_cleanup.append(cleanup)
+    add_auth_routes(app, node.config)  # over TCP (--http): Host, Origin, token and content-type checks first
     add_node_routes(app)
     add_model_routes(app)
     add_generate_routes(app)
@@ -59,27 +62,36 @@ class ControlServer:
         self.node = node
         self.socket_path = Path(node.config.socket)
         self._runner: web.AppRunner | None = None
+        self._listening = False  # only a socket this server bound is removed at stop, never another's
 
     async def start(self) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_socket_dir(self.socket_path)  # ours, 0700 (0750 system), or ConfigError saying what to do
         if self.socket_path.exists():
             if await _socket_alive(self.socket_path):
-                raise RuntimeError(f"another petald already listens on {self.socket_path}; stop it or pass --socket")
+                raise ConfigError(f"another petald already listens on {self.socket_path}; stop it or pass --socket")
             self.socket_path.unlink()  # left over from a crash
-        self._runner = web.AppRunner(make_app(self.node), access_log=None, handle_signals=False)
+        self._runner = JsonErrorRunner(make_app(self.node), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
+        self._listening = True
         os.chmod(self.socket_path, 0o660)
         if self.node.config.http:
-            host, _, port = self.node.config.http.rpartition(":")
-            await web.TCPSite(self._runner, host or "127.0.0.1", int(port)).start()
-            log.info("control API also on http://%s", self.node.config.http)
+            host, port = parse_http_address(self.node.config.http)
+            try:
+                await web.TCPSite(self._runner, host, port).start()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot listen on --http {self.node.config.http} ({e.strerror}); choose another"
+                ) from None
+            log.info("control API also on http://%s (token: `petalctl token`)", self.node.config.http)
 
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
-        self.socket_path.unlink(missing_ok=True)
+        if self._listening:
+            self.socket_path.unlink(missing_ok=True)
+            self._listening = False
 
 
 async def _socket_alive(path: Path) -> bool:

@@ -6,7 +6,10 @@ The fields inside a body are read with ``petal.protocol.socket_api`` (shared wit
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
+import re
 from typing import Any, Final
 
 import msgpack
@@ -14,6 +17,7 @@ import torch
 from aiohttp import web
 
 from petal.protocol.errors import PetalError, WireError
+from petal.protocol.frames import unpack_message
 from petal.protocol.socket_api import MSGPACK
 from petal.protocol.tensors import DEFAULT_MAX_BYTES, DTYPE_NAMES, FLOAT_DTYPES, decode_tensor, encode_tensor
 
@@ -22,18 +26,85 @@ MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 MAX_BODY_BYTES: Final = 256 * 1024 * 1024
 """Largest msgpack body accepted; a bigger one is refused (413) from its Content-Length, before it is read."""
 MAX_TENSOR_BYTES: Final = DEFAULT_MAX_BYTES
+JSON: Final = "application/json"
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def _not_json(e: Exception) -> PetalError:
     return PetalError("bad_request", f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}")
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """A JSON object body."""
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number; send finite numbers only")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range; send finite numbers only")
+    return value
+
+
+def parse_json(data: bytes | str) -> object:
+    """Strict JSON: no NaN/Infinity (nor numbers that overflow to them), no lone surrogates; else a 400."""
     try:
-        body = await request.json()
+        body = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _not_json(e) from None
+    check_unicode(body)
+    return body
+
+
+def check_unicode(obj: object) -> None:
+    """Refuse strings (keys too) that are not valid Unicode: JSON's ``"\\ud800"`` escapes decode to lone surrogates,
+    which no tokenizer, file name or UTF-8 encoder accepts."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings: list[object] = [item]
+        elif isinstance(item, dict):
+            strings = list(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for s in strings:
+            if isinstance(s, str) and _SURROGATE.search(s):
+                raise PetalError(
+                    "bad_request",
+                    f"the request holds a string with a lone UTF-16 surrogate ({s[:40]!r}); "
+                    "send valid Unicode (escape pairs like \\ud83d\\ude00 are fine)",
+                )
+
+
+def _charset(request: web.Request) -> str:
+    """The body's declared charset (JSON is UTF-8 unless a known one is named); an unknown one is a 400."""
+    charset = request.charset or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except (LookupError, ValueError):
+        raise PetalError(
+            "bad_request", f"unknown charset {charset[:40]!r} in Content-Type; send UTF-8 JSON (Content-Type: {JSON})"
+        ) from None
+    return charset
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """A JSON object body, at most ``MAX_REQUEST_BYTES`` (413 ``too_large`` above)."""
+    charset = _charset(request)
+    data = await read_body(request, MAX_REQUEST_BYTES)
+    try:
+        text = data.decode(charset)
+    except UnicodeDecodeError as e:
+        raise _not_json(e) from None
+    except LookupError:  # a codec that is no text encoding (rot13)
+        raise PetalError(
+            "bad_request", f"charset {charset[:40]!r} in Content-Type is no text encoding; send UTF-8 JSON"
+        ) from None
+    body = parse_json(text)
     if not isinstance(body, dict):
         raise PetalError("bad_request", "request body must be a JSON object")
     return body
@@ -65,21 +136,15 @@ def wants_msgpack(request: web.Request) -> bool:
 
 async def read_object(request: web.Request, *, allow_json: bool = False) -> dict[str, Any]:
     """A msgpack (or, where allowed, JSON) object body; anything else is a 400 that says what to send."""
-    data = await read_body(request)
     if request.content_type != MSGPACK:
         if not allow_json:
             raise PetalError("bad_request", f"send this endpoint a msgpack body with Content-Type: {MSGPACK}")
-        try:
-            body = json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise _not_json(e) from None
-    else:
-        try:
-            body = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:  # FormatError, ExtraData, ... too
-            raise PetalError(
-                "bad_request", f"request body is not valid msgpack: {type(e).__name__}: {str(e)[:200]}"
-            ) from None
+        return await read_json(request)
+    data = await read_body(request)
+    try:
+        body = unpack_message(data)
+    except WireError as e:
+        raise PetalError("bad_request", f"request body is not valid msgpack: {e.message}") from None
     if not isinstance(body, dict):
         raise PetalError("bad_request", "the request body must be a map (object)")
     return body

@@ -21,23 +21,64 @@ from petal.daemon.routing.session import InferenceSession
 from petal.kernels.sampling import SamplingParams, make_generator, sample_next
 from petal.kernels.store import ModelStoreError, load_client_parts, open_model
 from petal.protocol.errors import PetalError
+from petal.protocol.socket_api import MODEL_HINT
 
 log = logging.getLogger("petal.frontend")
 
 
+MAX_NAME_BYTES = 255
+"""Longest model name, or path component of a model dir, in UTF-8 bytes (what file systems allow)."""
+MAX_PATH_BYTES = 4096
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse, as a 400 naming the problem, model names no file system could hold."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PetalError("bad_request", f"model name {name[:60]!r} is not valid Unicode") from None
+    if not name or "\0" in name:
+        raise PetalError("bad_request", f"model name {name[:60]!r} is empty or holds a NUL byte")
+    if len(encoded) > MAX_PATH_BYTES or any(len(part.encode()) > MAX_NAME_BYTES for part in name.split("/")):
+        raise PetalError(
+            "bad_request",
+            f"model name {name[:60]!r}... is {len(encoded)} bytes: a name (and each part of a model dir's path) may "
+            f"have at most {MAX_NAME_BYTES} bytes; use `petalctl models` to see the names of the swarm's models",
+        )
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        return (path / "config.json").is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long, a loop, ...): not a model dir
+        return False
+
+
 def resolve_model(name: str, models_dir: Path | None = None) -> Path:
-    """``name`` is a model dir, or a model pulled into the models dir; raises PetalError("not_found") otherwise."""
-    path = Path(name).expanduser()
-    if "/" in name and (path / "config.json").is_file():
-        return path
+    """``name`` is a model dir, or a model pulled into the models dir; raises PetalError("not_found") otherwise.
+
+    A name with a ``/`` may be a model dir's path (``~`` is expanded); otherwise it must be a plain name inside
+    the models dir (no ``.``, ``..`` or empty parts). Names no file system could hold are a 400.
+    """
+    if not isinstance(name, str):
+        raise PetalError("bad_request", MODEL_HINT)
+    _check_model_name(name)
+    if "/" in name:
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # ~user of no such user, or no home dir
+            path = Path(name)
+        if _is_model_dir(path):
+            return path
     root = models_dir or default_models_dir()
-    candidate = root / name
-    if (candidate / "config.json").is_file():
-        return candidate
+    parts = name.split("/")
+    if all(part not in ("", ".", "..") for part in parts) and _is_model_dir(root / name):
+        return root / name
+    shown = name if len(name) <= 80 else name[:80] + "..."
     raise PetalError(
         "not_found",
-        f"model {name!r} is not in the local models dir {root}: the client side (tokenizer, embeddings, head) runs "
-        f"here, so pull it first with `petalctl models pull {name}` (or `petald pull {name}`)",
+        f"model {shown!r} is not in the local models dir {root}: the client side (tokenizer, embeddings, head) "
+        f"runs here, so pull it first with `petalctl models pull {shown}` (or `petald pull {shown}`)",
     )
 
 
@@ -65,16 +106,23 @@ class ModelFrontend:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         try:
             self.info = open_model(model_dir)
+            self.parts = load_client_parts(self.info, dtype=dtype)
         except ModelStoreError as e:
             raise PetalError("not_found", str(e)) from None
         self.name = self.info.name
-        self.parts = load_client_parts(self.info, dtype=dtype)
         self.dtype = dtype
         self.tokenizer: Any = None
         if (self.info.path / "tokenizer.json").is_file() or (self.info.path / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.info.path)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.info.path)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a broken tokenizer file
+                raise PetalError(
+                    "not_found",
+                    f"the tokenizer in {self.info.path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                    "pull the model again",
+                ) from None
         self.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:

@@ -20,7 +20,13 @@ from petal.daemon.api.frontend import Generation, ModelFrontend, Token
 from petal.daemon.api.state import STATE_KEY, ApiState
 from petal.kernels.sampling import SamplingParams
 from petal.protocol.errors import PetalError
-from petal.protocol.socket_api import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, NDJSON, SamplingFields
+from petal.protocol.socket_api import (
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_TOKENS,
+    NDJSON,
+    SamplingFields,
+    check_prompt_size,
+)
 
 
 def sampling_from(
@@ -120,6 +126,8 @@ async def post_generate(request: web.Request) -> web.StreamResponse:
             raise PetalError("bad_request", 'pass "prompt" (a string) or "input_ids" (a list of token ids)')
         return fe.encode(prompt, chat=bool(body.get("chat")))
 
+    if isinstance(body.get("prompt"), str) and body.get("input_ids") is None:
+        check_prompt_size([body["prompt"]])
     run = await start_generation(state, body, params, prompt_ids)
 
     def final() -> dict[str, Any]:

@@ -4,7 +4,6 @@ DHT entries (low-level; the block servers announce their own records).
 
 from __future__ import annotations
 
-import json
 from typing import Final
 
 from aiohttp import web
@@ -12,9 +11,10 @@ from aiohttp import web
 from petal.daemon.api.bodies import read_json
 from petal.daemon.api.state import STATE_KEY
 from petal.protocol.errors import PetalError
+from petal.protocol.records import MAX_RECORD_BYTES, OFFLINE, STATE_FIELD, RecordError, check_announcement
 
-MAX_ANNOUNCED_VALUE_BYTES: Final = 2048
-"""Largest value (as JSON) PUT /v1/dht/{key} announces: DHT entries must stay well under a UDP datagram."""
+MAX_ANNOUNCED_VALUE_BYTES: Final = MAX_RECORD_BYTES
+"""Largest entry (signature, key and value, msgpack) PUT /v1/dht/{key} announces: what one DHT record may hold."""
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -40,14 +40,22 @@ async def get_dht(request: web.Request) -> web.Response:
 
 
 async def put_dht(request: web.Request) -> web.Response:
-    """Low-level: announce this node's own signed entry under a key and keep it alive (until DELETE or stop)."""
+    """Low-level: announce this node's own signed entry under a key and keep it alive (until DELETE or stop).
+
+    The value is checked exactly as the DHT will sign it, and its withdrawal (the same value marked offline) too,
+    before anything is kept: a value that cannot be signed is a 400 (413 if too large) and is never re-announced.
+    """
     body = await read_json(request)
     value = body.get("value")
     if not isinstance(value, dict):
         raise PetalError("bad_request", 'body must be {"value": {...}}')
-    if len(json.dumps(value)) > MAX_ANNOUNCED_VALUE_BYTES:
-        raise PetalError("too_large", f"value is over {MAX_ANNOUNCED_VALUE_BYTES} bytes; DHT entries must stay small")
-    stored = await request.app[STATE_KEY].node.announce(request.match_info["key"], value)
+    key = request.match_info["key"]
+    try:
+        check_announcement(key, value)
+        check_announcement(key, {**value, STATE_FIELD: OFFLINE})
+    except RecordError as e:
+        raise PetalError("too_large" if e.code == "too_large" else "bad_request", e.message) from None
+    stored = await request.app[STATE_KEY].node.announce(key, value)
     return web.json_response({"stored_on": stored})
 
 

@@ -19,7 +19,7 @@ from petal.daemon.api.frontend import ModelFrontend
 from petal.daemon.api.generate import sampling_from, start_generation, stream_lines
 from petal.daemon.api.state import STATE_KEY
 from petal.protocol.errors import PetalError
-from petal.protocol.socket_api import SSE, openai_max_tokens_key
+from petal.protocol.socket_api import SSE, check_prompt_size, openai_max_tokens_key
 
 
 def sse_event(obj: Any) -> bytes:
@@ -59,6 +59,11 @@ async def _openai(request: web.Request, chat: bool) -> web.StreamResponse:
             raise PetalError("bad_request", '"prompt" must be a string (or one list of token ids)')
         return fe.encode(prompt)
 
+    if chat and _valid_messages(body.get("messages")):
+        check_prompt_size(m["content"] for m in body["messages"])
+    elif not chat:
+        prompt = body.get("prompt")
+        check_prompt_size(p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str))
     run = await start_generation(state, body, params, prompt_ids)
     result = run.result
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

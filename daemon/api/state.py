@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -14,9 +17,21 @@ from petal.daemon.config import Config
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import Transport
 from petal.daemon.routing.router import Router
+from petal.daemon.routing.swarm import ModelShape
 from petal.daemon.serving.host import Host
+from petal.kernels.store import open_model
 from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import MODEL_HINT
+
+log = logging.getLogger("petal.api")
+
+MAX_FRONTENDS = 3
+"""Model frontends (tokenizer, embeddings, head) kept loaded; the least recently used is dropped first."""
+MAX_SHAPES = 16
+"""Local model shapes (fingerprint, block count) remembered for checking DHT records."""
+
+LoadKey = tuple[str, int, int]
+"""A model dir as loaded: its canonical path and its config.json's mtime and size (a replaced model reloads)."""
 
 
 class NodeLike(Protocol):
@@ -54,31 +69,94 @@ class ApiState:
     def __init__(self, node: NodeLike) -> None:
         self.node = node
         self._router: Router | None = None
-        self._frontends: dict[str, ModelFrontend] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        # Keyed by the model dir, not by the name asked for: aliases ("smollm2", "smollm2/.", a path) share one.
+        self._frontends: OrderedDict[LoadKey, ModelFrontend] = OrderedDict()
+        self._loading: dict[LoadKey, asyncio.Lock] = {}  # only while a load runs
+        self._shapes: OrderedDict[LoadKey, ModelShape] = OrderedDict()
+        self.max_frontends = MAX_FRONTENDS
 
     @property
     def router(self) -> Router:
         if self._router is None:
-            # --codec: this daemon's wire codec
-            self._router = Router(self.node.transport, self.node.dht, codec=self.node.config.codec)
+            # --codec: this daemon's wire codec; DHT records are checked against the local copies of models
+            self._router = Router(
+                self.node.transport, self.node.dht, codec=self.node.config.codec, local_shape=self.local_shape
+            )
         return self._router
 
+    @property
+    def kept(self) -> dict[str, int]:
+        """How many entries each per-model table holds (bounded whatever names callers send; for tests)."""
+        views = self._router.views if self._router is not None else 0
+        return {
+            "frontends": len(self._frontends),
+            "loading": len(self._loading),
+            "shapes": len(self._shapes),
+            "views": views,
+        }
+
     async def frontend(self, model: object) -> ModelFrontend:
-        """The model's frontend, loaded once (in a thread: reading weights must not stall the socket)."""
+        """The model's frontend, loaded once per model dir (in a thread: reading weights must not stall the socket).
+
+        A name that does not resolve to a model dir leaves nothing behind; at most ``max_frontends`` stay loaded.
+        """
         if not isinstance(model, str) or not model:
             raise PetalError("bad_request", MODEL_HINT)
-        lock = self._loading.setdefault(model, asyncio.Lock())
-        async with lock:
-            if model not in self._frontends:
-                path = resolve_model(model)
-                self._frontends[model] = await asyncio.to_thread(ModelFrontend, path)
-            return self._frontends[model]
+        key = _load_key(resolve_model(model))
+        loaded = self._frontends.get(key)
+        if loaded is not None:
+            self._frontends.move_to_end(key)
+            return loaded
+        lock = self._loading.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                loaded = self._frontends.get(key)
+                if loaded is None:
+                    loaded = await asyncio.to_thread(ModelFrontend, key[0])
+                    self._frontends[key] = loaded
+                    self._shapes[key] = ModelShape(loaded.info.fingerprint, loaded.info.num_blocks)
+                    self._trim()
+                return loaded
+        finally:
+            if not lock.locked() and self._loading.get(key) is lock:
+                del self._loading[key]
+
+    def _trim(self) -> None:
+        while len(self._frontends) > self.max_frontends:
+            self._frontends.popitem(last=False)
+        while len(self._shapes) > MAX_SHAPES:
+            self._shapes.popitem(last=False)
+
+    async def local_shape(self, model: str) -> ModelShape | None:
+        """The fingerprint and block count of this daemon's copy of ``model``, or None if it has none."""
+        try:
+            key = _load_key(resolve_model(model))
+        except (PetalError, OSError, ValueError, RuntimeError):
+            return None
+        shape = self._shapes.get(key)
+        if shape is None:
+            try:
+                info = await asyncio.to_thread(open_model, key[0])
+                shape = ModelShape(await asyncio.to_thread(lambda: info.fingerprint), info.num_blocks)
+            except Exception as e:  # noqa: BLE001 - a broken local copy is no copy: the swarm's records decide
+                log.debug("cannot read the local copy of %s: %s", model, e)
+                return None
+            self._shapes[key] = shape
+            self._trim()
+        self._shapes.move_to_end(key)
+        return shape
 
     async def close(self) -> None:
         if self._router is not None:
             await self._router.close()
             self._router = None
+
+
+def _load_key(path: Path) -> LoadKey:
+    """The canonical dir of a resolved model and its config.json's mtime and size."""
+    path = path.resolve()
+    st = (path / "config.json").stat()
+    return str(path), st.st_mtime_ns, st.st_size
 
 
 STATE_KEY = web.AppKey("api_state", ApiState)

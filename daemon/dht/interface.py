@@ -4,6 +4,7 @@ Serving, routing and the API type against this, not against the Kademlia node, s
 them an in-memory DHT (``petal.daemon.dht.memory.MemoryDHT``) and need no UDP ports. Both implementations
 keep the same semantics: one signed ``Entry`` per signer per key, merged with every other signer's,
 expired by TTL, freshest first; ``withdraw`` replaces only our own entry with a short-lived offline one.
+A full key is shared fairly (``storage.py``): many identities on one address cannot crowd out servers that answer.
 """
 
 from __future__ import annotations

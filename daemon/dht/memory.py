@@ -6,11 +6,17 @@ semantics, no UDP ports. Entries are really signed by each node's identity and m
 entry per signer per key (a newer one replaces the older), entries of several signers side by side,
 freshest first, expiry by TTL, withdraw as a short-lived offline entry, and the same ``RecordError``\\ s.
 The swarm is one store that every node reads and writes, as if every node were among the k closest.
+
+Each node has an ``address`` (default 127.0.0.1): its entries are charged to that source, as the UDP DHT charges
+a record to the address that sent it, and an entry is vouched for while its signer's node runs on the swarm
+(the UDP DHT: while its node answers us). ``MemorySwarm.store`` is what a hostile store RPC from an address does,
+so the storage policy against many identities on one address is tested against both DHTs alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.dht.signer import WITHDRAW_TTL, EntrySigner
-from petal.daemon.dht.storage import PetalStorage
+from petal.daemon.dht.storage import PetalStorage, source_of
 from petal.daemon.identity import Identity
 from petal.protocol.records import Entry, RecordError, key_digest
 
@@ -36,16 +42,33 @@ class MemorySwarm:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.storage = PetalStorage()
+        self.storage = PetalStorage(vouch=self._vouches)
         self.nodes: dict[bytes, MemoryDHT] = {}
+
+    def _vouches(self, public_key: bytes, source: str) -> bool:
+        """An entry is vouched for while its signer's node runs on the swarm (the UDP DHT: while it answers us)."""
+        return hashlib.sha1(public_key).digest() in self.nodes
+
+    def store(self, key: str, records: Sequence[bytes], source: str) -> int:
+        """Merge raw ``records`` as a store RPC from ``source`` would (no signing, no checks of ours). Returns how
+        many were taken; a refused record is skipped, as the UDP DHT does."""
+        taken = 0
+        for record in records:
+            try:
+                self.storage.merge(key_digest(key), record, now=self.clock(), source=source_of(source))
+                taken += 1
+            except RecordError as e:
+                log.info("refused record from %s under %r: %s", source, key, e)
+        return taken
 
 
 class MemoryDHT:
     """A ``SwarmDHT`` in memory: ``start()``, use, ``stop()``, like ``DHT``; every node on a swarm sees the rest."""
 
-    def __init__(self, identity: Identity, swarm: MemorySwarm | None = None) -> None:
+    def __init__(self, identity: Identity, swarm: MemorySwarm | None = None, address: str = "127.0.0.1") -> None:
         self.identity = identity
         self.swarm = MemorySwarm() if swarm is None else swarm
+        self.address = address
         self._signer = EntrySigner(identity, self.swarm.clock)
         self._running = False
 
@@ -102,7 +125,7 @@ class MemoryDHT:
         record = self._signer.sign(key, value, ttl).to_record()
         await asyncio.sleep(0)
         try:
-            self.swarm.storage.merge(key_digest(key), record, now=self.swarm.clock())
+            self.swarm.storage.merge(key_digest(key), record, now=self.swarm.clock(), source=source_of(self.address))
         except RecordError as e:
             log.warning("could not store our own entry for %r: %s", key, e)
             return 0

@@ -20,7 +20,7 @@ from kademlia.node import Node, NodeHeap
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.dht.rpc import MAX_RECORDS_PER_STORE, PetalProtocol, RpcResult, parse_nodes, valid_id
 from petal.daemon.dht.signer import WITHDRAW_TTL, EntrySigner
-from petal.daemon.dht.storage import PetalStorage
+from petal.daemon.dht.storage import LOCAL_SOURCE, PetalStorage
 from petal.daemon.identity import Identity
 from petal.protocol.records import MODELS_KEY, Entry, RecordError, block_key, key_digest, verify_entry
 
@@ -196,7 +196,7 @@ class DHT:
         target = Node(dkey)
         if len(nodes) < self.ksize or self._server.node.distance_to(target) < max(n.distance_to(target) for n in nodes):
             try:
-                self.storage.merge(dkey, record)
+                self.storage.merge(dkey, record, source=LOCAL_SOURCE)
                 accepted += 1
             except RecordError as e:
                 log.warning("could not store our own entry for %r locally: %s", key, e)

@@ -3,6 +3,15 @@
 Replaces the ``kademlia`` package's protocol: stores are verified and merged (``PetalStorage``), every reply is
 sized to fit one datagram, malformed datagrams and requests are dropped (counted in ``dropped``), calls use a
 short per-node timeout, and a contact that timed out is remembered as unresponsive for a while.
+
+Every stored record is charged to the address that delivered it (``source_of`` the UDP sender), also when an
+honest node replicates others' entries to a newcomer (kademlia's ``welcome_if_new``): we cannot tell an honest
+relay from a hostile one, and charging the relay is what keeps a relay from laundering a flood onto other
+addresses. Such relayed entries sit in the relay's share until their signers re-announce to us directly
+(every server does, periodically), which charges them to the signers' own addresses. A node that stores a record
+with us is pinged once to check that it answers; its entries then outrank those of identities never seen
+(``vouches``). Source addresses are only as trustworthy as UDP source addresses: this defends against many
+identities on a few addresses, not against a spoofer of many addresses.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import msgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
-from petal.daemon.dht.storage import PetalStorage
+from petal.daemon.dht.storage import LOCAL_SOURCE, PetalStorage, source_of
 from petal.protocol.records import MAX_DATAGRAM, RecordError
 
-__all__ = ["MAX_RECORDS_PER_STORE", "PetalProtocol", "RpcResult", "parse_nodes", "valid_id"]
+__all__ = ["LIVE_SECONDS", "MAX_RECORDS_PER_STORE", "PetalProtocol", "RpcResult", "parse_nodes", "valid_id"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,10 @@ MAX_RECORDS_PER_STORE = 64
 UNRESPONSIVE_SECONDS = 30.0
 """A contact that timed out is skipped by lookups this long, unless it talks to us again first: other
 nodes keep naming a dead peer until they time out on it themselves, and each mention would cost a timeout."""
+LIVE_SECONDS = 600.0
+"""A node that answered our ping this recently vouches for its entries (servers re-announce more often)."""
+MAX_REMEMBERED = 4096  # contacts remembered as unresponsive / as having answered (oldest forgotten first)
+MAX_VERIFYING = 64  # verification pings to storing nodes in flight at once
 ALLOWED_RPCS = frozenset({"ping", "store", "find_node", "find_value"})
 
 Address = tuple[str, int]
@@ -85,6 +98,9 @@ class PetalProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]  # k
         self._tasks: set[asyncio.Task[object]] = set()
         self.dropped = 0  # bad datagrams seen, for tests and metrics
         self.unresponsive: dict[bytes, float] = {}  # node id -> monotonic time it last timed out
+        self.answered: dict[bytes, float] = {}  # node id -> monotonic time it last answered our ping, with its id
+        self._verifying: set[bytes] = set()  # storing nodes being pinged to see whether they answer
+        storage.vouch = self.vouches
 
     def is_unresponsive(self, node_id: bytes) -> bool:
         since = self.unresponsive.get(node_id)
@@ -95,13 +111,31 @@ class PetalProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]  # k
             return False
         return True
 
+    def vouches(self, public_key: bytes, source: str) -> bool:
+        """Whether the DHT node of the signer ``public_key`` answered our ping, with its id, in the last LIVE_SECONDS.
+
+        A node's id is the SHA-1 of its identity's public key, so a server's entries are vouched for by its own
+        node answering. Identities that never ran a node we reached (an attacker's throwaway keys) are not.
+        """
+        if source == LOCAL_SOURCE:
+            return True
+        node_id = sha1(public_key).digest()
+        if node_id == self.source_node.id:
+            return True
+        since = self.answered.get(node_id)
+        return since is not None and time.monotonic() - since <= LIVE_SECONDS
+
+    def _remember(self, table: dict[bytes, float], node_id: bytes) -> None:
+        table.pop(node_id, None)
+        table[node_id] = time.monotonic()
+        if len(table) > MAX_REMEMBERED:
+            table.pop(next(iter(table)))
+
     def handle_call_response(self, result: RpcResult, node: Node) -> RpcResult:
         if result[0]:
             self.unresponsive.pop(node.id, None)
         elif not self._closed:
-            self.unresponsive[node.id] = time.monotonic()
-            if len(self.unresponsive) > 4096:
-                self.unresponsive.pop(next(iter(self.unresponsive)))
+            self._remember(self.unresponsive, node.id)
         response: RpcResult = super().handle_call_response(result, node)
         return response
 
@@ -203,21 +237,44 @@ class PetalProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]  # k
         return own_id
 
     def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: object) -> int:
-        """Merge a record (or a list of records, when a peer replicates a key to us). Returns how many were taken."""
-        self._sender(sender, nodeid)
+        """Merge a record (or a list of records, when a peer replicates a key to us). Returns how many were taken.
+
+        The records are charged to the sender's address (module doc); a sender not known to answer is pinged.
+        """
+        source = self._sender(sender, nodeid)
         if not valid_id(key):
             raise ValueError("key must be a 20-byte digest")
+        self._verify(source)
+        charged = source_of(sender[0])
         records = value if isinstance(value, list) else [value]
         accepted = 0
         for record in records[:MAX_RECORDS_PER_STORE]:
             try:
                 if not isinstance(record, bytes):
                     raise RecordError(f"a record must be bytes, got {type(record).__name__}")
-                self.storage.merge(key, record)
+                self.storage.merge(key, record, source=charged)
                 accepted += 1
             except RecordError as e:
                 log.info("refused record from %s under %s: %s", sender, key.hex(), e)
         return accepted
+
+    def _verify(self, node: Node) -> None:
+        """Ping a storing node not known to answer, so its entries can be vouched for (``vouches``)."""
+        since = self.answered.get(node.id)
+        if since is not None and time.monotonic() - since <= LIVE_SECONDS / 2:
+            return
+        busy = node.id in self._verifying or len(self._verifying) >= MAX_VERIFYING
+        if busy or self._closed or node.id == self.source_node.id:
+            return
+        self._verifying.add(node.id)
+
+        async def ping() -> None:
+            try:
+                await self.call_ping(node)
+            finally:
+                self._verifying.discard(node.id)
+
+        self._spawn(ping())
 
     def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[object]]:
         source = self._sender(sender, nodeid)
@@ -238,6 +295,10 @@ class PetalProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]  # k
 
     async def call_ping(self, node_to_ask: Node) -> RpcResult:
         result = await self._call((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
+        if result[0] and result[1] != node_to_ask.id:
+            result = (False, None)  # someone else answers at that address: the node we asked for is not there
+        elif result[0]:
+            self._remember(self.answered, node_to_ask.id)  # only a ping's reply names who answered
         return self.handle_call_response(result, node_to_ask)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: object) -> RpcResult:

@@ -14,11 +14,17 @@ class BanList:
     base: float = 2.0
     cap: float = 300.0
     clock: Callable[[], float] = time.monotonic
+    max_peers: int = 4096  # peers remembered; past it, those whose ban has run out are forgotten (strikes too)
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
 
     def ban(self, peer_id: str) -> float:
         """Ban ``peer_id``; returns the ban's length in seconds."""
+        if len(self._strikes) >= self.max_peers:
+            now = self.clock()
+            for peer in [p for p in self._strikes if self._until.get(p, now) <= now]:
+                self._strikes.pop(peer, None)
+                self._until.pop(peer, None)
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
         length = min(self.cap, self.base * 2.0 ** (strikes - 1))

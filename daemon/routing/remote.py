@@ -8,8 +8,10 @@ What callers (the router and sessions) must catch, and what it means for failove
   "busy" (KV budget or queue full: retry later or elsewhere), "max_length", "unknown_block", "wrong_shape",
   "bad_request", "timeout" (the server's own per-request limit), "internal" (a server bug), "unavailable"
   (shutting down). The inference stream stays open after an error frame (the session is still usable).
-- `WireError` (a `PetalError` subclass, codes "bad_frame"/"bad_tensor"/"too_large"): our request was rejected as
-  malformed, or the server's reply was malformed (a faulty server: ban it).
+- `WireError` (a `PetalError` subclass, codes "bad_frame"/"bad_tensor"/"too_large"): the server's error frame says
+  our request is malformed or too large, or `check_request_size` refused it before sending (no server can take it):
+  the caller's error, never a reason to ban or fail over.
+- `PetalError("bad_reply")`: the server's reply could not be read (a faulty server: ban it, fail over).
 - `petal.daemon.net.transport.TransportError` and its subclasses `DialError`, `ProtocolNotSupported`, `StreamClosed`,
   `StreamReset`: the server is unreachable, gone, or dropped the stream. Fail over.
 - `TimeoutError`: no answer in time. For an inference step the stream is then reset (a late answer could no longer
@@ -19,13 +21,14 @@ What callers (the router and sessions) must catch, and what it means for failove
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from petal.daemon.net.transport import PeerAddr, Stream, StreamClosed, Transport
-from petal.protocol.errors import PetalError
+from petal.daemon.net.transport import MAX_FRAME, PeerAddr, Stream, StreamClosed, Transport
+from petal.protocol.errors import PetalError, WireError
 from petal.protocol.lora import Lora, decode_lora_grads, encode_lora
 from petal.protocol.messages import (
     BACKWARD_PROTOCOL,
@@ -43,9 +46,67 @@ from petal.protocol.replies import (
     StepReply,
     decode_reply_tensor,
 )
-from petal.protocol.tensors import encode_tensor
+from petal.protocol.tensors import DTYPES, encode_tensor
 
 __all__ = ["RemoteInference", "RemoteSpan", "StepOutput"]
+
+
+FRAME_MARGIN = 1 << 20
+"""Room left in a frame for a request's non-tensor fields (model name, addresses, small maps)."""
+
+
+def _walk(obj: object, tensors: list[dict[str, Any]]) -> int:
+    """Bytes of payload in ``obj`` (a request about to be framed); collects its encoded tensors."""
+    if isinstance(obj, (bytes, bytearray, str)):
+        return len(obj)
+    if isinstance(obj, dict):
+        if "codec" in obj and "shape" in obj and "dtype" in obj:
+            tensors.append(obj)
+        return sum(_walk(v, tensors) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_walk(v, tensors) for v in obj)
+    return 0
+
+
+def check_request_size(request: dict[str, Any], what: str, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> None:
+    """Refuse, before sending, a request no server can take: one over the transport's frame, a tensor over the
+    servers' per-tensor limit, or tensors over their per-request total (twice that). Raises PetalError("too_large"),
+    the caller's error: it must not count against the server, which never saw the request."""
+    tensors: list[dict[str, Any]] = []
+    payload = _walk(request, tensors)
+    total = 0
+    for t in tensors:
+        dtype = DTYPES.get(t["dtype"])
+        nbytes = math.prod(t["shape"]) * (dtype.itemsize if dtype is not None else 4)
+        total += nbytes
+        if nbytes > max_tensor_bytes:
+            raise PetalError(
+                "too_large",
+                f"{what}: a tensor of shape {list(t['shape'])} in {t['dtype']} takes {nbytes / 2**20:.1f} MiB, over "
+                f"the {max_tensor_bytes / 2**20:.0f} MiB a server accepts per tensor; split the batch or the "
+                "sequence into smaller requests",
+            )
+    if total > 2 * max_tensor_bytes:
+        raise PetalError(
+            "too_large",
+            f"{what}: the request's tensors take {total / 2**20:.1f} MiB, over the {2 * max_tensor_bytes / 2**20:.0f} "
+            "MiB a server accepts per request; split the batch or the sequence into smaller requests",
+        )
+    if payload + FRAME_MARGIN > MAX_FRAME:
+        raise PetalError(
+            "too_large",
+            f"{what}: the request takes {payload / 2**20:.1f} MiB on the wire, over the transport's "
+            f"{MAX_FRAME / 2**20:.0f} MiB frame; split the batch or the sequence, or use a smaller codec (q8)",
+        )
+
+
+def _malformed(span: RemoteSpan, raw: object, error: WireError) -> PetalError:
+    """What a reply that failed to decode means: the server's own error frame stays what it says (it may be about
+    our request); any other reply we cannot read is the server's fault ("bad_reply": fail over, ban it)."""
+    frame = raw.get("error") if isinstance(raw, dict) else None
+    if isinstance(frame, dict) and set(frame) == {"code", "message"}:
+        return error
+    return PetalError("bad_reply", f"{span!r} sent a reply that cannot be read ({error}); trying another server")
 
 
 def _enc(tensor: torch.Tensor | None, codec: str) -> dict[str, Any] | None:
@@ -125,8 +186,13 @@ class RemoteSpan:
         _, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
-        reply = ForwardReply.from_wire(await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout))
-        out = decode_reply_tensor(reply.hidden, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
+        check_request_size(request, f"forward of {self!r}")
+        raw = await self.transport.call(self.peer, FORWARD_PROTOCOL, request, timeout=timeout)
+        try:
+            reply = ForwardReply.from_wire(raw)
+            out = decode_reply_tensor(reply.hidden, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
+        except WireError as e:
+            raise _malformed(self, raw, e) from None
         return out.to(hidden.dtype)
 
     async def backward(
@@ -152,9 +218,17 @@ class RemoteSpan:
         sub, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
-        reply = BackwardReply.from_wire(
-            await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout)
-        )
+        check_request_size(request, f"backward of {self!r}")
+        raw = await self.transport.call(self.peer, BACKWARD_PROTOCOL, request, timeout=timeout)
+        try:
+            return self._backward_reply(raw, hidden, prompts, sub)
+        except WireError as e:
+            raise _malformed(self, raw, e) from None
+
+    def _backward_reply(
+        self, raw: object, hidden: torch.Tensor, prompts: torch.Tensor | None, sub: Lora | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        reply = BackwardReply.from_wire(raw)
         grad_in = decode_reply_tensor(reply.grad, "grad", self.max_reply_bytes, shape=tuple(hidden.shape))
         grad_in = grad_in.to(hidden.dtype)
         grad_prompts = None
@@ -185,9 +259,13 @@ class RemoteSpan:
                 request["push"] = True
             await stream.send(request)
             try:
-                reply = OpenReply.from_wire(await stream.recv(timeout=timeout))
+                raw = await stream.recv(timeout=timeout)
             except StreamClosed:
                 raise StreamClosed(f"{self!r} closed the inference stream without answering") from None
+            try:
+                reply = OpenReply.from_wire(raw)
+            except WireError as e:
+                raise _malformed(self, raw, e) from None
         except BaseException:
             await stream.reset()
             raise
@@ -286,6 +364,7 @@ class RemoteInference:
             message.update(push_from=push_from, tokens=tokens)
         if push_to is not None:
             message["push_to"] = push_to
+        check_request_size(message, f"inference step on {self.span!r}")
         try:
             await self.stream.send(message)
         except StreamClosed:
@@ -312,11 +391,14 @@ class RemoteInference:
             await self._abort()
             raise
         self.outstanding -= 1
-        reply = StepReply.from_wire(raw)
-        self.position = reply.position
-        if reply.skipped or reply.hidden is None:
-            return StepOutput(None, False)
-        out = decode_reply_tensor(reply.hidden, "hidden", self.span.max_reply_bytes, shape=shape)
+        try:
+            reply = StepReply.from_wire(raw)
+            self.position = reply.position
+            if reply.skipped or reply.hidden is None:
+                return StepOutput(None, False)
+            out = decode_reply_tensor(reply.hidden, "hidden", self.span.max_reply_bytes, shape=shape)
+        except WireError as e:
+            raise _malformed(self.span, raw, e) from None
         return StepOutput(out.to(dtype), reply.pushed is True)
 
     async def _abort(self) -> None:

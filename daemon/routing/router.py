@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 
 from petal.daemon.dht.interface import SwarmDHT
@@ -18,19 +19,30 @@ from petal.daemon.net.transport import Transport
 from petal.daemon.routing.bans import BanList
 from petal.daemon.routing.chains import Hop, min_latency_chain, no_route_error, select_servers, throughput_chain
 from petal.daemon.routing.remote import RemoteSpan
-from petal.daemon.routing.swarm import ServerInfo, SwarmView
+from petal.daemon.routing.swarm import ModelShape, ServerInfo, SwarmView
 from petal.protocol.errors import PetalError
 
 log = logging.getLogger("petal.router")
 
 LATENCY_EWMA = 0.3
 """Weight of a new latency sample; the rest is history, so one slow reply does not reroute everything."""
+MAX_VIEWS = 16
+"""Swarm views a router keeps (least recently used first out): each refreshes in the background and holds its
+servers, so a caller naming many models must not make the daemon keep them all."""
+
+MAX_PEERS = 4096
+"""Servers a router remembers latencies and limits of; past it the longest unprobed are forgotten (and re-probed
+if they are seen again), so forged server records cannot grow the router without bound."""
+
+LocalShape = Callable[[str], Awaitable[ModelShape | None]]
+"""The shape of this daemon's own copy of a model (None without one): what DHT records are checked against."""
 
 
 class Router:
     """Route choice for one daemon: swarm views per model, latency probes (EWMA), bans.
 
     ``transport`` is the node's libp2p transport (for ``info`` probes and remote spans), ``dht`` its DHT.
+    ``local_shape``: the shape of the local copy of a model, if this daemon has one (see ``SwarmView``).
     """
 
     def __init__(
@@ -44,6 +56,8 @@ class Router:
         codec: str = "q8",
         bans: BanList | None = None,
         rng: random.Random | None = None,
+        local_shape: LocalShape | None = None,
+        max_views: int = MAX_VIEWS,
     ) -> None:
         self.transport = transport
         self.dht = dht
@@ -54,19 +68,42 @@ class Router:
         self.bans = bans or BanList()
         self.rng = rng or random.Random()
         self.latency: dict[str, float] = {}
+        self.limits: dict[str, tuple[int, int]] = {}  # peer -> (max_length, max_batch) its last info announced
         self._probed_at: dict[str, float] = {}
-        self._views: dict[str, SwarmView] = {}
+        self.local_shape = local_shape
+        self.max_views = max_views
+        self._views: OrderedDict[str, SwarmView] = OrderedDict()
 
     async def view(self, model: str, *, fresh: bool = False) -> SwarmView:
-        """The model's swarm view, refreshed if older than ``max_age`` (or at once with ``fresh``)."""
+        """The model's swarm view, refreshed if older than ``max_age`` (or at once with ``fresh``).
+
+        A view is kept (and refreshed in the background) only once a refresh found the model, so names the swarm
+        does not serve leave nothing behind; at most ``max_views`` are kept, the least recently used leave first.
+        """
         view = self._views.get(model)
         if view is None:
-            view = self._views[model] = SwarmView(self.dht, model, period=self.period)
+            local = await self.local_shape(model) if self.local_shape is not None else None
+            view = SwarmView(self.dht, model, period=self.period, local=local)
             await view.refresh()
+            kept = self._views.get(model)  # another request may have made one meanwhile: use that one
+            if kept is not None:
+                self._views.move_to_end(model)
+                return kept
+            self._views[model] = view
             view.start()
-        elif fresh or view.stale(self.max_age):
+            while len(self._views) > self.max_views:
+                _, old = self._views.popitem(last=False)
+                await old.stop()
+            return view
+        self._views.move_to_end(model)
+        if fresh or view.stale(self.max_age):
             await view.refresh()
         return view
+
+    @property
+    def views(self) -> int:
+        """How many swarm views this router keeps (for status and tests)."""
+        return len(self._views)
 
     async def refresh(self, model: str) -> SwarmView:
         return await self.view(model, fresh=True)
@@ -82,13 +119,18 @@ class Router:
         old = self.latency.get(peer_id)
         self.latency[peer_id] = seconds if old is None else (1 - LATENCY_EWMA) * old + LATENCY_EWMA * seconds
         self._probed_at[peer_id] = time.monotonic()
+        if len(self._probed_at) > MAX_PEERS:
+            for old_peer in sorted(self._probed_at, key=self._probed_at.__getitem__)[: len(self._probed_at) // 4]:
+                self._probed_at.pop(old_peer, None)
+                self.latency.pop(old_peer, None)
+                self.limits.pop(old_peer, None)
 
     async def probe(self, model: str, server: ServerInfo) -> float | None:
         """Time one ``info`` round trip; a server that does not answer is banned and gets None."""
         remote = RemoteSpan(self.transport, server.peer, model, "", server.start, server.end, self.codec)
         t0 = time.perf_counter()
         try:
-            await remote.info(timeout=self.probe_timeout)
+            info = await remote.info(timeout=self.probe_timeout)
         except PetalError as e:  # an error frame, or a malformed info: not a server to route through
             self.ban(server.peer_id, f"info probe answered {e}")
             return None
@@ -97,7 +139,13 @@ class Router:
             return None
         seconds = time.perf_counter() - t0
         self.record_latency(server.peer_id, seconds)
+        self.limits[server.peer_id] = (info.max_length, info.max_batch)
         return seconds
+
+    def fits(self, peer_id: str, max_length: int, batch: int) -> bool:
+        """Whether the server's announced limits (if it announced any) allow a session of this size."""
+        most_length, most_batch = self.limits.get(peer_id, (0, 0))
+        return (not most_length or max_length <= most_length) and (not most_batch or batch <= most_batch)
 
     async def probe_all(self, model: str, servers: Iterable[ServerInfo], max_age: float | None = None) -> None:
         """Probe, concurrently, every server whose latency is unknown or older than ``max_age`` (default: period)."""

@@ -24,8 +24,12 @@ from petal.daemon.routing.remote import RemoteInference
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.swarm import SwarmView
 from petal.protocol.errors import PetalError
+from petal.protocol.messages import DEFAULT_MAX_TENSOR_BYTES
 
 log = logging.getLogger("petal.session")
+
+REPLAY_CHUNK_BYTES = DEFAULT_MAX_TENSOR_BYTES // 4
+"""Largest piece of history (decoded) replayed to a replacement hop in one request; well under a server's limits."""
 
 
 @dataclass
@@ -125,9 +129,31 @@ class InferenceSession:
                 "wrong_shape",
                 f"prompts cover {self.prompts.shape[0]} blocks but the session runs {end - self.start}",
             )
+        await self._skip_servers_too_small(self._view, self.start, end)
         failures: list[BaseException] = []
         self._links = await self._open_range(self.start, end, None, failures)
         self._opened = True
+
+    async def _skip_servers_too_small(self, view: SwarmView, a: int, b: int) -> None:
+        """Route around servers whose announced limits cannot hold this session; if every server of some block is
+        too small, the session can never open: the caller's error (no server is banned), with the largest limits."""
+        servers = [s for s in self.router.candidates(view, self.allowed, self.blocked) if s.start < b and s.end > a]
+        await self.router.probe_all(self.model, servers)
+        servers = [s for s in servers if not self.router.is_banned(s.peer_id)]  # the probe found them dead
+        small = {s.peer_id for s in servers if not self.router.fits(s.peer_id, self.max_length, self.batch)}
+        if not small:
+            return
+        for block in range(a, b):
+            here = [s for s in servers if s.start <= block < s.end]
+            if here and all(s.peer_id in small for s in here):
+                lengths, batches = zip(*(self.router.limits[s.peer_id] for s in here), strict=True)
+                raise PetalError(
+                    "max_length" if self.max_length > max(lengths) else "too_large",
+                    f"no server of block {block} of {self.model} takes a session of max_length {self.max_length} "
+                    f"and batch {self.batch}: the most they take is max_length {max(lengths)}, batch "
+                    f"{max(batches)}; ask for less",
+                )
+        self.blocked = [*self.blocked, *sorted(small - set(self.blocked))]
 
     async def _open_range(
         self, a: int, b: int, replay: torch.Tensor | None, failures: list[BaseException]
@@ -153,13 +179,7 @@ class InferenceSession:
                     )
                     links.append(link)
                     if x is not None:
-                        out = await link.remote.step(
-                            x,
-                            mask=self._last_mask,
-                            position=0,
-                            prompts=slice_prompts(self.prompts, self.start, hop),
-                            timeout=self.step_timeout,
-                        )
+                        out = await self._replay(link, x)
                         link.history.append(x)
                         x = out
                 return links
@@ -172,6 +192,22 @@ class InferenceSession:
                 if len(failures) > self.max_retries:
                     raise gave_up(f"opening blocks {a}..{b} of {self.model}", len(failures), e) from e
                 log.info("could not open blocks [%d, %d) on %s (%s); trying another server", a, b, hop.peer_id, e)
+
+    async def _replay(self, link: _Link, x: torch.Tensor) -> torch.Tensor:
+        """Prefill a replacement hop with its history ``x``, in pieces that each fit one request: every step the
+        caller sent fitted, but all of them together may not (and a failover must not turn into a "too_large")."""
+        per_token = max(1, x.shape[0] * x.shape[2] * x.element_size())
+        size = max(1, REPLAY_CHUNK_BYTES // per_token)
+        outs: list[torch.Tensor] = []
+        prompts = slice_prompts(self.prompts, self.start, link.hop)
+        for pos in range(0, x.shape[1], size):
+            piece = x[:, pos : pos + size]
+            mask = None if self._last_mask is None else self._last_mask[:, : pos + piece.shape[1]]
+            with_prompts = prompts if pos == 0 or (prompts is not None and pos < prompts.shape[2]) else None
+            outs.append(
+                await link.remote.step(piece, mask=mask, position=pos, prompts=with_prompts, timeout=self.step_timeout)
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the next ``t`` tokens through the chain; fails over transparently when a server dies."""

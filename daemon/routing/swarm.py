@@ -64,12 +64,15 @@ class ServerInfo:
         return DEFAULT_BLOCK_TIME
 
 
-def group_servers(entries: Iterable[tuple[str, object]], fingerprint: str | None = None) -> dict[str, ServerInfo]:
+def group_servers(
+    entries: Iterable[tuple[str, object]], fingerprint: str | None = None, num_blocks: int | None = None
+) -> dict[str, ServerInfo]:
     """Merge ``(peer_id, value)`` pairs read under a model's block keys into one ServerInfo per server.
 
     Values are read as ``ServerRecord``s; malformed ones are skipped. A server announces the same value under every
     block of its span, so one entry per peer suffices; if its entries disagree (it is moving), the span seen most
-    often wins. Entries of another fingerprint (a different model under the same name) and offline ones are dropped.
+    often wins. Entries of another fingerprint (a different model under the same name), offline ones and spans that
+    end past the model's ``num_blocks`` (they disagree with the model's shape) are dropped.
     """
     seen: dict[str, dict[ServerInfo, int]] = {}
     for peer_id, value in entries:
@@ -77,6 +80,8 @@ def group_servers(entries: Iterable[tuple[str, object]], fingerprint: str | None
         if record is None or record.state not in ROUTABLE_STATES:
             continue
         if fingerprint is not None and record.fingerprint is not None and record.fingerprint != fingerprint:
+            continue
+        if num_blocks is not None and record.end > num_blocks:
             continue
         info = ServerInfo.from_record(record)
         votes = seen.setdefault(peer_id, {})
@@ -100,16 +105,42 @@ def announced_models(values: Iterable[object]) -> list[ModelRecord]:
     return [r for r in records if r is not None and r.state != OFFLINE]
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a local copy of a model says about it: the truth a client checks DHT records against."""
+
+    fingerprint: str
+    num_blocks: int
+
+
+MAX_SHAPE_CANDIDATES = 8
+"""How many distinct (fingerprint, block count) claims under MODELS_KEY a refresh checks against block records."""
+MAX_UNCONFIRMED_BLOCKS = 256
+"""Block keys a refresh reads for a shape no server record confirms (more blocks than any model we know of)."""
+
+
 class SwarmView:
     """What the DHT says about one model: its fingerprint, block count and servers, refreshed in the background.
 
     ``fingerprint``: pin the model version; by default the one most servers announce under MODELS_KEY is used.
+    ``local``: the shape of this daemon's own copy of the model (its config and fingerprint); records that disagree
+    with it are ignored. Without one, the shape comes from the claim most signers agree on that a server's block
+    record confirms (a server whose span ends at the last block), so that one forged record cannot change the block
+    count, and a refresh reads a bounded number of keys whatever the records claim.
     """
 
-    def __init__(self, dht: SwarmDHT, model: str, fingerprint: str | None = None, period: float = 30.0) -> None:
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        model: str,
+        fingerprint: str | None = None,
+        period: float = 30.0,
+        local: ModelShape | None = None,
+    ) -> None:
         self.dht = dht
         self.model = model
         self.pinned_fingerprint = fingerprint
+        self.local = local
         self.fingerprint: str | None = fingerprint
         self.num_blocks: int | None = None
         self.family: str = ""
@@ -127,34 +158,71 @@ class SwarmView:
                 # Right after a server dies, a lookup can come back empty because it timed out on the dead contact;
                 # the next one skips it. Read once more before telling a failover that the model is gone.
                 entries = await self.dht.get(MODELS_KEY)
-            models = announced_models(e.value for e in entries)
-            found: dict[str, list[tuple[int, str]]] = {}
-            for m in models:
-                if m.name == self.model:
-                    found.setdefault(m.fingerprint, []).append((m.num_blocks, m.family))
-            if self.pinned_fingerprint is not None:
-                choices = found.get(self.pinned_fingerprint, [])
-                fp: str | None = self.pinned_fingerprint
-            elif found:
-                fp, choices = max(found.items(), key=lambda kv: (len(kv[1]), kv[0]))
-            else:
-                fp, choices = None, []
-            if not choices:
-                known = ", ".join(sorted({m.name for m in models}))
+            signers: dict[tuple[str, int], set[str]] = {}
+            families: dict[tuple[str, int], str] = {}
+            names: set[str] = set()
+            for e in entries:
+                m = ModelRecord.parse(e.value)
+                if m is None or m.state == OFFLINE:
+                    continue
+                names.add(m.name)
+                if m.name != self.model:
+                    continue
+                if self.pinned_fingerprint is not None and m.fingerprint != self.pinned_fingerprint:
+                    continue
+                shape = (m.fingerprint, m.num_blocks)
+                signers.setdefault(shape, set()).add(e.peer_id)
+                families.setdefault(shape, m.family)
+            if not signers:
                 raise PetalError(
                     "not_found",
                     f"no server announces model {self.model!r}"
                     + (f" with fingerprint {self.pinned_fingerprint}" if self.pinned_fingerprint else "")
-                    + f"; the swarm serves: {known or 'nothing yet'}. Check the name or start a server for it.",
+                    + f"; the swarm serves: {', '.join(sorted(names)) or 'nothing yet'}. Check the name or start a "
+                    "server for it.",
                 )
+            fp, n, last, trusted = await self._choose_shape(signers)
             self.fingerprint = fp
-            self.num_blocks = max(n for n, _ in choices)
-            self.family = choices[0][1]
-            per_block = await asyncio.gather(*(self.dht.get(block_key(self.model, b)) for b in range(self.num_blocks)))
-            pairs = [(e.peer_id, e.value) for block_entries in per_block for e in block_entries]
-            self.servers = group_servers(pairs, fp)
+            self.num_blocks = n
+            self.family = families[(fp, n)]
+            keys = [b for b in range(n if trusted else min(n, MAX_UNCONFIRMED_BLOCKS)) if last is None or b != n - 1]
+            per_block = await asyncio.gather(*(self.dht.get(block_key(self.model, b)) for b in keys))
+            pairs = [(e.peer_id, e.value) for block_entries in per_block for e in block_entries] + (last or [])
+            self.servers = group_servers(pairs, fp, n)
             self.updated_at = time.monotonic()
             log.debug("swarm view of %s: %s", self.model, describe_swarm(self.servers.values()))
+
+    async def _choose_shape(
+        self, signers: dict[tuple[str, int], set[str]]
+    ) -> tuple[str, int, list[tuple[str, object]] | None, bool]:
+        """The (fingerprint, num_blocks) to use, the entries read under its last block key (None if not read), and
+        whether the shape is trusted (all its block keys are then read; at most MAX_UNCONFIRMED_BLOCKS otherwise).
+
+        The local copy's shape wins whenever some record agrees with it, and a lone claim of a bounded block count is
+        taken as it is (its keys are read in one round). Otherwise claims are tried by how many
+        distinct signers make them (then the smaller block count): the first that a routable server record under its
+        last block confirms (same fingerprint, span ending there) is used; if none is, the best-supported claim.
+        """
+        if self.local is not None and (self.local.fingerprint, self.local.num_blocks) in signers:
+            return self.local.fingerprint, self.local.num_blocks, None, True
+        if len(signers) == 1:  # the usual case: nothing to choose from; reading all its keys is bounded
+            [(fp, n)] = signers
+            if n <= MAX_UNCONFIRMED_BLOCKS:
+                return fp, n, None, True
+        ranked = sorted(signers, key=lambda s: (-len(signers[s]), s[1], s[0]))[:MAX_SHAPE_CANDIDATES]
+        lasts = await asyncio.gather(*(self.dht.get(block_key(self.model, n - 1)) for _, n in ranked))
+        for (fp, n), last in zip(ranked, lasts, strict=True):
+            pairs: list[tuple[str, object]] = [(e.peer_id, e.value) for e in last]
+            if any(s.end == n for s in group_servers(pairs, fp, n).values()):
+                return fp, n, pairs, True
+        if len(signers) > 1:
+            log.info(
+                "no server confirms any of %d block counts announced for %s; using the most announced one",
+                len(signers),
+                self.model,
+            )
+        fp, n = ranked[0]
+        return fp, n, None, False
 
     def stale(self, max_age: float) -> bool:
         return self.updated_at is None or time.monotonic() - self.updated_at > max_age

@@ -4,24 +4,34 @@ libp2p (paper §2.1, §3.2), and announces itself under every hosted block's key
 Every request goes through `petal.protocol.messages` validators first; every failure becomes an error frame
 (`ErrorReply`) and the server goes on serving everyone else. Compute runs on one thread (`Jobs`), the KV budget is
 reserved at start (`KVPool`), and each inference stream is an `InferenceSession`.
+
+Sharing the cache: while another peer waits for room, sessions idle for `contended_idle_timeout` (and sessions of
+a peer holding more than its `peer_share` of the budget) are closed, so one peer cannot hold the whole cache
+(`_reclaim`). Leaving: `drain` announces the state "draining" (routers skip it), refuses new sessions with
+"unavailable", lets open ones finish for up to `drain_timeout` (idle ones are closed after the idle grace), closes
+the rest (their clients fail over with their history) and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import Stream, StreamClosed, Transport
 from petal.daemon.serving.compute import SpanCompute
 from petal.daemon.serving.errors import ErrorReply
 from petal.daemon.serving.inference import InferenceSession
 from petal.daemon.serving.kv_pool import KVPool
-from petal.daemon.serving.push import Pusher, PushInbox
+from petal.daemon.serving.push import NextHops, Pusher, PushInbox
 from petal.daemon.serving.settings import DEFAULT_CACHE_TOKENS_PER_BLOCK, DEFAULT_SETTINGS, DTYPES, ServeSettings
 from petal.daemon.serving.worker import TRAINING, Jobs
 from petal.protocol import PROTOCOL_VERSION
@@ -80,6 +90,7 @@ class BlockServer:
         announce: Announce | None = None,
         withdraw: Withdraw | None = None,
         throughput: float = 0.0,
+        dht: SwarmDHT | None = None,
     ) -> None:
         self.span = span
         self.model = model
@@ -105,12 +116,18 @@ class BlockServer:
         )
         kv_heads, head_dim = span.family.kv_shape(span.config)
         budget = settings.max_cache_tokens or DEFAULT_CACHE_TOKENS_PER_BLOCK * len(span.blocks)
-        self.pool = KVPool(budget, kv_heads, head_dim, self.dtype, self.device)
+        self.pool = KVPool(budget, kv_heads, head_dim, self.dtype, self.device, peer_share=settings.peer_share)
         self.jobs = Jobs(settings.max_queue, settings.request_timeout, name=f"petal-compute-{span.start}-{span.end}")
         self.sessions = 0
         self._refresher: asyncio.Task[None] | None = None
         self._published_cache = -1
         self._inboxes: dict[str, PushInbox] = {}  # session id -> pushed inputs, for sessions opened with push
+        self._live: set[InferenceSession] = set()
+        self._no_sessions = asyncio.Event()  # set while no inference session is open
+        self._no_sessions.set()
+        self._state = "online"  # what the refresh loop re-announces: "online", or "draining" once leaving
+        self._reclaimer: asyncio.Task[None] | None = None
+        self.next_hops = NextHops(dht, model, fingerprint)
 
     # lifecycle
 
@@ -126,6 +143,7 @@ class BlockServer:
         self.transport.set_handler(INFERENCE_PROTOCOL, self._handle_inference)
         self.transport.set_handler(PUSH_PROTOCOL, self._handle_push)
         await self.publish("online")
+        self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="block-server-reclaim")
         if self._announce is not None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="block-server-refresh")
         log.info(
@@ -146,9 +164,10 @@ class BlockServer:
         if not self.jobs.open:
             return
         self.jobs.close()
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in (self._refresher, self._reclaimer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._withdraw is not None:
             for key in self.keys:
                 try:
@@ -156,6 +175,70 @@ class BlockServer:
                 except Exception as e:  # noqa: BLE001 - the entry expires on its own
                     log.info("could not withdraw %s: %s", key, e)
         await self.jobs.stop()
+
+    @property
+    def draining(self) -> bool:
+        return self._state == "draining"
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Leave gracefully, then `stop`: announce "draining" (routers stop sending new work), refuse new sessions,
+        let open ones finish for up to `timeout` (default `settings.drain_timeout`; idle ones are closed after the
+        idle grace), then close those left: their clients fail over, replaying their history elsewhere."""
+        if not self.jobs.open:
+            return
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        if not self.draining:
+            self._state = "draining"
+            log.info(
+                "draining %s blocks [%d, %d): %d open session(s), at most %.0f s",
+                self.model,
+                self.span.start,
+                self.span.end,
+                len(self._live),
+                timeout,
+            )
+            await self.publish("draining")
+        self._reclaim()  # idle sessions are closed from here on by the reclaim loop
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_sessions.wait(), timeout)
+        if self._live:
+            error = PetalError("unavailable", "this server is shutting down; the session continues on another server")
+            for session in list(self._live):
+                session.evict(error)
+            with contextlib.suppress(TimeoutError):  # a session mid-step ends after its step
+                await asyncio.wait_for(self._no_sessions.wait(), 5.0)
+        await self.stop()
+
+    async def _reclaim_loop(self) -> None:
+        period = min(max(self.settings.contended_idle_timeout / 4, 0.02), 1.0)
+        while True:
+            await asyncio.sleep(period)
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """While other peers wait for cache (or the server drains), close sessions idle for the grace, and sessions of
+        a peer over its share of a contended pool, so that no peer can keep the cache from everyone else."""
+        waiting = self.pool.waiting
+        if not waiting and not self.draining:
+            return
+        grace = self.settings.contended_idle_timeout
+        now = time.monotonic()
+        for session in sorted(self._live, key=lambda s: -s.opened_at):  # newest first
+            others_wait = any(w != session.owner for w in waiting)
+            if not (others_wait or self.draining):
+                continue
+            if session.idle_for() >= grace:
+                reason = "other peers wait for this server's KV cache" if others_wait else "this server is leaving"
+                code = "busy" if others_wait else "unavailable"
+                session.evict(PetalError(code, f"session closed after {grace:.0f}s idle: {reason}; open a new one"))
+            elif others_wait and now - session.opened_at >= grace and self.pool.over_share(session.owner):
+                session.evict(
+                    PetalError(
+                        "busy",
+                        f"session closed: peer {session.owner} holds more than its share "
+                        f"({self.pool.peer_share:.0%}) of this server's KV cache while others wait",
+                    )
+                )
 
     # announcements
 
@@ -184,7 +267,7 @@ class BlockServer:
         while True:
             await asyncio.sleep(self.settings.refresh_period)
             if abs(self.cache_tokens_left - self._published_cache) * 10 > self.pool.units // len(self.span.blocks):
-                await self.publish("online")
+                await self.publish(self._state)
 
     async def publish(self, state: str) -> None:
         """Announce this span in `state` under every hosted block's key and the model under MODELS_KEY."""
@@ -257,13 +340,19 @@ class BlockServer:
         """Open (reserve a cache), then serve the stream as an `InferenceSession` until it ends."""
         msg = await stream.recv(timeout=FIRST_MESSAGE_TIMEOUT)
         try:
-            if not self.jobs.open:
+            if not self.jobs.open or self.draining:
                 raise PetalError("unavailable", "this server is shutting down; use another one")
             opened = parse_open(msg, self.served)
             blocks = opened.end - opened.start
-            allocation = await self.pool.allocate(blocks, opened.batch, opened.max_length, self.settings.alloc_timeout)
+            allocation = await self.pool.allocate(
+                blocks, opened.batch, opened.max_length, self.settings.alloc_timeout, owner=stream.peer_id
+            )
         except PetalError as e:
             await stream.send(error_reply(e))
+            return
+        if self.draining:  # started leaving while this session waited for room
+            self.pool.free(allocation)
+            await stream.send(error_reply(PetalError("unavailable", "this server is shutting down; use another one")))
             return
         session_id = secrets.token_hex(16)
         inbox = PushInbox(opened.batch, opened.max_length) if opened.push else None
@@ -277,16 +366,21 @@ class BlockServer:
             compute=self.compute,
             jobs=self.jobs,
             pool=self.pool,
-            pusher=Pusher(self.transport, self._deliver),
+            pusher=Pusher(self.transport, self._deliver, functools.partial(self.next_hops.resolve, opened.end)),
             inbox=inbox,
         )
         if inbox is not None:
             self._inboxes[session_id] = inbox
         self.sessions += 1
+        self._live.add(session)
+        self._no_sessions.clear()
         try:
             await session.run()
         finally:
             self.sessions -= 1
+            self._live.discard(session)
+            if not self._live:
+                self._no_sessions.set()
             self._inboxes.pop(session_id, None)
 
     def _deliver(self, sender: str, push: PushRequest) -> None:

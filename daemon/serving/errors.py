@@ -34,10 +34,12 @@ class ComputeTimeout(PetalError):
 class ErrorReply:
     """`with ErrorReply("forward request") as out: out.reply = ...`: every failure inside becomes `out.reply`.
 
-    PetalError goes to the client as is; ValueError and RuntimeError (e.g. a shape the kernels reject that validation
-    let through) become "bad_request: the <noun> could not be computed"; anything else is logged with its traceback
-    and becomes "internal". `out.error` keeps the PetalError sent. Exceptions of the types in `passing` (and
-    BaseExceptions such as cancellation) propagate untouched.
+    PetalError goes to the client as is (the `parse_*` validators raise nothing else, whatever the input: see
+    `petal.protocol.messages.validator`); ValueError and RuntimeError (e.g. a shape the kernels reject that
+    validation let through) become "bad_request: the <noun> could not be computed"; MemoryError becomes "too_large";
+    anything else is a bug of this server: logged with its traceback and answered "internal". `out.error` keeps the
+    PetalError sent. Exceptions of the types in `passing` (and BaseExceptions such as cancellation) propagate
+    untouched.
     """
 
     def __init__(self, what: str, *, noun: str = "request", passing: tuple[type[BaseException], ...] = ()) -> None:
@@ -58,6 +60,11 @@ class ErrorReply:
         elif isinstance(e, (ValueError, RuntimeError)):
             log.warning("%s failed: %s", self.what, e)
             self.error = PetalError("bad_request", f"the {self.noun} could not be computed: {e}"[:1000])
+        elif isinstance(e, MemoryError):
+            log.warning("%s ran out of memory", self.what)
+            self.error = PetalError(
+                "too_large", f"the {self.noun} needs more memory than this server has free; send less at once"
+            )
         else:
             log.error("%s failed unexpectedly", self.what, exc_info=e)
             self.error = PetalError("internal", f"{type(e).__name__}: {e}"[:1000])

@@ -129,12 +129,14 @@ class Host:
         hosted.server = server
 
     async def unserve(self, model: str) -> list[HostedSpan]:
-        """Stop serving `model`: end its rebalancer, withdraw its blocks (they show as offline), free its memory."""
+        """Stop serving `model`: end its rebalancer, drain it (`BlockServer.drain`: announced as leaving, no new
+        sessions, open ones finish within the drain timeout), withdraw its blocks (they show as offline), free its
+        memory."""
         hosted = self._hosted.pop(model, None)
         if hosted is None:
             return []
         stopped = HostedSpan(model, hosted.server.span.start, hosted.server.span.end)
-        await self._stop(hosted)
+        await self._stop(hosted, drain=True)
         try:
             await asyncio.wait_for(self.announcer.withdraw(MODELS_KEY), timeout=3.0)
         except Exception as e:  # noqa: BLE001 - the entry expires on its own
@@ -145,16 +147,20 @@ class Host:
             torch.cuda.empty_cache()
         return [stopped]
 
-    async def stop(self) -> None:
-        """Stop everything served (the daemon is shutting down: the node withdraws what is left)."""
-        while self._hosted:
-            await self._stop(self._hosted.popitem()[1])
+    async def stop(self, drain: bool = False) -> None:
+        """Stop everything served (the daemon is shutting down: the node withdraws what is left); with `drain`, each
+        server first lets its open sessions finish (`BlockServer.drain`), all of them at once."""
+        hosted, self._hosted = list(self._hosted.values()), {}
+        await asyncio.gather(*(self._stop(h, drain=drain) for h in hosted))
 
     @staticmethod
-    async def _stop(hosted: _Hosted) -> None:
+    async def _stop(hosted: _Hosted, drain: bool = False) -> None:
         if hosted.rebalancer is not None:  # first, so that it cannot move the server being stopped
             await hosted.rebalancer.stop()
-        await hosted.server.stop()
+        if drain:
+            await hosted.server.drain()
+        else:
+            await hosted.server.stop()
 
     async def _load(self, plan: ServePlan, start: int, end: int, progress: Progress | None = None) -> BlockServer:
         info, settings = plan.info, plan.settings
@@ -170,6 +176,7 @@ class Host:
             settings=settings,
             announce=self.announcer.announce,
             withdraw=self.announcer.withdraw,
+            dht=self.dht,
         )
         await server.publish("joining")
         if progress is not None:

@@ -62,11 +62,31 @@ class InferenceSession:
         self.inbox = inbox
         self.blocks: list[nn.Module] = compute.blocks(opened.start, opened.end)
         self._pending: object = None  # a client message read while waiting for a push
+        self.opened_at = self.last_active = time.monotonic()  # last_active: when the last reply went out
+        self.waiting_for_client = False  # between replies: waiting for the client's next message
+        self._evicted: PetalError | None = None
+        self._evict = asyncio.Event()
         self._running: concurrent.futures.Future[Any] | None = None  # a timed-out job the thread still runs
 
     @property
     def cache_length(self) -> int:
         return self.allocation.cache.length
+
+    @property
+    def owner(self) -> str:
+        """The peer this session's cache was allocated for."""
+        return self.allocation.owner
+
+    def idle_for(self) -> float:
+        """Seconds since the last reply while waiting for the client's next message (0 while a step runs)."""
+        return time.monotonic() - self.last_active if self.waiting_for_client else 0.0
+
+    def evict(self, error: PetalError) -> None:
+        """Close this session at its next wait for the client (at once if idle): `error` goes to the client as an
+        error frame, then the stream ends and the cache is freed. The client fails over, replaying its history."""
+        if self._evicted is None:
+            self._evicted = error
+            self._evict.set()
 
     async def run(self) -> None:
         """Acknowledge the open, then one reply per client message; frees the cache (once no job uses it)."""
@@ -81,6 +101,7 @@ class InferenceSession:
                     await self.stream.send(out.reply)
                     return
                 await self.stream.send(out.reply)
+                self.last_active = time.monotonic()
         except StreamClosed:
             return
         finally:
@@ -92,8 +113,26 @@ class InferenceSession:
         if self._pending is not None:
             msg, self._pending = self._pending, None
             return msg
+        if self._evicted is not None:
+            await self.stream.send(error_reply(self._evicted))
+            return None
+        recv = asyncio.ensure_future(self.stream.recv(timeout=self.settings.idle_timeout))
+        evicted = asyncio.ensure_future(self._evict.wait())
+        self.waiting_for_client = True
         try:
-            return await self.stream.recv(timeout=self.settings.idle_timeout)
+            await asyncio.wait({recv, evicted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.waiting_for_client = False
+            for task in (recv, evicted):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(recv, evicted, return_exceptions=True)  # none left pending or unretrieved
+        if recv.cancelled():  # evicted while idle
+            assert self._evicted is not None
+            await self.stream.send(error_reply(self._evicted))
+            return None
+        try:
+            return recv.result()
         except StreamClosed:
             return None
         except TimeoutError:

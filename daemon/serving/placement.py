@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from petal.daemon.serving.errors import ServeError
-from petal.protocol.records import OFFLINE, ServerRecord
+from petal.protocol.records import DRAINING, OFFLINE, ServerRecord
 
 Entries = Mapping[int, Sequence[object]]
 """Block index -> what its key holds: DHT entries (with `peer_id` and `value`) or bare announced values."""
@@ -37,7 +37,7 @@ def block_throughputs(entries_by_block: Entries, total: int, exclude_peer: str =
             if exclude_peer and peer == exclude_peer:
                 continue
             record = ServerRecord.parse(value, str(peer))
-            if record is not None and record.state != OFFLINE and record.throughput > 0:
+            if record is not None and record.state not in (OFFLINE, DRAINING) and record.throughput > 0:
                 out[block] += record.throughput
     return out
 

@@ -4,6 +4,11 @@ that sends its outputs on to the next hop (`Pusher`).
 With push, hidden states travel client -> A -> B -> ... instead of back to the client between hops; the client still
 gets every output (it keeps the history for failover) and decides: a step that waits for a push answers "skipped"
 when the client's own copy of the input arrives first.
+
+A server pushes only to servers of the announced chain: the client names the next hop by peer id, and `NextHops`
+looks that peer up in the DHT (a server record of the same model covering the block after this hop, with the
+addresses *it* announced). Addresses in the client's `push_to` are never dialed, so a client cannot make a server
+connect wherever it likes; an unknown peer means no push (`pushed: false`) and the client sends the input itself.
 """
 
 from __future__ import annotations
@@ -11,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
+from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import PeerAddr, Stream, Transport, TransportError
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import PUSH_PROTOCOL, PushRequest, PushTarget, check_pushed
+from petal.protocol.records import OFFLINE, ServerRecord, block_key
 from petal.protocol.replies import PushAck
 from petal.protocol.tensors import decode_tensor
 
@@ -115,12 +123,69 @@ class PushInbox:
         self._event.clear()
 
 
-class Pusher:
-    """One session's push stream to the next hop: opened on first use, reused every step, reopened for a new peer."""
+NEXT_HOP_TTL = 30.0
+"""How long a next hop's DHT lookup (found or not) is reused before the DHT is asked again."""
 
-    def __init__(self, transport: Transport, local: Callable[[str, PushRequest], None]) -> None:
+Resolve = Callable[[str], Awaitable[PeerAddr | None]]
+"""A push target's peer id -> how to dial it (as it announced itself), or None if it is no next hop of ours."""
+
+
+class NextHops:
+    """Where this server may push: servers of `model` announced in the DHT whose span holds a given block.
+
+    Without a DHT (a server in a test, alone on an in-memory network) a peer is dialed by its id alone, which reaches
+    only peers the transport already knows; in no case is an address a client supplied dialed.
+    """
+
+    def __init__(self, dht: SwarmDHT | None, model: str, fingerprint: str | None) -> None:
+        self.dht = dht
+        self.model = model
+        self.fingerprint = fingerprint
+        self._cache: dict[tuple[str, int], tuple[float, PeerAddr | None]] = {}
+
+    async def resolve(self, block: int, peer_id: str) -> PeerAddr | None:
+        """How to dial `peer_id` if it announces `model` with a span holding `block`; None otherwise."""
+        if self.dht is None:
+            return PeerAddr(peer_id)
+        key, now = (peer_id, block), time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < NEXT_HOP_TTL:
+            return cached[1]
+        found: PeerAddr | None = None
+        try:
+            entries = await self.dht.get(block_key(self.model, block))
+        except Exception as e:  # noqa: BLE001 - a failed lookup only means no push this time
+            log.info("looking up next hop %s for block %d failed: %s", peer_id, block, e)
+            return None
+        for entry in entries:
+            if entry.peer_id != peer_id:
+                continue
+            record = ServerRecord.parse(entry.value, entry.peer_id)
+            if record is None or record.state == OFFLINE or not record.start <= block < record.end:
+                continue
+            if self.fingerprint is not None and record.fingerprint not in (None, self.fingerprint):
+                continue
+            found = PeerAddr(peer_id, record.addrs)
+            break
+        if len(self._cache) > 1024:
+            self._cache.clear()
+        self._cache[key] = (now, found)
+        return found
+
+
+class Pusher:
+    """One session's push stream to the next hop: opened on first use, reused every step, reopened for a new peer.
+
+    `resolve` turns the target's peer id into the addresses it announced (`NextHops.resolve` for the block after the
+    session's span); a target it does not know is not pushed to.
+    """
+
+    def __init__(
+        self, transport: Transport, local: Callable[[str, PushRequest], None], resolve: Resolve | None = None
+    ) -> None:
         self.transport = transport
         self._local = local  # delivers pushes whose next hop is this same server
+        self._resolve = resolve
         self._stream: Stream | None = None
         self._peer: PeerAddr | None = None
 
@@ -133,9 +198,12 @@ class Pusher:
             if target.peer == self.transport.peer_id:
                 self._local(target.peer, PushRequest(target.session, step, decode_tensor(hidden)))
                 return True
-            peer = PeerAddr(target.peer, target.addrs)
-            if self._stream is None or self._peer != peer:
+            if self._stream is None or self._peer is None or self._peer.peer_id != target.peer:
                 await self.close()
+                peer = await self._resolve(target.peer) if self._resolve is not None else PeerAddr(target.peer)
+                if peer is None:
+                    log.info("not pushing step %d to %s: it announces no span after this hop", step, target.peer)
+                    return False
                 self._stream = await self.transport.open_stream(peer, PUSH_PROTOCOL, timeout=PUSH_ACK_TIMEOUT)
                 self._peer = peer
             await self._stream.send({"session": target.session, "step": step, "hidden": hidden})

@@ -31,6 +31,9 @@ class ServeSettings:
     request_timeout: float = 300.0  # longest a forward/backward/step may queue + run
     max_queue: int = 64
     refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
+    peer_share: float = 0.5  # most of the KV budget one peer may hold while other peers use or wait for it
+    contended_idle_timeout: float = 10.0  # an idle session is closed after this while another peer waits (or draining)
+    drain_timeout: float = 30.0  # on SIGTERM or unserve: longest open sessions may run on before they are closed
 
 
 DEFAULT_SETTINGS = ServeSettings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import time
@@ -14,7 +15,7 @@ import umsgpack
 from kademlia.node import Node
 
 from petal.daemon.dht.network import DHT
-from petal.daemon.dht.storage import PetalStorage
+from petal.daemon.dht.storage import MAX_SIGNERS_REMEMBERED, PetalStorage, Stored, source_of
 from petal.daemon.identity import Identity
 from petal.protocol.records import (
     MAX_DATAGRAM,
@@ -181,8 +182,10 @@ async def test_get_drops_bad_records_from_the_network():
         entry = sign_entry(mallory, KEY, value(mallory), issued_at=time.time(), expires_at=time.time() + 60)
         tampered = bytearray(entry.to_record())
         tampered[-20] ^= 1
-        a.storage._data.setdefault(DKEY, {})[mallory.public_key] = (entry, bytes(tampered))
+        a.storage._data.setdefault(DKEY, {})[mallory.public_key] = Stored(entry, bytes(tampered), "127.0.0.1")
+        assert bytes(tampered) in a.storage.records(DKEY)
         assert [e.public_key for e in await c.get(KEY)] == [alice.public_key]
+        assert a.protocol.dropped == 0  # a served the tampered record; c refused it
 
 
 async def test_model_discovery_key():
@@ -316,3 +319,138 @@ def test_msgpack_is_what_rpcudp_speaks():
     """Records travel as msgpack bin inside rpcudp's umsgpack; both libraries must agree on the bytes."""
     r = record(Identity.generate())
     assert msgpack.unpackb(umsgpack.packb([r]))[0] == r
+
+
+# -- issue #16 finding 13: a key's room is not for whoever signs the most identities or dates them furthest ahead --
+
+
+def full_size(identity: Identity, *, issued_at: float, key: str = KEY) -> bytes:
+    """A record of ``identity`` padded to just under MAX_RECORD_BYTES, valid for 600 s from ``issued_at``."""
+    v = value(identity)
+    v["x"], kept = "", b""
+    while True:
+        v["x"] += "A" * 8
+        try:
+            entry = sign_entry(identity, key, v, issued_at=issued_at, expires_at=issued_at + 600)
+        except RecordError:
+            return kept
+        kept = entry.to_record()
+
+
+def test_a_full_key_is_shared_by_source_address():
+    """Forty full-size, future-dated identities from one address compete with each other, not with other sources."""
+    storage, now = PetalStorage(), time.time()
+    honest = [Identity.generate() for _ in range(3)]
+    for i, h in enumerate(honest):
+        storage.merge(DKEY, record(h, issued_at=now - 30), now=now, source=f"10.0.0.{i + 1}")
+    fakes = [Identity.generate() for _ in range(40)]
+    taken = 0
+    for f in fakes:
+        with contextlib.suppress(RecordError):
+            storage.merge(DKEY, full_size(f, issued_at=now + 59), now=now, source="10.9.9.9")
+            taken += 1
+    held = {e.public_key for e in storage.entries(DKEY, now=now)}
+    assert {h.public_key for h in honest} <= held
+    assert 0 < len(held & {f.public_key for f in fakes}) < 10 and taken == 40
+    assert sum(len(r) for r in storage.records(DKEY, now=now)) <= storage.value_budget
+    assert set(storage.sources(DKEY, now=now).values()) == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.9.9.9"}
+
+
+def test_servers_that_answer_outrank_identities_never_seen():
+    """Even from the address holding the most, vouched-for servers stay while fakes from many addresses go first."""
+    honest = [Identity.generate() for _ in range(4)]
+    live = {h.public_key for h in honest}
+    storage, now = PetalStorage(vouch=lambda pk, source: pk in live), time.time()
+    for h in honest:  # four servers behind one address (a NAT): the heaviest source
+        storage.merge(DKEY, full_size(h, issued_at=now - 30), now=now, source="10.0.0.1")
+    for i in range(30):  # never-seen identities, each from its own address and fresher
+        with contextlib.suppress(RecordError):
+            storage.merge(DKEY, full_size(Identity.generate(), issued_at=now), now=now, source=f"10.9.9.{i}")
+    held = {e.public_key for e in storage.entries(DKEY, now=now)}
+    assert live <= held and len(held) > len(live)
+
+
+def test_a_future_issued_at_buys_no_priority():
+    """Dated 59 s ahead, a record counts as issued now: it ties with those issued now and, among equals, goes first."""
+    now = time.time()
+    first, ahead, last = Identity.generate(), Identity.generate(), Identity.generate()
+    records = [full_size(first, issued_at=now), full_size(ahead, issued_at=now + 59), full_size(last, issued_at=now)]
+    storage = PetalStorage(value_budget=sum(len(r) for r in records) - 1)
+    for r in records:
+        storage.merge(DKEY, r, now=now, source="10.0.0.1")
+    assert {e.public_key for e in storage.entries(DKEY, now=now)} == {first.public_key, last.public_key}
+
+
+def test_high_water_marks_of_throwaway_identities_are_bounded():
+    storage, now = PetalStorage(value_budget=1000), time.time()
+    for _ in range(MAX_SIGNERS_REMEMBERED + 100):
+        with contextlib.suppress(RecordError):
+            storage.merge(DKEY, record(Identity.generate(), issued_at=now), now=now, source="10.9.9.9")
+    assert len(storage._high_water[DKEY]) <= MAX_SIGNERS_REMEMBERED
+    assert all(pk in storage._high_water[DKEY] for pk in storage.sources(DKEY, now=now))
+
+
+def test_source_of_groups_ipv6_by_64():
+    assert source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("2001:db8:1:2:aaaa::1") == source_of("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+async def wait_for(predicate, what: str) -> None:
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_storing_nodes_are_pinged_and_vouched_for_spoofed_node_ids_are_not():
+    async with swarm(2) as (a, b):
+        await a.announce(KEY, value(a.identity), ttl=60)
+        await wait_for(lambda: b.protocol.vouches(a.identity.public_key, "127.0.0.1"), "b vouches for a")
+        assert b.storage.sources(DKEY)[a.identity.public_key] == "127.0.0.1"
+        assert a.storage.sources(DKEY)[a.identity.public_key] == "local"
+        # a store claiming the node id of a throwaway identity: b pings that address, a answers with its own id
+        fake = Identity.generate()
+        spoofed = hashlib.sha1(fake.public_key).digest()
+        ok, taken = await a.protocol._call(("127.0.0.1", b.port), "store", spoofed, DKEY, [record(fake)])
+        assert ok and taken == 1
+        await wait_for(lambda: b.protocol.is_unresponsive(spoofed), "b's ping of the spoofed id concluded")
+        assert not b.protocol.vouches(fake.public_key, "127.0.0.1")
+        assert spoofed not in {n.id for bucket in b.protocol.router.buckets for n in bucket.get_nodes()}
+        assert b.protocol.vouches(a.identity.public_key, "127.0.0.1")
+
+
+def replication_setup() -> tuple[str, Identity, Identity, Identity]:
+    """A key and three identities such that the relay is closest to the key, the newcomer next and alice farthest:
+    kademlia then has the relay (and only it) hand the newcomer the key when the newcomer joins. Not every three
+    ids allow that order for some key (XOR distance is a tree), hence new ids until one does."""
+    while True:
+        relay, alice, newcomer = Identity.generate(), Identity.generate(), Identity.generate()
+        r, a, n = (int.from_bytes(i.dht_node_id, "big") for i in (relay, alice, newcomer))
+        for block in range(64):
+            key = block_key("HuggingFaceTB/SmolLM2-135M", block)
+            k = int.from_bytes(key_digest(key), "big")
+            if r ^ k < n ^ k < a ^ k:
+                return key, relay, alice, newcomer
+
+
+async def test_replicated_entries_are_charged_to_the_relay_until_their_signer_stores_them():
+    """kademlia hands a newcomer the keys it should hold; we charge those records to the node that relayed them."""
+    key, relay_id, alice_id, newcomer_id = replication_setup()
+    relay = DHT(relay_id, host="127.0.0.3")
+    alice, newcomer = DHT(alice_id), DHT(newcomer_id)
+    try:
+        await relay.start()
+        await alice.start([("127.0.0.3", relay.port)])
+        await alice.announce(key, value(alice_id), ttl=60)
+        assert relay.storage.sources(key_digest(key)) == {alice_id.public_key: "127.0.0.1"}
+        await newcomer.start([("127.0.0.3", relay.port)])
+        await wait_for(lambda: newcomer.storage.entries(key_digest(key)), "the relay's replication")
+        assert newcomer.storage.sources(key_digest(key)) == {alice_id.public_key: "127.0.0.3"}
+        await alice.announce(key, value(alice_id, throughput=5.0), ttl=60)  # alice's periodic re-announce
+        assert newcomer.storage.sources(key_digest(key)) == {alice_id.public_key: "127.0.0.1"}
+    finally:
+        for node in (newcomer, alice, relay):
+            await node.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -17,41 +17,80 @@ from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.dht.memory import MemoryDHT, MemorySwarm
 from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
-from petal.protocol.records import MAX_TTL, RecordError, block_key
+from petal.protocol.records import (
+    MAX_CLOCK_SKEW,
+    MAX_RECORD_BYTES,
+    MAX_TTL,
+    MODELS_KEY,
+    RecordError,
+    block_key,
+    key_digest,
+    sign_entry,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = block_key("HuggingFaceTB/SmolLM2-135M", 3)
 OTHER = block_key("HuggingFaceTB/SmolLM2-135M", 4)
 
-MakeNodes = Callable[[int], Awaitable[list[SwarmDHT]]]
+ATTACKER = "127.0.0.2"  # a source address other than the honest nodes' 127.0.0.1
+
+
+class MakeNodes:
+    """``await make_nodes(n)``: n started nodes that see each other; ``flood``: a hostile store from another address."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.started: list[DHT | MemoryDHT] = []
+        self.swarm = MemorySwarm()
+        self.attacker: DHT | None = None
+
+    async def __call__(self, n: int) -> list[SwarmDHT]:
+        nodes: list[DHT | MemoryDHT] = []
+        for _ in range(n):
+            if self.kind == "udp":
+                node: DHT | MemoryDHT = DHT(Identity.generate(), rpc_timeout=0.5)
+                first = self.started[0] if self.started else None
+                await node.start([("127.0.0.1", first.port)] if isinstance(first, DHT) else [])
+            else:
+                node = MemoryDHT(Identity.generate(), self.swarm)
+                await node.start()
+            self.started.append(node)
+            nodes.append(node)
+        return list(nodes)
+
+    async def flood(self, key: str, records: Sequence[bytes]) -> int:
+        """Store ``records`` on every node from ATTACKER, as a store RPC would (UDP: ten records per datagram).
+        Returns how many records were taken, over all nodes."""
+        if self.kind == "memory":
+            return self.swarm.store(key, records, ATTACKER)
+        if self.attacker is None:
+            self.attacker = DHT(Identity.generate(), host=ATTACKER, rpc_timeout=0.5)
+            await self.attacker.start()
+        taken = 0
+        for node in self.started:
+            assert isinstance(node, DHT)
+            for i in range(0, len(records), 10):
+                addr = ("127.0.0.1", node.port)
+                chunk = list(records[i : i + 10])
+                ok, n = await self.attacker.protocol._call(addr, "store", self.attacker.node_id, key_digest(key), chunk)
+                assert ok, "the attacker's store got no reply"
+                taken += n if isinstance(n, int) else 0
+        return taken
+
+    async def stop(self) -> None:
+        for node in [*self.started, *([self.attacker] if self.attacker else [])]:
+            await node.stop()
 
 
 @pytest.fixture(params=["udp", "memory"])
 async def make_nodes(request: pytest.FixtureRequest) -> AsyncIterator[MakeNodes]:
     """``await make_nodes(n)``: n started nodes that see each other; all stopped after the test."""
-    started: list[DHT | MemoryDHT] = []
-    swarm = MemorySwarm()
-
-    async def make(n: int) -> list[SwarmDHT]:
-        nodes: list[DHT | MemoryDHT] = []
-        for _ in range(n):
-            if request.param == "udp":
-                node: DHT | MemoryDHT = DHT(Identity.generate(), rpc_timeout=0.5)
-                bootstrap = [("127.0.0.1", started[0].port)] if started and isinstance(started[0], DHT) else []
-                await node.start(bootstrap)
-            else:
-                node = MemoryDHT(Identity.generate(), swarm)
-                await node.start()
-            started.append(node)
-            nodes.append(node)
-        return list(nodes)
-
+    maker = MakeNodes(request.param)
     try:
-        yield make
+        yield maker
     finally:
-        for node in started:
-            await node.stop()
+        await maker.stop()
 
 
 def identity_of(node: SwarmDHT) -> Identity:
@@ -131,3 +170,40 @@ async def test_announce_refuses_a_value_that_is_not_a_dict(make_nodes: MakeNodes
     (a,) = await make_nodes(1)
     with pytest.raises(RecordError, match="dict"):
         await a.announce(KEY, ["not", "a", "dict"], ttl=60)  # type: ignore[arg-type]  # what the check is for
+
+
+def full_size_records(key: str, count: int) -> list[bytes]:
+    """``count`` records of fresh identities, each padded to the size limit and dated as far ahead as is accepted."""
+    issued = time.time() + MAX_CLOCK_SKEW - 2
+    records = []
+    for i in range(count):
+        fake = Identity.generate()
+        value, record = {"n": f"fake/model-{i}", "st": "online", "x": ""}, b""
+        while True:
+            value["x"] += "A" * 8
+            try:
+                entry = sign_entry(fake, key, value, issued_at=issued, expires_at=issued + MAX_TTL)
+            except RecordError:
+                break
+            record = entry.to_record()
+        records.append(record)
+    assert all(len(r) > MAX_RECORD_BYTES - 8 for r in records)
+    return records
+
+
+@pytest.mark.parametrize("key", [MODELS_KEY, KEY])
+async def test_many_identities_on_one_address_cannot_crowd_out_servers(make_nodes: MakeNodes, key: str) -> None:
+    """Issue #16 finding 13: fake identities from one address, full-size and future-dated, evicted every server."""
+    nodes = await make_nodes(3)
+    servers, client = nodes[:2], nodes[2]
+    for server in servers:
+        await server.announce(key, {"n": "HuggingFaceTB/SmolLM2-135M", "st": "online"}, ttl=60)
+    honest = {identity_of(s).peer_id for s in servers}
+    assert {e.peer_id for e in await client.get(key)} == honest
+    assert await make_nodes.flood(key, full_size_records(key, 30)) > 0
+    assert honest <= {e.peer_id for e in await client.get(key)}
+    for server in servers:  # the periodic re-announce is taken, and wins over the flood's future dates
+        assert await server.announce(key, {"n": "HuggingFaceTB/SmolLM2-135M", "st": "online", "t": 1.0}, ttl=60) >= 1
+    await make_nodes.flood(key, full_size_records(key, 30))  # the key is full of the first flood: none need be taken
+    entries = {e.peer_id: e for e in await client.get(key)}
+    assert honest <= set(entries) and all(entries[p].value.get("t") == 1.0 for p in honest)

@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from petal.daemon.net.transport import MemoryNetwork, MemoryTransport, PeerAddr, StreamReset
+from petal.daemon.routing.faults import is_server_fault
 from petal.daemon.routing.remote import RemoteSpan
 from petal.daemon.serving.block_server import BlockServer
 from petal.daemon.serving.kv_pool import KVPool
@@ -24,7 +25,7 @@ from petal.daemon.serving.placement import choose_span
 from petal.daemon.serving.settings import ServeSettings
 from petal.daemon.serving.worker import ComputeWorker
 from petal.kernels.store import load_span, open_model
-from petal.protocol.errors import PetalError, WireError
+from petal.protocol.errors import PetalError
 from petal.protocol.messages import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
@@ -284,9 +285,9 @@ async def test_budget_exhaustion_is_busy_then_freed(swarm) -> None:
     with pytest.raises(PetalError) as e:
         await remote().open_inference(max_length=8, batch=1)
     assert e.value.code == "busy"
-    with pytest.raises(PetalError) as e:  # more than the whole budget: busy at once, saying so
+    with pytest.raises(PetalError) as e:  # more than the whole budget: the caller's mistake, at once, saying so
         await remote().open_inference(max_length=64, batch=3)
-    assert e.value.code == "busy" and "whole budget" in e.value.message
+    assert e.value.code == "too_large" and "whole KV budget of 1280" in e.value.message
     waiter = asyncio.ensure_future(remote(0, 5).open_inference(max_length=8, batch=1))
     await asyncio.sleep(0.05)
     await s1.close()  # frees the budget while the waiter waits
@@ -396,8 +397,11 @@ async def test_compute_worker_priority_and_bound() -> None:
         worker.stop()
 
 
-async def test_malformed_reply_is_a_wire_error(swarm) -> None:
-    """A server that answers with garbage is reported as WireError, which the router treats as a faulty server."""
+async def test_malformed_reply_is_the_servers_fault(swarm) -> None:
+    """A server that answers with garbage is reported as ``bad_reply``, which the router treats as a faulty server.
+
+    (It was a WireError, whose code ``bad_frame`` also names a caller's malformed request; ``bad_reply`` keeps the two
+    apart so that a garbage reply bans the server and a caller's bad frame never does.)"""
     _, _, client_t = swarm
     network = client_t.network
     liar = MemoryTransport(network, "liar")
@@ -410,8 +414,9 @@ async def test_malformed_reply_is_a_wire_error(swarm) -> None:
     liar.set_handler(FORWARD_PROTOCOL, lie)
     try:
         span = RemoteSpan(client_t, PeerAddr("liar"), "m", "f", 0, 1, "none")
-        with pytest.raises(WireError):
+        with pytest.raises(PetalError) as caught:
             await span.forward(torch.randn(1, 2, HIDDEN))
+        assert caught.value.code == "bad_reply" and is_server_fault(caught.value)
     finally:
         await liar.stop()
 

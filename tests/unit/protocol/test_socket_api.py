@@ -4,15 +4,19 @@ import pytest
 
 from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import (
+    MAX_MODEL_BYTES,
+    MAX_PROMPT_BYTES,
     MODEL_HINT,
     RouteOptions,
     SamplingFields,
     ServeRequest,
     SessionRequest,
     UnserveRequest,
+    check_prompt_size,
     error_body,
     error_fields,
     generate_body,
+    model_field,
     openai_max_tokens_key,
 )
 
@@ -83,3 +87,49 @@ def test_generate_body_and_errors():
     assert error_fields(error_body("busy", "later")) == ("busy", "later")
     assert error_fields({"error": "text"}) == ("error", None)
     assert error_fields([1]) == ("error", None)
+
+
+def test_sampling_fields_must_be_finite_and_in_range():
+    """Issue #16 finding 4: out-of-range numbers are a 400 naming the field, never an overflow later."""
+    for body, says in [
+        ({"seed": 2**64}, '"seed" must be in [0, 2**63)'),
+        ({"seed": -1}, '"seed" must be in [0, 2**63)'),
+        ({"temperature": float("nan")}, "'temperature' must be a finite number"),
+        ({"temperature": float("inf")}, "'temperature' must be a finite number"),
+        ({"top_p": float("nan")}, "'top_p' must be a finite number"),
+        ({"temperature": 10**400}, "'temperature' is out of range"),
+        ({"temperature": -1e-300}, "'temperature' must be in [0, 100]"),
+        ({"temperature": 101}, "'temperature' must be in [0, 100]"),
+        ({"repetition_penalty": 1e-30}, "'repetition_penalty' must be in [0.01, 100]"),
+        ({"repetition_penalty": float("-inf")}, "'repetition_penalty' must be a finite number"),
+        ({"stop": ["x"] * 17}, '"stop" holds at most 16 strings'),
+        ({"stop": ["x" * 1025]}, '"stop" holds at most 16 strings'),
+    ]:
+        assert says in bad(SamplingFields.from_body, body), body
+    assert SamplingFields.from_body({"seed": 2**63 - 1}).seed == 2**63 - 1
+
+
+def test_a_temperature_too_small_to_divide_by_means_greedy():
+    assert SamplingFields.from_body({"temperature": 1e-300}).temperature == 0.0
+    assert SamplingFields.from_body({"temperature": 5e-324}, temperature=1.0).temperature == 0.0
+    assert SamplingFields.from_body({"temperature": 1e-5}).temperature == 1e-5
+
+
+def test_serve_blocks_must_name_a_span():
+    """Issue #16 finding 15: "blocks": "" served the whole model."""
+    for blocks in ("", "  "):
+        assert "START:END" in bad(ServeRequest.from_body, {"model": "m", "blocks": blocks})
+    assert ServeRequest.from_body({"model": "m", "blocks": "0:3"}).blocks == "0:3"
+
+
+def test_prompt_size_is_checked_before_tokenizing():
+    check_prompt_size(["x" * MAX_PROMPT_BYTES])
+    with pytest.raises(PetalError) as info:
+        check_prompt_size(["x" * (MAX_PROMPT_BYTES // 2), "y" * (MAX_PROMPT_BYTES // 2 + 1)])
+    assert info.value.code == "too_large"
+
+
+def test_model_names_are_bounded_and_unicode():
+    assert model_field({"model": "m" * MAX_MODEL_BYTES}) == "m" * MAX_MODEL_BYTES
+    assert "at most 4096" in bad(model_field, {"model": "m" * (MAX_MODEL_BYTES + 1)})
+    assert "not valid Unicode" in bad(model_field, {"model": "\ud800"})
