@@ -267,7 +267,11 @@ def _hidden_size(ctx: Ctx, model: str) -> int:
 @click.option("--steps", type=int, default=32, show_default=True, help="Single-token decode steps to time.")
 @click.option("--tokens", type=int, default=128, show_default=True, help="Tokens per row of the timed forward.")
 @click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--codec", type=click.Choice(["none", "float16", "bfloat16", "q8"]), help="Wire codec [daemon's].")
+@click.option(
+    "--codec",
+    type=click.Choice(["auto", "none", "float16", "bfloat16", "q8"]),
+    help="Wire codec [the daemon's --codec].",
+)
 @click.option("--hidden-size", type=int, help="The model's hidden size [read from the local model dir].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
@@ -359,6 +363,12 @@ def bench(
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the NDJSON stream as it comes.")
 @click.option(
+    "--codec",
+    type=click.Choice(["auto", "none", "float16", "bfloat16", "q8"]),
+    help="Wire codec between the daemon and the servers [the daemon's --codec, auto: exact float32 (none), "
+    "or q8 on links measured slow].",
+)
+@click.option(
     "--adapter",
     type=click.Path(exists=True, file_okay=False),
     help="Apply prompts or a LoRA adapter from `petalctl finetune` (generates client-side, not streamed).",
@@ -369,7 +379,12 @@ def generate(
 ) -> None:
     """Generate text from PROMPT through the swarm, streaming tokens as they come."""
     as_json = as_json or ctx.as_json
+    if options.get("codec") is None:
+        options.pop("codec", None)
     if adapter is not None:
+        if "codec" in options:
+            click.echo("error: --codec does not apply with --adapter (generation runs client-side); drop one")
+            sys.exit(2)
         return _generate_with_adapter(ctx, model, prompt, adapter, as_json, stop, options)
     try:
         for line in ctx.client.generate(model, prompt, stop=list(stop), **options):

@@ -35,15 +35,27 @@ from petal.ctl.bodies import (
     step_request,
     tensor_request,
 )
-from petal.protocol.socket_api import MSGPACK, ServeRequest, UnserveRequest, chat_body, generate_body
+from petal.ctl.websocket import HandshakeError, WebSocket, WebSocketClosed
+from petal.protocol.socket_api import (
+    MSGPACK,
+    SESSION_STREAM_PATH,
+    ServeRequest,
+    UnserveRequest,
+    chat_body,
+    error_fields,
+    generate_body,
+    is_error,
+)
 
 __all__ = [
     "MAX_REPLY_TENSOR_BYTES",
     "AsyncClient",
     "AsyncClientSession",
+    "AsyncStreamSession",
     "Client",
     "ClientSession",
     "DaemonError",
+    "StreamSession",
     "default_socket",
 ]
 
@@ -251,6 +263,40 @@ class Client:
         )
         return ClientSession(self, info)
 
+    def session_stream(
+        self,
+        model: str,
+        max_length: int,
+        *,
+        batch: int = 1,
+        start: int = 0,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        **opts: Any,
+    ) -> StreamSession:
+        """`open_session` over one WebSocket (GET /v1/sessions/stream): a step is one message each way, not one HTTP
+        request. Same arguments, same `step`/`close`; closing the stream closes the session."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            check_socket_dir(self.socket_path)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise no_daemon(self.socket_path) from None
+            try:
+                ws = WebSocket.connect(sock, SESSION_STREAM_PATH)
+            except HandshakeError as e:
+                if e.status >= 400:
+                    decode_reply(e.status, "application/json", e.body)  # raises the daemon's error
+                raise DaemonError("bad_response", str(e)) from None
+            stream = StreamSession(ws)
+            stream._open(session_request(model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts))
+        except BaseException:
+            sock.close()
+            raise
+        return stream
+
     # serving
 
     def serve(
@@ -299,6 +345,64 @@ class ClientSession(_OpenSession):
             self.client.request_msgpack("DELETE", f"/v1/sessions/{self.id}")
 
     def __enter__(self) -> ClientSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stream_reply(data: bytes) -> dict[str, Any]:
+    """A decoded session-stream message; an ``{"error"}`` message raises DaemonError."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:
+        raise DaemonError("bad_response", f"daemon sent bad msgpack on the session stream: {e}") from None
+    if is_error(obj):
+        code, message = error_fields(obj)
+        raise DaemonError(code, str(obj) if message is None else message)
+    if not isinstance(obj, dict):
+        raise DaemonError("bad_response", f"daemon sent a non-map on the session stream: {str(obj)[:200]}")
+    return obj
+
+
+def _stream_closed(e: WebSocketClosed | Exception) -> DaemonError:
+    return DaemonError("unavailable", f"the session stream ended: {e}; open a new session")
+
+
+class StreamSession(_OpenSession):
+    """`ClientSession` over one WebSocket: `step` sends one message and reads one; use as a context manager."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.closed = False
+
+    def _call(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.ws.send(msgpack.packb(body, use_bin_type=True))
+            _, data = self.ws.receive()
+        except (WebSocketClosed, OSError) as e:
+            self.closed = True
+            self.ws.close()
+            raise _stream_closed(e) from None
+        return _stream_reply(data)
+
+    def _open(self, body: dict[str, Any]) -> None:
+        super().__init__(self._call(body))
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding)."""
+        if self.closed:
+            raise DaemonError("not_found", "this session stream is closed; open a new session")
+        reply = self._call(step_request(hidden, mask))
+        self.position = int(reply["position"])
+        return reply_tensor(reply, "hidden")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.ws.close()
+
+    def __enter__(self) -> StreamSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -434,6 +538,38 @@ class AsyncClient:
         )
         return AsyncClientSession(self, info)
 
+    async def session_stream(
+        self,
+        model: str,
+        max_length: int,
+        *,
+        batch: int = 1,
+        start: int = 0,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        **opts: Any,
+    ) -> AsyncStreamSession:
+        """`open_session` over one WebSocket (GET /v1/sessions/stream), as `Client.session_stream`."""
+        import aiohttp
+
+        try:
+            ws = await self._session().ws_connect("http://localhost" + SESSION_STREAM_PATH, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as e:
+            raise DaemonError(
+                "bad_response", f"the daemon refused the session stream: {e.status} {e.message}"
+            ) from None
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
+            raise no_daemon(self.socket_path) from None
+        stream = AsyncStreamSession(ws)
+        try:
+            await stream._open(
+                session_request(model, max_length, batch=batch, start=start, end=end, prompts=prompts, **opts)
+            )
+        except BaseException:
+            await ws.close()
+            raise
+        return stream
+
     def serve(
         self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
     ) -> AsyncIterator[dict[str, Any]]:
@@ -462,6 +598,50 @@ class AsyncClientSession(_OpenSession):
             await self.client.request_msgpack("DELETE", f"/v1/sessions/{self.id}")
 
     async def __aenter__(self) -> AsyncClientSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncStreamSession(_OpenSession):
+    """`StreamSession` for `AsyncClient`: `await step(...)`, `await close()`, `async with`."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws  # aiohttp.ClientWebSocketResponse
+        self.closed = False
+
+    async def _call(self, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
+        try:
+            await self.ws.send_bytes(msgpack.packb(body, use_bin_type=True))
+            msg = await self.ws.receive()
+        except (aiohttp.ClientError, OSError) as e:
+            await self.close()
+            raise _stream_closed(e) from None
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            code = self.ws.close_code
+            await self.close()
+            raise _stream_closed(ConnectionError(f"{msg.type.name}, close code {code}"))
+        return _stream_reply(msg.data)
+
+    async def _open(self, body: dict[str, Any]) -> None:
+        super().__init__(await self._call(body))
+
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.closed:
+            raise DaemonError("not_found", "this session stream is closed; open a new session")
+        reply = await self._call(step_request(hidden, mask))
+        self.position = int(reply["position"])
+        return reply_tensor(reply, "hidden")
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.ws.close()
+
+    async def __aenter__(self) -> AsyncStreamSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -323,17 +323,20 @@ class RemoteModelForCausalLM(nn.Module):
     # --- inference ----------------------------------------------------------------------------------------------
 
     @contextmanager
-    def inference_session(self, max_length: int, batch: int = 1) -> Iterator[Any]:
+    def inference_session(self, max_length: int, batch: int = 1, *, stream: bool = True) -> Iterator[Any]:
         """A daemon inference session over [start, end) (servers keep the KV cache), with the deep prompts.
 
         `session.step(hidden, mask=None)` takes hidden states (embed them yourself, soft prompts included);
-        LoRA is not applied in sessions (the socket's sessions carry no LoRA): use `forward` for that.
+        LoRA is not applied in sessions (the socket's sessions carry no LoRA): use `forward` for that. The session
+        is one WebSocket stream on the socket (`Client.session_stream`); `stream=False` uses one HTTP request per
+        step instead (`Client.open_session`).
         """
         prompts = None
         if self.prompts is not None and self.prompts.deep:
             deep = self.prompts.deep_for(self.start, self.end, batch)
             prompts = None if deep is None else deep.detach().contiguous()
-        session = self.client.open_session(
+        open_session = self.client.session_stream if stream else self.client.open_session
+        session = open_session(
             self.model_name, max_length, batch=batch, start=self.start, end=self.end, prompts=prompts, **self.opts
         )
         try:

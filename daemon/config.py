@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PORT = 31330
+CODEC_CHOICES = ("auto", "none", "float16", "bfloat16", "q8")
+"""``--codec`` values: petal.protocol.messages.CODEC_CHOICES (not imported: it loads torch, and config loads first)."""
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,9 @@ class Config:
     http: str | None = None  # optional "127.0.0.1:PORT" serving the control API over TCP too
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
     relay: bool = True  # relay for unreachable peers when reachable; reserve on the bootstrap peer when not
+    # direct data plane (petal.daemon.net.direct): block traffic over TLS/TCP on this "HOST:PORT" (port 0: any free
+    # one; it is announced in the DHT) to peers that announce one too, libp2p otherwise. None: off
+    direct: str | None = None
     # block serving (see petal.daemon.serving); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
     blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
@@ -116,7 +121,10 @@ class Config:
     max_cache_tokens: int | None = None  # KV budget in tokens x blocks, reserved at start [4096 x hosted blocks]
     max_batch: int = 8
     max_length: int = 4096  # longest inference session (tokens) and forward sequence
-    codec: str = "q8"  # default codec of replies: none | float16 | bfloat16 | q8
+    # wire codec of this daemon's requests and the servers' replies to them: auto | none | float16 | bfloat16 | q8;
+    # auto: none (exact) per hop, q8 where the link to that server was measured below slow_link_mbit
+    codec: str = "auto"
+    slow_link_mbit: float = 100.0
     alloc_timeout: float = 10.0  # seconds a session waits for KV budget before "busy"
     rebalance_period: float = 60.0  # with num_blocks: how often (± jitter) to check whether moving would help
 
@@ -132,8 +140,18 @@ class Config:
             raise ConfigError(f"--dht-port {self.dht_port} is not a port number")
         if self.http is not None:
             parse_http_address(self.http)
+        if self.direct is not None:
+            host, sep, port = self.direct.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(
+                    f"--direct {self.direct!r}: use HOST:PORT, e.g. 0.0.0.0:31331 (port 0: any free port)"
+                )
         if self.announce_ttl < 3:
             raise ConfigError("announce_ttl must be at least 3 seconds")
+        if self.codec not in CODEC_CHOICES:
+            raise ConfigError(f"codec {self.codec!r}: use one of {', '.join(CODEC_CHOICES)}")
+        if not self.slow_link_mbit > 0 or self.slow_link_mbit == float("inf"):
+            raise ConfigError(f"slow_link_mbit {self.slow_link_mbit!r}: use a number of Mbit/s above 0, e.g. 100")
         if self.serve:
             self._validate_serving()
         return self
@@ -151,7 +169,6 @@ class Config:
             "device": ("cpu", "cuda"),
             "dtype": ("float32", "bfloat16", "float16"),
             "quant": ("none", "int8"),
-            "codec": ("none", "float16", "bfloat16", "q8"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -35,6 +35,7 @@ EPILOG = (
     default=None,
     help="Relay for peers behind NAT when reachable; when not, be reached through a relay [on].",
 )
+@click.option("--direct", help="Block traffic over TLS/TCP on HOST:PORT (port 0: any) where peers offer it [off].")
 @click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
 @click.option("--serve", help="Host blocks of this model (a name in the models dir, or a model dir path).")
 @click.option("--blocks", help="Host blocks A:B (0-based, end exclusive) [all, or chosen with --num-blocks].")
@@ -46,7 +47,12 @@ EPILOG = (
 @click.option("--max-batch", type=int, help="Largest batch a request may carry [8].")
 @click.option("--max-length", type=int, help="Longest inference session / forward sequence in tokens [4096].")
 @click.option("--rebalance-period", type=float, help="With --num-blocks: seconds between checks whether to move [60].")
-@click.option("--codec", type=click.Choice(["none", "float16", "bfloat16", "q8"]), help="Default reply codec [q8].")
+@click.option(
+    "--codec",
+    type=click.Choice(["auto", "none", "float16", "bfloat16", "q8"]),
+    help="Wire codec of requests through the swarm [auto: none, or q8 on links below --slow-link-mbit].",
+)
+@click.option("--slow-link-mbit", type=float, help="With --codec auto: links measured below this use q8 [100].")
 @click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context

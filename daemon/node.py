@@ -10,23 +10,25 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petal.daemon.api.app import ControlServer
 from petal.daemon.config import Config, ConfigError, parse_http_address, prepare_socket_dir
 from petal.daemon.dht.network import DHT
 from petal.daemon.identity import Identity
 from petal.daemon.net.addrs import parse_multiaddr
+from petal.daemon.net.composite import CompositeTransport
 from petal.daemon.net.dialback import DIALBACK_PROTOCOL, check_reachability, serve_dialback
+from petal.daemon.net.direct import DirectTransport
 from petal.daemon.net.p2p import Libp2pTransport
 from petal.daemon.net.transport import PeerAddr, Stream, TransportError
-from petal.daemon.serving.errors import ServeError
-from petal.daemon.serving.host import Host
-from petal.daemon.serving.settings import settings_from_config
 from petal.daemon.startup import StartupError, bind_error, is_ip, load_identity, probe_bind, unix_socket_alive
 from petal.daemon.systemd import ExitCode, sd_notify, watchdog_period
 from petal.protocol import PROTOCOL_VERSION
 from petal.protocol.records import check_announcement
+
+if TYPE_CHECKING:  # serving loads torch: a daemon that hosts nothing answers and is ready without it (`host`)
+    from petal.daemon.serving.host import Host
 
 log = logging.getLogger("petal.node")
 
@@ -51,7 +53,10 @@ class Node:
         self.ready = asyncio.Event()
         self._announced: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.transport: Libp2pTransport | CompositeTransport
         self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
+        if self.config.direct:  # block traffic over TLS/TCP to peers that offer it (petal.daemon.net.composite)
+            self.transport = CompositeTransport(self.transport, DirectTransport(self.identity, self.config.direct))
         self._dht: DHT | None = None
         self._host: Host | None = None
         self.control: ControlServer | None = None
@@ -72,10 +77,26 @@ class Node:
 
     @property
     def host(self) -> Host:
-        """What this daemon serves (`Host.serve`, `Host.unserve`)."""
+        """What this daemon serves (`Host.serve`, `Host.unserve`); made (importing torch) when first asked for."""
         if self._host is None:
-            raise RuntimeError("the node is not started yet; await node.start() first")
+            if self._dht is None:
+                raise RuntimeError("the node is not started yet; await node.start() first")
+            self._host = self._make_host(self._dht)
         return self._host
+
+    def _make_host(self, dht: DHT) -> Host:
+        from petal.daemon.serving.host import Host  # start-up: torch loads when the daemon first serves
+        from petal.daemon.serving.settings import settings_from_config  # start-up: as above
+
+        return Host(
+            transport=self.transport,
+            dht=dht,
+            announcer=self,
+            peer_id=self.peer_id,
+            settings=settings_from_config(self.config),
+            state_dir=Path(self.config.state_dir),
+            rebalance_period=self.config.rebalance_period,
+        )
 
     async def start(self) -> None:
         """Listen, join the swarm, serve what the config says and open the control socket; sends READY=1.
@@ -102,15 +123,6 @@ class Node:
                 "that their UDP DHT port is reachable",
                 ExitCode.NETWORK,
             )
-        self._host = Host(
-            transport=self.transport,
-            dht=dht,
-            announcer=self,
-            peer_id=self.peer_id,
-            settings=settings_from_config(self.config),
-            state_dir=Path(self.config.state_dir),
-            rebalance_period=self.config.rebalance_period,
-        )
         if self.config.serve:
             await self._serve_at_start(self.config.serve)
         self._set_phase("starting: opening the control socket")
@@ -147,6 +159,10 @@ class Node:
                 )
             if (failure := probe_bind(hp.host, hp.port)) is not None:
                 raise bind_error(f"TCP port {hp.port} on {hp.host} (--listen {addr})", failure, "--listen port")
+        if self.config.direct:
+            host, _, port = self.config.direct.rpartition(":")
+            if (failure := probe_bind(host.strip("[]"), int(port))) is not None:
+                raise bind_error(f"TCP port {port} on {host} (--direct)", failure, "--direct port")
         try:
             await self.transport.start()
         except TransportError as e:
@@ -177,7 +193,7 @@ class Node:
                 "or give this one its own --socket",
                 ExitCode.IN_USE,
             )
-        self.control = ControlServer(self)
+        self.control = ControlServer(self, lazy=not self.config.serve)  # a server has torch loaded already
         try:
             await self.control.start()
         except (ConfigError, OSError) as e:
@@ -195,6 +211,8 @@ class Node:
 
     async def _serve_at_start(self, serve: str) -> None:
         """Load and serve the span configured at startup (--serve, --blocks / --num-blocks)."""
+        from petal.daemon.serving.errors import ServeError  # start-up: loads torch, needed only to serve
+
         config = self.config
         self._set_phase(f"starting: loading {serve}")
         try:
@@ -395,6 +413,11 @@ class Node:
             self._phase = "stopping"
             self._notify_status("STOPPING=1")
 
+    async def drain(self) -> None:
+        """Announce leaving, let open sessions finish (bounded), then stop serving; nothing if never serving."""
+        if self._host is not None:
+            await self._host.stop(drain=True)
+
     async def stop(self) -> None:
         self.notify_stopping()
         for task in self._tasks:
@@ -427,6 +450,6 @@ async def run_node(config: Config) -> None:
         await stop.wait()
         log.info("signal received, shutting down")
         node.notify_stopping()  # systemd knows at once; the drain below may take up to drain_timeout
-        await node.host.stop(drain=True)  # announce leaving, let open sessions finish (bounded), then stop
+        await node.drain()
     finally:
         await node.stop()

@@ -207,9 +207,10 @@ def _fill(
                 f"tensor {ckpt!r} in {info.path} has shape {list(entry.shape)} but {what} expects "
                 f"{list(expected[key].shape)}; config.json does not match the weights"
             )
-    state = _read_tensors(info, names.values(), device)
-    state = {key: _cast(state[ckpt], dtype) for key, ckpt in names.items()}
-    module.load_state_dict(state, strict=True, assign=True)
+    read = _read_tensors(info, names.values(), device, dtype)
+    state = {key: read[ckpt] for key, ckpt in names.items()}  # a tied tensor serves two keys
+    del read
+    module.load_state_dict(state, strict=True, assign=True)  # assign: the read tensors become the parameters
     _rebuild_meta_buffers(module, device, factory)
 
 
@@ -217,8 +218,13 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _read_tensors(info: ModelInfo, names: Iterable[str], device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Read the named tensors, opening each shard once; the only place that touches weight bytes."""
+def _read_tensors(
+    info: ModelInfo, names: Iterable[str], device: str | torch.device, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the named tensors, opening each shard once; the only place that touches weight bytes.
+
+    With `dtype`, each floating tensor is cast as soon as it is read, so a load never holds more than one tensor in
+    the checkpoint's dtype beside the cast copies (the module then takes those over with `assign=True`)."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(info.tensors[name].file, []).append(name)
@@ -226,7 +232,9 @@ def _read_tensors(info: ModelInfo, names: Iterable[str], device: str | torch.dev
     for file, file_names in by_file.items():
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in file_names:
-                out[name] = f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                out[name] = tensor if dtype is None else _cast(tensor, dtype)
+                del tensor
     return out
 
 

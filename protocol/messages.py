@@ -44,6 +44,17 @@ PUSH_PROTOCOL: Final = "/petal/block/push/1"
 
 CODECS: Final[tuple[str, ...]] = ("none", "float16", "bfloat16", "q8")
 DEFAULT_CODEC: Final = "q8"
+"""The codec a server replies in when a request names none (kept for wire compatibility; petal's own clients always
+name one: the daemon's choice, ``AUTO_CODEC`` unless set, resolved per hop by the router)."""
+AUTO_CODEC: Final = "auto"
+"""Not a wire codec but a choice of one per hop: ``LOSSLESS_CODEC`` on fast links, ``SLOW_LINK_CODEC`` on links measured
+slower than the daemon's threshold (``petal.daemon.routing.router.auto_codec``). The daemon's default."""
+LOSSLESS_CODEC: Final = "none"
+"""Exact float32 on the wire: greedy generation through the swarm equals a local run token for token."""
+SLOW_LINK_CODEC: Final = "q8"
+"""Blockwise 8-bit (about 4x fewer bytes than float32): what ``auto`` picks on slow links."""
+CODEC_CHOICES: Final[tuple[str, ...]] = (AUTO_CODEC, *CODECS)
+"""What a daemon, a socket request or ``petalctl --codec`` may ask for."""
 DEFAULT_MAX_TENSOR_BYTES: Final = 48 * 1024 * 1024
 """Decoded size limit of one tensor; below the transport's 64 MiB frame so a legal request always fits a frame."""
 

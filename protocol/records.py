@@ -283,7 +283,7 @@ def _optional_str(value: dict[str, Any], name: str, what: str) -> str | None:
 @dataclass(frozen=True)
 class ServerRecord:
     """What a server announces under each block key it serves, and what routers read back. Short field names on
-    the wire; ``quant`` (``q``) and ``fingerprint`` (``fp``) are written only when set."""
+    the wire; ``quant`` (``q``), ``fingerprint`` (``fp``) and ``direct`` (``x``) are written only when set."""
 
     addrs: tuple[str, ...]
     start: int
@@ -296,6 +296,7 @@ class ServerRecord:
     peer_id: str = ""  # filled from the signed entry, not carried in the value
     quant: str = ""  # weight quantization of the span ("none", "int8", ...)
     fingerprint: str | None = None  # the model version the server hosts; None: not announced
+    direct: tuple[str, ...] = ()  # direct data plane addresses (/ip4/H/tcp/P/tls/p2p/ID); older servers have none
 
     def to_value(self) -> dict[str, Any]:
         if self.state not in STATES:
@@ -315,6 +316,8 @@ class ServerRecord:
             value["q"] = self.quant
         if self.fingerprint is not None:
             value["fp"] = self.fingerprint
+        if self.direct:
+            value["x"] = list(self.direct)
         return value
 
     @classmethod
@@ -334,6 +337,9 @@ class ServerRecord:
         throughput = float(_field(value, "t", (int, float), "throughput"))
         if not math.isfinite(throughput):
             raise RecordError("throughput must be a finite number")
+        direct = value.get("x", [])
+        if not isinstance(direct, list) or not all(isinstance(a, str) for a in direct):
+            raise RecordError("entry value field 'x' (direct addresses) must be a list of multiaddr strings")
         return cls(
             tuple(addrs),
             span[0],
@@ -346,6 +352,7 @@ class ServerRecord:
             peer_id,
             _optional_str(value, "q", "quant") or "",
             _optional_str(value, "fp", "fingerprint"),
+            tuple(direct),
         )
 
     @classmethod

@@ -249,6 +249,31 @@ class SessionRequest:
         return {"model": self.model, "max_length": self.max_length, "batch": self.batch}
 
 
+# --- streamed inference sessions ------------------------------------------------------------------------------------
+
+SESSION_STREAM_PATH: Final = "/v1/sessions/stream"
+"""``GET`` upgraded to a WebSocket: one inference session as one long-lived stream instead of one request per step.
+
+Every message is a binary WebSocket message holding one msgpack map:
+
+- the client's first message opens the session, with the fields of ``POST /v1/sessions`` (``model``,
+  ``max_length``, ``batch``, ``start``, ``end``, ``prompts``, route options, ``codec``); the reply is what that
+  endpoint answers (``session``, ``start``, ``end``, ``max_length``, ``batch``, ``route``);
+- every later message is a step ``{hidden, mask?}``, answered by ``{hidden, position}``;
+- a message that fails is answered by ``{"error": {"code", "message"}}`` (``error_body``) and the stream stays
+  usable (an open that failed may be sent again); replies come in the order of the messages;
+- closing the WebSocket closes the session (the servers free its cache). The daemon closes the stream itself
+  (``SESSION_GONE`` close code) when the session is gone: idle too long, or the daemon is stopping.
+"""
+SESSION_GONE: Final = 4000
+"""WebSocket close code (private range) the daemon closes a session stream with once its session no longer exists."""
+
+
+def is_error(message: object) -> bool:
+    """Whether a decoded stream message is an ``{"error": ...}`` reply."""
+    return isinstance(message, dict) and "error" in message and len(message) == 1
+
+
 # --- serving --------------------------------------------------------------------------------------------------------
 
 

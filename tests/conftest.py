@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +39,15 @@ def smollm2_dir() -> Path:
     from petal.daemon.pull import pull_model
 
     return pull_model("smollm2", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored() -> Iterator[None]:
+    """Each test starts with autograd on, whatever the one before left behind.
+
+    Grad mode is per thread, not per asyncio task, so a ``no_grad`` block spanning an ``await`` in one task can
+    leave it off for everything after (tests/test_layout.py forbids that in the library; tests may still slip).
+    """
+    torch.set_grad_enabled(True)
+    yield
+    torch.set_grad_enabled(True)

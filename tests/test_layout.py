@@ -47,6 +47,12 @@ def test_identity_persists(tmp_path):
 
 LAZY_OK: dict[tuple[str, str], str] = {
     ("daemon/main.py", "petal.daemon.node"): "`petald pull` and `--help` answer without importing the node's stack",
+    ("daemon/api/lazy.py", "petal.daemon.api.routes"): "start-up: torch loads on first tensor/generation request",
+    ("daemon/api/state.py", "petal.daemon.routing.router"): "start-up: torch loads on first tensor/generation request",
+    ("daemon/api/state.py", "petal.daemon.api.frontend"): "start-up: torch loads on first tensor/generation request",
+    ("daemon/node.py", "petal.daemon.serving.host"): "start-up: torch loads when the daemon first serves blocks",
+    ("daemon/node.py", "petal.daemon.serving.settings"): "start-up: torch loads when the daemon first serves blocks",
+    ("daemon/node.py", "petal.daemon.serving.errors"): "start-up: torch loads when the daemon first serves blocks",
 }
 """The only function-level imports of the project's own modules, each with why it is not dodging a cycle."""
 
@@ -134,3 +140,23 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+GRAD_MODES = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode")
+
+
+def test_no_grad_mode_block_spans_an_await():
+    """torch's grad mode is per thread, not per asyncio task: a ``with torch.no_grad():`` around an ``await`` lets
+    concurrent tasks on the loop restore each other's modes out of order and leave autograd off for the daemon."""
+    found = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, (ast.With, ast.AsyncWith)):
+                    continue
+                if not any(m in ast.unparse(item.context_expr) for item in node.items for m in GRAD_MODES):
+                    continue
+                awaits = (ast.Await, ast.AsyncFor, ast.AsyncWith)
+                if any(isinstance(x, awaits) for stmt in node.body for x in ast.walk(stmt)):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, "grad-mode blocks spanning an await:\n" + "\n".join(found)

@@ -17,13 +17,9 @@ from aiohttp import web
 from petal.daemon.api.auth import add_auth_routes, guard_tcp
 from petal.daemon.api.bodies import MAX_REQUEST_BYTES
 from petal.daemon.api.errors import JsonErrorRunner, errors_as_json
-from petal.daemon.api.generate import add_generate_routes
-from petal.daemon.api.models import add_model_routes
+from petal.daemon.api.lazy import LazyRoutes
 from petal.daemon.api.node_routes import add_node_routes
-from petal.daemon.api.openai import add_openai_routes
-from petal.daemon.api.serve import add_serve_routes
 from petal.daemon.api.state import STATE_KEY, ApiState, NodeLike
-from petal.daemon.api.tensors import add_tensor_routes
 from petal.daemon.config import ConfigError, parse_http_address, prepare_socket_dir
 from petal.protocol.errors import PetalError
 
@@ -34,32 +30,47 @@ async def not_found(request: web.Request) -> web.Response:
     raise PetalError("not_found", f"no endpoint {request.method} {request.path}; see docs/api.yaml")
 
 
-def make_app(node: NodeLike) -> web.Application:
-    """Every endpoint of the socket API; the router (and open sessions, and a load in progress) close with the app."""
+def make_app(node: NodeLike, *, lazy: bool = False) -> web.Application:
+    """Every endpoint of the socket API; the router (and open sessions, and a load in progress) close with the app.
+
+    The endpoints that need torch (models, generate, OpenAI, tensors, session streams, serve) live in
+    ``petal.daemon.api.routes``; with ``lazy`` that module is imported on the first request that reaches it (in a
+    thread, so the socket keeps answering), which lets a daemon that hosts nothing answer and send READY=1 without
+    loading torch. Without ``lazy`` it is imported here.
+    """
     app = web.Application(middlewares=[errors_as_json, guard_tcp], client_max_size=MAX_REQUEST_BYTES)
     state = ApiState(node)
     app[STATE_KEY] = state
+    heavy = LazyRoutes(node, state)
 
     async def cleanup(_: web.Application) -> None:
+        await heavy.close()
         await state.close()
 
+    async def shutdown(_: web.Application) -> None:
+        await heavy.shutdown()  # closes the session streams before aiohttp waits for open handlers
+
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     add_auth_routes(app, node.config)  # over TCP (--http): Host, Origin, token and content-type checks first
     add_node_routes(app)
-    add_model_routes(app)
-    add_generate_routes(app)
-    add_openai_routes(app)
-    add_tensor_routes(app)
-    add_serve_routes(app, node.host)
+    app.router.register_resource(heavy)  # everything else, in petal.daemon.api.routes
     app.router.add_route("*", "/{tail:.*}", not_found)
+    if not lazy:
+
+        async def load_now(_: web.Application) -> None:
+            await heavy.load()
+
+        app.on_startup.append(load_now)
     return app
 
 
 class ControlServer:
     """The control API on the node's socket (and ``--http`` address), from ``start`` until ``stop``."""
 
-    def __init__(self, node: NodeLike) -> None:
+    def __init__(self, node: NodeLike, *, lazy: bool = False) -> None:
         self.node = node
+        self.lazy = lazy  # make_app's: the torch-using endpoints load on first use
         self.socket_path = Path(node.config.socket)
         self._runner: web.AppRunner | None = None
         self._listening = False  # only a socket this server bound is removed at stop, never another's
@@ -70,7 +81,7 @@ class ControlServer:
             if await _socket_alive(self.socket_path):
                 raise ConfigError(f"another petald already listens on {self.socket_path}; stop it or pass --socket")
             self.socket_path.unlink()  # left over from a crash
-        self._runner = JsonErrorRunner(make_app(self.node), access_log=None, handle_signals=False)
+        self._runner = JsonErrorRunner(make_app(self.node, lazy=self.lazy), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
         self._listening = True

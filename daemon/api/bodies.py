@@ -10,22 +10,24 @@ import codecs
 import json
 import math
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
-import torch
 from aiohttp import web
 
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.frames import unpack_message
 from petal.protocol.socket_api import MSGPACK
-from petal.protocol.tensors import DEFAULT_MAX_BYTES, DTYPE_NAMES, FLOAT_DTYPES, decode_tensor, encode_tensor
+
+if TYPE_CHECKING:  # torch loads where a tensor is first read or written: /v1/status answers without it
+    import torch
 
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 """Largest JSON body aiohttp reads (its ``client_max_size``)."""
 MAX_BODY_BYTES: Final = 256 * 1024 * 1024
 """Largest msgpack body accepted; a bigger one is refused (413) from its Content-Length, before it is read."""
-MAX_TENSOR_BYTES: Final = DEFAULT_MAX_BYTES
+MAX_TENSOR_BYTES: Final = 256 * 1024 * 1024
+"""Largest tensor in a body: ``petal.protocol.tensors.DEFAULT_MAX_BYTES`` (a unit test keeps them equal)."""
 JSON: Final = "application/json"
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
@@ -164,6 +166,10 @@ def tensor_field(
     body: dict[str, Any], key: str, ndim: int, *, required: bool = False, floating: bool = True
 ) -> torch.Tensor | None:
     """``body[key]`` decoded: float hidden states (``floating``) or an integer/bool mask, with ``ndim`` dimensions."""
+    import torch
+
+    from petal.protocol.tensors import DTYPE_NAMES, FLOAT_DTYPES, decode_tensor
+
     obj = body.get(key)
     if obj is None:
         if required:
@@ -193,4 +199,6 @@ def required_tensor(body: dict[str, Any], key: str, ndim: int) -> torch.Tensor:
 
 def encode(t: torch.Tensor | None) -> dict[str, Any] | None:
     """A reply tensor, uncompressed (the socket is local)."""
+    from petal.protocol.tensors import encode_tensor
+
     return None if t is None else encode_tensor(t, "none")

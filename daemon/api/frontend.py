@@ -194,8 +194,12 @@ class ModelFrontend:
             await self._check_fingerprint(router)
             x = torch.tensor([ids])
             for _ in range(params.max_new_tokens):
+                # grad mode is per thread, not per task: a no_grad block must not span an await, or concurrent
+                # generations on this loop restore each other's modes out of order and leave autograd off
                 with torch.no_grad():
-                    hidden = await session.step(self.parts.embed(x).to(self.dtype))
+                    embedded = self.parts.embed(x).to(self.dtype)
+                hidden = await session.step(embedded)
+                with torch.no_grad():
                     logits = self.parts.logits(hidden[:, -1:].float())[0, -1]
                 token = sample_next(logits, params, ids + generated, generator)
                 if token in self.eos_token_ids:

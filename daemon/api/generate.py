@@ -20,6 +20,7 @@ from petal.daemon.api.frontend import Generation, ModelFrontend, Token
 from petal.daemon.api.state import STATE_KEY, ApiState
 from petal.kernels.sampling import SamplingParams
 from petal.protocol.errors import PetalError
+from petal.protocol.messages import CODEC_CHOICES
 from petal.protocol.socket_api import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_TOKENS,
@@ -50,6 +51,14 @@ def sampling_from(
     if params.max_new_tokens > MAX_NEW_TOKENS:
         raise PetalError("bad_request", f"{max_tokens_key} is at most {MAX_NEW_TOKENS}")
     return params
+
+
+def codec_option(body: dict[str, Any]) -> str | None:
+    """The request's ``codec`` (wire codec between this daemon and the servers), None for the daemon's own."""
+    codec = body.get("codec")
+    if codec is not None and (not isinstance(codec, str) or codec not in CODEC_CHOICES):
+        raise PetalError("bad_request", f"'codec' must be one of {list(CODEC_CHOICES)}, got {codec!r:.80}")
+    return codec
 
 
 def _check_prompt(ids: list[int]) -> list[int]:
@@ -84,10 +93,11 @@ async def start_generation(
     state: ApiState, body: dict[str, Any], params: SamplingParams, prompt_ids: Callable[[ModelFrontend], list[int]]
 ) -> Run:
     """Load the model's frontend, encode the prompt (in a thread) and run up to the first token."""
+    codec = codec_option(body)
     frontend = await state.frontend(body.get("model"))
     ids = _check_prompt(await asyncio.to_thread(prompt_ids, frontend))
     result = Generation()
-    gen = frontend.generate(state.router, ids, params, result)
+    gen = frontend.generate(state.router, ids, params, result, codec=codec)
     try:
         first: Token | None = await gen.__anext__()
     except StopAsyncIteration:

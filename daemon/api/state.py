@@ -8,20 +8,21 @@ import asyncio
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from petal.daemon.api.frontend import ModelFrontend, resolve_model
 from petal.daemon.config import Config
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import Transport
-from petal.daemon.routing.router import Router
 from petal.daemon.routing.swarm import ModelShape
-from petal.daemon.serving.host import Host
-from petal.kernels.store import open_model
 from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import MODEL_HINT
+
+if TYPE_CHECKING:  # these load torch: imported where first used, so a daemon that hosts nothing starts without it
+    from petal.daemon.api.frontend import ModelFrontend
+    from petal.daemon.routing.router import Router
+    from petal.daemon.serving.host import Host
 
 log = logging.getLogger("petal.api")
 
@@ -78,9 +79,15 @@ class ApiState:
     @property
     def router(self) -> Router:
         if self._router is None:
+            from petal.daemon.routing.router import Router  # start-up: torch loads on the first routed request
+
             # --codec: this daemon's wire codec; DHT records are checked against the local copies of models
             self._router = Router(
-                self.node.transport, self.node.dht, codec=self.node.config.codec, local_shape=self.local_shape
+                self.node.transport,
+                self.node.dht,
+                codec=self.node.config.codec,
+                slow_link_mbit=self.node.config.slow_link_mbit,
+                local_shape=self.local_shape,
             )
         return self._router
 
@@ -100,6 +107,8 @@ class ApiState:
 
         A name that does not resolve to a model dir leaves nothing behind; at most ``max_frontends`` stay loaded.
         """
+        from petal.daemon.api.frontend import ModelFrontend, resolve_model  # start-up: torch loads on first use
+
         if not isinstance(model, str) or not model:
             raise PetalError("bad_request", MODEL_HINT)
         key = _load_key(resolve_model(model))
@@ -129,6 +138,9 @@ class ApiState:
 
     async def local_shape(self, model: str) -> ModelShape | None:
         """The fingerprint and block count of this daemon's copy of ``model``, or None if it has none."""
+        from petal.daemon.api.frontend import resolve_model  # start-up: torch loads on first use
+        from petal.kernels.store import open_model
+
         try:
             key = _load_key(resolve_model(model))
         except (PetalError, OSError, ValueError, RuntimeError):

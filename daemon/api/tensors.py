@@ -37,8 +37,8 @@ from petal.daemon.routing import calls
 from petal.daemon.routing.session import InferenceSession
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora, parse_lora
+from petal.protocol.messages import CODEC_CHOICES
 from petal.protocol.socket_api import MSGPACK, RouteOptions, SessionRequest, model_field
-from petal.protocol.tensors import CODECS
 
 log = logging.getLogger("petal.api.tensors")
 
@@ -49,7 +49,7 @@ SWEEP_PERIOD_S = 30.0
 
 def route_options(body: dict[str, Any]) -> dict[str, Any]:
     """start/end/codec/allowed/blocked, checked; what calls.forward/backward and InferenceSession take."""
-    opts = RouteOptions.from_body(body, CODECS)
+    opts = RouteOptions.from_body(body, CODEC_CHOICES)
     return {
         "start": opts.start,
         "end": opts.end,

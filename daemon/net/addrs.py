@@ -50,6 +50,12 @@ def parse_multiaddr(addr: str) -> HostPort:
     return HostPort(parts[2], port, parts[3], peer_id)
 
 
+def is_direct_addr(addr: str) -> bool:
+    """Whether `addr` is a direct data plane address (`/ip4/HOST/tcp/PORT/tls/p2p/PEER`, petal.daemon.net.direct),
+    which libp2p does not dial."""
+    return "/tls/" in addr or addr.endswith("/tls")
+
+
 def is_circuit(addr: str) -> bool:
     """Whether `addr` is a relayed address (`.../p2p/RELAY/p2p-circuit/p2p/PEER`)."""
     return "/p2p-circuit" in addr

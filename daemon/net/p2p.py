@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from petal.daemon.identity import Identity
-from petal.daemon.net.addrs import is_circuit, parse_peer_id, strip_p2p
+from petal.daemon.net.addrs import is_circuit, is_direct_addr, parse_peer_id, strip_p2p
 from petal.daemon.net.bridge import Bridge
 from petal.daemon.net.libp2p_stream import Libp2pStream
 from petal.daemon.net.relay import DIRECT_FIRST_TIMEOUT, Relay, RelayError
@@ -252,7 +252,9 @@ class Libp2pTransport:
         assert host is not None and bridge is not None and bridge.nursery is not None
         pid = parse_peer_id(peer.peer_id)
         try:
-            addrs = [multiaddr.Multiaddr(strip_p2p(a)) for a in peer.addrs if not is_circuit(a)]
+            addrs = [
+                multiaddr.Multiaddr(strip_p2p(a)) for a in peer.addrs if not is_circuit(a) and not is_direct_addr(a)
+            ]
             circuits = [multiaddr.Multiaddr(a) for a in peer.addrs if is_circuit(a)]
         except Exception as e:  # noqa: BLE001 - the multiaddr package raises several unrelated types
             raise DialError(f"bad multiaddr in {peer.addrs}: {e}") from None

@@ -2,16 +2,25 @@
 
 It reads the swarm through ``SwarmView`` (``swarm.py``), chooses with the pure policy of ``chains.py`` and makes
 the clients of the chosen hops (``remote.py``); sessions and forward/backward calls go through it.
+
+It also picks each hop's wire codec. With ``auto`` (the default) a hop gets ``none`` (exact float32: greedy output
+equals a local run) unless the link to its server was measured slower than ``slow_link_mbit``; then ``q8``. The
+measure: an ``info`` probe of a server not on this host is followed (at most every ``BANDWIDTH_PERIOD``) by a
+second ``info`` request carrying ``BANDWIDTH_PROBE_BYTES`` of padding, and the extra time it takes gives the upload
+bandwidth; the router keeps the best of the last few samples (noise only ever makes a link look slower). Servers
+whose every address is loopback are on this host: never slow, not measured. An unmeasured link counts as fast
+(lossless until proven slow).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 
 from petal.daemon.dht.interface import SwarmDHT
@@ -21,6 +30,7 @@ from petal.daemon.routing.chains import Hop, min_latency_chain, no_route_error, 
 from petal.daemon.routing.remote import RemoteSpan
 from petal.daemon.routing.swarm import ModelShape, ServerInfo, SwarmView
 from petal.protocol.errors import PetalError
+from petal.protocol.messages import AUTO_CODEC, CODEC_CHOICES, INFO_PROTOCOL, LOSSLESS_CODEC, SLOW_LINK_CODEC
 
 log = logging.getLogger("petal.router")
 
@@ -33,6 +43,43 @@ servers, so a caller naming many models must not make the daemon keep them all."
 MAX_PEERS = 4096
 """Servers a router remembers latencies and limits of; past it the longest unprobed are forgotten (and re-probed
 if they are seen again), so forged server records cannot grow the router without bound."""
+
+SLOW_LINK_MBIT = 100.0
+"""Default threshold of the ``auto`` codec: a link measured below this many Mbit/s gets q8, a faster one none."""
+BANDWIDTH_PROBE_BYTES = 256 * 1024
+"""Padding of the bandwidth probe: long enough that its transfer time stands out from a round trip's jitter on links
+near the threshold (about 20 ms at 100 Mbit/s), short enough to cost nothing on a fast one."""
+BANDWIDTH_SAMPLES = 4
+"""Bandwidth samples kept per server; the estimate is the best of them."""
+FIRST_BANDWIDTH_SAMPLES = 2
+"""Samples taken the first time a link is measured: one sample on a busy machine can read a fast link as slow (1 in
+40 on loopback libp2p with other work running, docs/benchmarks.md), and it would stand for ``BANDWIDTH_PERIOD``."""
+BANDWIDTH_PERIOD = 300.0
+"""Seconds between bandwidth probes of one server (latency probes come every ``period``): links change slowly, and
+a router that routes over many servers must not upload much just to measure."""
+
+
+def auto_codec(bandwidth_bps: float | None, slow_link_mbit: float = SLOW_LINK_MBIT) -> str:
+    """The ``auto`` rule for one hop: ``q8`` on a link measured slower than ``slow_link_mbit`` (bits/s given),
+    ``none`` on a faster one or one not measured (yet): lossless unless proven slow."""
+    if bandwidth_bps is not None and bandwidth_bps < slow_link_mbit * 1e6:
+        return SLOW_LINK_CODEC
+    return LOSSLESS_CODEC
+
+
+def on_this_host(addrs: Iterable[str]) -> bool:
+    """Whether every one of a peer's multiaddrs is a loopback address (so it runs on this host; no slow link)."""
+    hosts = []
+    for addr in addrs:
+        parts = addr.split("/")
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+            return False
+        try:
+            hosts.append(ipaddress.ip_address(parts[2]))
+        except ValueError:
+            return False
+    return bool(hosts) and all(h.is_loopback for h in hosts)
+
 
 LocalShape = Callable[[str], Awaitable[ModelShape | None]]
 """The shape of this daemon's own copy of a model (None without one): what DHT records are checked against."""
@@ -53,7 +100,8 @@ class Router:
         period: float = 30.0,
         max_age: float = 10.0,
         probe_timeout: float = 3.0,
-        codec: str = "q8",
+        codec: str = AUTO_CODEC,
+        slow_link_mbit: float = SLOW_LINK_MBIT,
         bans: BanList | None = None,
         rng: random.Random | None = None,
         local_shape: LocalShape | None = None,
@@ -64,7 +112,13 @@ class Router:
         self.period = period
         self.max_age = max_age
         self.probe_timeout = probe_timeout
+        if codec not in CODEC_CHOICES:
+            raise ValueError(f"codec {codec!r}: use one of {', '.join(CODEC_CHOICES)}")
         self.codec = codec
+        self.slow_link_mbit = slow_link_mbit
+        self._bandwidth: dict[str, deque[float]] = {}  # peer -> recent upload bandwidth samples (bits/s)
+        self._measured_at: dict[str, float] = {}  # peer -> monotonic time of its last bandwidth sample
+        self._measuring: dict[str, asyncio.Task[None]] = {}  # peer -> a background probe of an unmeasured link
         self.bans = bans or BanList()
         self.rng = rng or random.Random()
         self.latency: dict[str, float] = {}
@@ -124,6 +178,55 @@ class Router:
                 self._probed_at.pop(old_peer, None)
                 self.latency.pop(old_peer, None)
                 self.limits.pop(old_peer, None)
+                self._bandwidth.pop(old_peer, None)
+                self._measured_at.pop(old_peer, None)
+
+    def record_bandwidth(self, peer_id: str, bits_per_s: float) -> None:
+        """One measured sample of the upload bandwidth to a server (what ``auto`` decides from)."""
+        samples = self._bandwidth.setdefault(peer_id, deque(maxlen=BANDWIDTH_SAMPLES))
+        samples.append(bits_per_s)
+        self._measured_at[peer_id] = time.monotonic()
+
+    def bandwidth(self, peer_id: str) -> float | None:
+        """The best recent bandwidth sample to a server in bits/s, None if not measured."""
+        samples = self._bandwidth.get(peer_id)
+        return max(samples) if samples else None
+
+    def codec_for(self, server: ServerInfo, requested: str | None = None) -> str:
+        """The wire codec of a hop on ``server``: the request's, else this daemon's; ``auto`` resolved by the link."""
+        codec = requested or self.codec
+        if codec != AUTO_CODEC:
+            return codec
+        if on_this_host(server.addrs):
+            return LOSSLESS_CODEC
+        return auto_codec(self.bandwidth(server.peer_id), self.slow_link_mbit)
+
+    async def measure_bandwidth(self, model: str, server: ServerInfo, round_trip: float) -> float | None:
+        """Time an ``info`` request padded with ``BANDWIDTH_PROBE_BYTES``; its time beyond ``round_trip`` (an
+        unpadded one's) gives the upload bandwidth, recorded and returned (None when the server did not answer)."""
+        t0 = time.perf_counter()
+        try:
+            await self.transport.call(
+                server.peer,
+                INFO_PROTOCOL,
+                {"model": model, "pad": bytes(BANDWIDTH_PROBE_BYTES)},
+                timeout=self.probe_timeout + 10.0,
+            )
+        except Exception as e:  # noqa: BLE001 - only a measurement: the info probe decides about bans
+            log.debug("bandwidth probe of %s failed: %s", server.peer_id, e)
+            return None
+        extra = max(time.perf_counter() - t0 - round_trip, 1e-4)
+        bits_per_s = BANDWIDTH_PROBE_BYTES * 8 / extra
+        self.record_bandwidth(server.peer_id, bits_per_s)
+        log.debug("link to %s: about %.0f Mbit/s", server.peer_id, bits_per_s / 1e6)
+        return bits_per_s
+
+    def _wants_measure(self, server: ServerInfo) -> bool:
+        """Whether a probe of ``server`` should measure its link too (auto, not on this host, not measured lately)."""
+        last = self._measured_at.get(server.peer_id, -math.inf)
+        return (
+            self.codec == AUTO_CODEC and not on_this_host(server.addrs) and time.monotonic() - last >= BANDWIDTH_PERIOD
+        )
 
     async def probe(self, model: str, server: ServerInfo) -> float | None:
         """Time one ``info`` round trip; a server that does not answer is banned and gets None."""
@@ -140,6 +243,10 @@ class Router:
         seconds = time.perf_counter() - t0
         self.record_latency(server.peer_id, seconds)
         self.limits[server.peer_id] = (info.max_length, info.max_batch)
+        if self._wants_measure(server):
+            first = self.bandwidth(server.peer_id) is None
+            for _ in range(FIRST_BANDWIDTH_SAMPLES if first else 1):
+                await self.measure_bandwidth(model, server, seconds)
         return seconds
 
     def fits(self, peer_id: str, max_length: int, batch: int) -> bool:
@@ -156,10 +263,39 @@ class Router:
             await asyncio.gather(*(self.probe(model, s) for s in todo))
 
     def span(self, view: SwarmView, hop: Hop, codec: str | None = None) -> RemoteSpan:
-        """The client of ``hop`` (a sub-range of a server's span) of ``view``'s model."""
+        """The client of ``hop`` (a sub-range of a server's span) of ``view``'s model, with the hop's wire codec
+        (``codec`` if given, else the daemon's; ``auto`` resolved by the link, see ``codec_for``).
+
+        A hop on a link ``auto`` has not measured yet (forward/backward route without probes) starts lossless and
+        gets probed in the background, so later calls use what the measure says.
+        """
+        server = hop.server
+        if (
+            (codec or self.codec) == AUTO_CODEC
+            and self.bandwidth(server.peer_id) is None
+            and not on_this_host(server.addrs)
+            and server.peer_id not in self._measuring
+        ):
+            task = asyncio.get_running_loop().create_task(self._measure_later(view.model, server))
+            self._measuring[server.peer_id] = task
         return RemoteSpan(
-            self.transport, hop.server.peer, view.model, view.fingerprint or "", hop.start, hop.end, codec or self.codec
+            self.transport,
+            server.peer,
+            view.model,
+            view.fingerprint or "",
+            hop.start,
+            hop.end,
+            self.codec_for(server, codec),
         )
+
+    async def _measure_later(self, model: str, server: ServerInfo) -> None:
+        try:
+            if self._wants_measure(server):
+                await self.probe(model, server)
+            else:  # a request asked for auto on a daemon with a fixed codec: measure the link alone
+                await self.measure_bandwidth(model, server, self.latency.get(server.peer_id, 0.0))
+        finally:
+            self._measuring.pop(server.peer_id, None)
 
     def candidates(
         self, view: SwarmView, allowed: Iterable[str] | None = None, blocked: Iterable[str] | None = None
@@ -230,6 +366,9 @@ class Router:
         raise no_route_error(model, start, end, usable, list(view.servers.values()))
 
     async def close(self) -> None:
+        for task in list(self._measuring.values()):
+            task.cancel()
+        self._measuring.clear()
         for view in self._views.values():
             await view.stop()
         self._views.clear()

@@ -61,6 +61,7 @@ class InferenceSession:
     ``step(hidden, mask)`` takes ``[batch, t, hidden]`` for the next t tokens and returns the chain's output.
     ``mask`` is ``[batch, tokens so far + t]`` (1 = real, 0 = left padding), as for the servers. ``prompts``
     (``[end - start, batch, P, hidden]``) are deep prompts, applied by the servers to the first P positions.
+    ``codec``: the wire codec of every hop (None: the router's; ``auto`` picks per hop, see ``Router.codec_for``).
     Use as ``async with``; ``close`` frees the servers' caches.
     """
 

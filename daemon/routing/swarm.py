@@ -34,6 +34,7 @@ class ServerInfo:
     fingerprint: str | None = None
     cache_tokens_left: int = 0
     quant: str = ""
+    direct: tuple[str, ...] = ()  # direct data plane addresses (petal.daemon.net.direct); dialed before addrs
 
     @classmethod
     def from_record(cls, record: ServerRecord) -> ServerInfo:
@@ -47,11 +48,12 @@ class ServerInfo:
             fingerprint=record.fingerprint,
             cache_tokens_left=record.cache_tokens_left,
             quant=record.quant,
+            direct=record.direct,
         )
 
     @property
     def peer(self) -> PeerAddr:
-        return PeerAddr(self.peer_id, self.addrs)
+        return PeerAddr(self.peer_id, self.direct + self.addrs)
 
     def covers(self, a: int, b: int) -> bool:
         """Whether this server can run blocks [a, b) (any sub-range of its span)."""

@@ -255,6 +255,7 @@ class BlockServer:
             version=PROTOCOL_VERSION,
             quant=self.settings.quant,
             fingerprint=self.fingerprint,
+            direct=tuple(getattr(self.transport, "direct_addrs", ())),
         ).to_value()
 
     @property
@@ -268,6 +269,11 @@ class BlockServer:
             await asyncio.sleep(self.settings.refresh_period)
             if abs(self.cache_tokens_left - self._published_cache) * 10 > self.pool.units // len(self.span.blocks):
                 await self.publish(self._state)
+
+    async def republish(self) -> None:
+        """Announce the current record again (e.g. with a newly measured throughput); nothing once stopped."""
+        if self.jobs.open:
+            await self.publish(self._state)
 
     async def publish(self, state: str) -> None:
         """Announce this span in `state` under every hosted block's key and the model under MODELS_KEY."""

@@ -23,10 +23,14 @@ from petal.daemon.serving.errors import ServeError
 from petal.daemon.serving.plan import Progress, ServePlan, load_span, plan_serving
 from petal.daemon.serving.rebalancer import Rebalancer
 from petal.daemon.serving.settings import ServeSettings
-from petal.daemon.serving.throughput import cached_throughput
+from petal.daemon.serving.throughput import cached_throughput, read_cached_throughput
 from petal.protocol.records import MODELS_KEY
 
 log = logging.getLogger("petal.server")
+
+PROVISIONAL_THROUGHPUT = 1.0
+"""Tokens/s a server announces between going online and its first throughput measurement (about a second): low,
+so routers weighting by throughput prefer measured servers meanwhile, yet positive, so the blocks count as served."""
 
 
 class Announcer(Protocol):
@@ -178,11 +182,20 @@ class Host:
             withdraw=self.announcer.withdraw,
             dht=self.dht,
         )
-        await server.publish("joining")
+        # Online as soon as loaded: with the figure cached by an earlier start, or (first start of this span on this
+        # hardware) with PROVISIONAL_THROUGHPUT until measured, which takes a second or more; then re-announced.
+        cached = await asyncio.to_thread(read_cached_throughput, server, self.state_dir)
+        server.throughput = PROVISIONAL_THROUGHPUT if cached is None else cached
+        await server.start()
         if progress is not None:
             progress({"event": "measuring", "model": info.name, "start": start, "end": end})
-        server.throughput = await asyncio.to_thread(cached_throughput, server, self.state_dir)
-        await server.start()
+        if cached is None:
+            try:
+                server.throughput = await asyncio.to_thread(cached_throughput, server, self.state_dir)
+            except BaseException:
+                await server.stop()
+                raise
+            await server.republish()
         if progress is not None:
             event = {"event": "serving", "model": info.name, "start": start, "end": end}
             progress({**event, "throughput": round(server.throughput, 3)})

@@ -165,7 +165,7 @@ class NextHops:
                 continue
             if self.fingerprint is not None and record.fingerprint not in (None, self.fingerprint):
                 continue
-            found = PeerAddr(peer_id, record.addrs)
+            found = PeerAddr(peer_id, record.direct + record.addrs)
             break
         if len(self._cache) > 1024:
             self._cache.clear()

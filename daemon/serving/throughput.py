@@ -44,10 +44,8 @@ def measure_throughput(compute: SpanCompute, tokens: int = 64, budget_s: float =
     return tokens * runs / elapsed
 
 
-def cached_throughput(server: BlockServer, state_dir: Path) -> float:
-    """Measure once per hardware + model + span + dtype + quant; later starts read `throughput.json`."""
-    path = state_dir / "throughput.json"
-    key = "|".join(
+def _cache_key(server: BlockServer) -> str:
+    return "|".join(
         [
             hardware_id(server.settings.device),
             server.fingerprint,
@@ -56,12 +54,27 @@ def cached_throughput(server: BlockServer, state_dir: Path) -> float:
             server.settings.quant,
         ]
     )
+
+
+def _read_cache(path: Path) -> dict[str, object]:
     try:
         cache = json.loads(path.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
     except (OSError, ValueError):
-        cache = {}
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def read_cached_throughput(server: BlockServer, state_dir: Path) -> float | None:
+    """The figure `cached_throughput` measured before for this hardware + model + span + dtype + quant, or None."""
+    value = _read_cache(state_dir / "throughput.json").get(_cache_key(server))
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def cached_throughput(server: BlockServer, state_dir: Path) -> float:
+    """Measure once per hardware + model + span + dtype + quant; later starts read `throughput.json`."""
+    path = state_dir / "throughput.json"
+    key = _cache_key(server)
+    cache = _read_cache(path)
     value = cache.get(key)
     if isinstance(value, (int, float)) and value > 0:
         return float(value)

@@ -53,15 +53,20 @@ async def generate(client, model, prompt, at=None):
     """Greedy tokens; `await at(session)` runs after SIGTERM_AFTER tokens."""
     tokens = []
     async with InferenceSession(client.router, MODEL, max_length=prompt.shape[1] + NEW_TOKENS) as s:
+        # no_grad blocks never span an await: grad mode is per thread, and two generations run at once here
         with torch.no_grad():
-            h = await s.step(model.model.embed_tokens(prompt))
-            for i in range(NEW_TOKENS):
+            x = model.model.embed_tokens(prompt)
+        h = await s.step(x)
+        for i in range(NEW_TOKENS):
+            with torch.no_grad():
                 nxt = model.lm_head(model.model.norm(h[:, -1])).argmax(-1)
-                tokens.append(int(nxt))
-                if at is not None and i + 1 == SIGTERM_AFTER:
-                    await at(s)
-                if i + 1 < NEW_TOKENS:
-                    h = await s.step(model.model.embed_tokens(nxt[:, None]))
+            tokens.append(int(nxt))
+            if at is not None and i + 1 == SIGTERM_AFTER:
+                await at(s)
+            if i + 1 < NEW_TOKENS:
+                with torch.no_grad():
+                    x = model.model.embed_tokens(nxt[:, None])
+                h = await s.step(x)
         return tokens, s.failovers
 
 

@@ -1,11 +1,14 @@
 """SmolLM2 end to end: three real petald daemons serve [0,10) [10,20) [20,30); `petalctl` and the OpenAI client
 talk to the first one's socket, and the text equals transformers' greedy `generate` on the same model dir.
 
-This is the path a user takes (the README's demo), so it runs the real CLI as a subprocess, not in-process.
+This is the path a user takes (the README's demo), so it runs the real CLI as a subprocess, not in-process. The
+daemons run with all defaults (no --codec: `auto`, which is exact on these loopback links); the other tests ask for
+a codec per request (`petalctl generate --codec`, the OpenAI body's `codec`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +35,7 @@ def swarm(smollm2_dir):
     s = Swarm(root)
     env = {"PETAL_MODELS_DIR": str(smollm2_dir.parent), "OMP_NUM_THREADS": "1"}
     try:
-        serve = ("--serve", MODEL, "--codec", "none")  # q8 on the wire changes SmolLM2's greedy text after ~15 tokens
+        serve = ("--serve", MODEL)  # all defaults: the codec is auto (none here; q8 would change the text)
         first = s.make("s0", "--new-swarm", *serve, "--blocks", "0:10").start(extra_env=env)
         boot = first.address
         with ThreadPoolExecutor(max_workers=2) as pool:  # startup is mostly loading and waiting: overlap it
@@ -56,11 +59,12 @@ def local_model(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir, local_model):
+def greedy_ids(smollm2_dir, local_model):
+    """transformers' greedy new token ids for prompt ids, and the tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = local_model
 
-    def greedy_text(ids: list[int], n: int = NEW_TOKENS) -> str:
+    def greedy_ids(ids: list[int], n: int = NEW_TOKENS) -> list[int]:
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ids]),
@@ -69,7 +73,17 @@ def reference(smollm2_dir, local_model):
                 do_sample=False,
                 pad_token_id=tokenizer.eos_token_id,
             )
-        return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        return [int(t) for t in out[0, len(ids) :]]
+
+    return tokenizer, greedy_ids
+
+
+@pytest.fixture(scope="module")
+def reference(greedy_ids):
+    tokenizer, ids_of = greedy_ids
+
+    def greedy_text(ids: list[int], n: int = NEW_TOKENS) -> str:
+        return tokenizer.decode(ids_of(ids, n), skip_special_tokens=True)
 
     return tokenizer, greedy_text
 
@@ -78,10 +92,32 @@ def petalctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*PETALCTL, "--socket", str(socket_path), *args], capture_output=True, text=True, timeout=300)
 
 
+def test_all_defaults_generate_equals_transformers(swarm, greedy_ids):
+    """What a user gets with every default (daemons, petalctl, request): transformers' greedy tokens and text."""
+    tokenizer, ids_of = greedy_ids
+    prompt = "The capital of France is"
+    done = petalctl(swarm.socket, "--json", "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS))
+    assert done.returncode == 0, done.stderr
+    last = json.loads(done.stdout.splitlines()[-1])
+    want_ids = ids_of(tokenizer(prompt)["input_ids"])
+    assert last["done"] and len(want_ids) == NEW_TOKENS
+    assert last["tokens"] == want_ids
+    assert last["text"] == tokenizer.decode(want_ids, skip_special_tokens=True)
+    # the comparison has teeth: q8 on every hop (asked for) drifts from transformers within these tokens
+    q8 = petalctl(swarm.socket, "--json", "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS),
+                  "--codec", "q8")  # fmt: skip
+    assert q8.returncode == 0, q8.stderr
+    q8_ids = json.loads(q8.stdout.splitlines()[-1])["tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(q8_ids, want_ids, strict=True)) if a != b), None)
+    print(f"\nq8 on the wire: first token differing from transformers: {same} of {NEW_TOKENS}")
+
+
 def test_petalctl_generate_equals_transformers(swarm, reference):
     tokenizer, greedy_text = reference
     prompt = "The capital of France is"
-    done = petalctl(swarm.socket, "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS))
+    done = petalctl(
+        swarm.socket, "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS), "--codec", "none"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n")
     want = greedy_text(tokenizer(prompt)["input_ids"])
@@ -92,7 +128,9 @@ def test_petalctl_generate_equals_transformers(swarm, reference):
 def test_petalctl_generate_chat_equals_transformers(swarm, reference):
     tokenizer, greedy_text = reference
     prompt = "What is the capital of France?"
-    done = petalctl(swarm.socket, "generate", "-m", MODEL, "--chat", prompt, "--max-new-tokens", str(NEW_TOKENS))
+    done = petalctl(
+        swarm.socket, "generate", "-m", MODEL, "--chat", prompt, "--max-new-tokens", str(NEW_TOKENS), "--codec", "none"
+    )
     assert done.returncode == 0, done.stderr
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -108,7 +146,9 @@ def test_openai_chat_streamed_equals_non_streamed(swarm, reference):
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.socket)), timeout=300)
     client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
     messages = [{"role": "user", "content": "Name three colours."}]
-    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0, extra_body={"codec": "none"}
+    )
     text = chat.choices[0].message.content
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"

@@ -113,3 +113,41 @@ async def test_num_blocks_plan_rebalances_and_moves(host, model_dir: Path) -> No
     await host.stop()
     assert host.served() == []
     assert MODELS_KEY not in announcer.withdrawn  # on shutdown the node withdraws what is left
+
+
+async def test_blocks_go_online_before_the_first_throughput_measurement(host, model_dir: Path, monkeypatch) -> None:
+    """A span is announced online as soon as it is loaded: the first measurement (no cached figure yet) runs after,
+    with the provisional figure announced meanwhile, and the measured one re-announced; a restart reads the cache."""
+    import asyncio
+    import threading
+
+    from petal.daemon.serving import host as host_module
+
+    host, dht, _ = host
+    measuring, release = threading.Event(), threading.Event()
+    real = host_module.cached_throughput
+
+    def slow(server: Any, state_dir: Path) -> float:
+        measuring.set()
+        release.wait(30)
+        return real(server, state_dir)
+
+    monkeypatch.setattr(host_module, "cached_throughput", slow)
+    plan = await host.plan(str(model_dir), blocks="0:2")
+    serving = asyncio.create_task(host.serve(plan))
+    assert await asyncio.to_thread(measuring.wait, 30)
+    name = plan.info.name
+    assert (await states(dht, name))[:2] == ["online", "online"]  # online while the measurement still runs
+    record = ServerRecord.from_entry((await dht.get(block_key(name, 0)))[0])
+    assert record.throughput == host_module.PROVISIONAL_THROUGHPUT
+    release.set()
+    server = await serving
+    assert server.throughput > 0 and server.throughput != host_module.PROVISIONAL_THROUGHPUT
+    record = ServerRecord.from_entry((await dht.get(block_key(name, 0)))[0])
+    assert record.state == "online" and record.throughput == round(server.throughput, 3)
+    measured = server.throughput
+
+    await host.unserve(name)  # served again: the cached figure is announced from the start, nothing is measured
+    measuring.clear()
+    again = await host.serve(await host.plan(str(model_dir), blocks="0:2"))
+    assert not measuring.is_set() and again.throughput == measured
