@@ -25,12 +25,10 @@ import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from petal.daemon.api.bodies import MAX_BODY_BYTES, encode, required_tensor, tensor_field
-from petal.daemon.api.state import STATE_KEY
-from petal.daemon.api.tensors import REGISTRY_KEY, SessionRegistry, route_options
-from petal.daemon.routing.session import InferenceSession
+from petal.daemon.api.tensors import REGISTRY_KEY, SessionRegistry, open_session
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.frames import unpack_message
-from petal.protocol.socket_api import SESSION_GONE, SESSION_STREAM_PATH, SessionRequest, error_body
+from petal.protocol.socket_api import SESSION_GONE, SESSION_STREAM_PATH, error_body
 
 log = logging.getLogger("petal.api.stream")
 
@@ -47,25 +45,6 @@ def _message(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise PetalError("bad_request", "each message must be a msgpack map (object)")
     return body
-
-
-async def _open(app: web.Application, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Open a session from ``body`` (the fields of POST /v1/sessions) and register it: (id, the reply)."""
-    req = SessionRequest.from_body(body)
-    prompts = tensor_field(body, "prompts", 4)
-    opts = route_options(body)
-    session = InferenceSession(app[STATE_KEY].router, req.model, req.max_length, req.batch, prompts=prompts, **opts)
-    sid = await app[REGISTRY_KEY].add(session)
-    route = [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in session.chain]
-    return sid, {
-        "session": sid,
-        "model": req.model,
-        "start": session.start,
-        "end": session.end,
-        "max_length": req.max_length,
-        "batch": session.batch,
-        "route": route,
-    }
 
 
 async def _step(registry: SessionRegistry, sid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +89,7 @@ async def get_session_stream(request: web.Request) -> web.WebSocketResponse:
             try:
                 body = _message(msg.data)
                 if sid is None:
-                    sid, reply = await _open(app, body)
+                    sid, reply = await open_session(app, body)
                 else:
                     reply = await _step(registry, sid, body)
             except PetalError as e:

@@ -196,28 +196,34 @@ class SessionRegistry:
 REGISTRY_KEY = web.AppKey("sessions", SessionRegistry)
 
 
+async def open_session(
+    app: web.Application, body: dict[str, Any], *, with_prompts: bool = True
+) -> tuple[str, dict[str, Any]]:
+    """Open a session from ``body`` (the fields of POST /v1/sessions) and register it: (its id, the reply).
+
+    Both ways in use it: POST /v1/sessions and the first message of /v1/sessions/stream (session_stream.py)."""
+    req = SessionRequest.from_body(body)
+    prompts = tensor_field(body, "prompts", 4) if with_prompts else None
+    opts = route_options(body)
+    session = InferenceSession(app[STATE_KEY].router, req.model, req.max_length, req.batch, prompts=prompts, **opts)
+    sid = await app[REGISTRY_KEY].add(session)
+    route = [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in session.chain]
+    return sid, {
+        "session": sid,
+        "model": req.model,
+        "start": session.start,
+        "end": session.end,
+        "max_length": req.max_length,
+        "batch": session.batch,
+        "route": route,
+    }
+
+
 async def post_session(request: web.Request) -> web.Response:
     """Open an inference session: ``{session, model, start, end, max_length, batch, route}``."""
     body = await read_object(request, allow_json=True)
-    req = SessionRequest.from_body(body)
-    prompts = tensor_field(body, "prompts", 4) if request.content_type == MSGPACK else None
-    opts = route_options(body)
-    router = request.app[STATE_KEY].router
-    session = InferenceSession(router, req.model, req.max_length, req.batch, prompts=prompts, **opts)
-    sid = await request.app[REGISTRY_KEY].add(session)
-    route = [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in session.chain]
-    return reply(
-        {
-            "session": sid,
-            "model": req.model,
-            "start": session.start,
-            "end": session.end,
-            "max_length": req.max_length,
-            "batch": session.batch,
-            "route": route,
-        },
-        wants_msgpack(request),
-    )
+    _, info = await open_session(request.app, body, with_prompts=request.content_type == MSGPACK)
+    return reply(info, wants_msgpack(request))
 
 
 async def post_step(request: web.Request) -> web.Response:
