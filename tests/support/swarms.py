@@ -12,6 +12,7 @@ from petal.daemon.net.p2p import Libp2pTransport
 from petal.daemon.net.transport import MemoryNetwork, MemoryTransport
 from petal.daemon.routing.router import Router
 from petal.daemon.serving.block_server import BlockServer
+from petal.daemon.serving.settings import DEFAULT_SETTINGS, ServeSettings
 from petal.kernels.span import Span
 
 MODEL = "tiny"
@@ -43,7 +44,9 @@ class LocalSwarm:
         await self.client_transport.start()
         self.router = Router(self.client_transport, self.client_dht, max_age=0.0, probe_timeout=2.0)
 
-    async def add(self, start: int, end: int, throughput: float = 100.0) -> str:
+    async def add(
+        self, start: int, end: int, throughput: float = 100.0, settings: ServeSettings = DEFAULT_SETTINGS
+    ) -> str:
         ident = Identity.generate()
         transport = MemoryTransport(self.net, ident.peer_id)
         await transport.start()
@@ -58,6 +61,7 @@ class LocalSwarm:
             transport=transport,
             announce=lambda k, v, dht=dht: dht.announce(k, v, ttl=120),
             throughput=throughput,
+            settings=settings,
         )
         await server.start()
         self.servers[ident.peer_id] = (server, transport, dht)

@@ -10,15 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from petal.daemon.dht.memory import MemoryDHT
-from petal.daemon.identity import Identity
-from petal.daemon.net.transport import MemoryTransport
 from petal.daemon.routing import session as session_module
 from petal.daemon.routing.faults import is_server_fault
 from petal.daemon.routing.session import InferenceSession
-from petal.daemon.serving.block_server import BlockServer
 from petal.daemon.serving.settings import ServeSettings
-from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from tests.support.swarms import MODEL, LocalSwarm, N, embed
 from tests.support.tinymodels import tiny_llama
@@ -60,25 +55,8 @@ async def test_a_long_history_is_replayed_in_pieces_with_identical_tokens(swarm,
 
 
 async def add_limited(swarm: LocalSwarm, start: int, end: int, **limits: int) -> str:
-    """A server of blocks [start, end) with its own limits (LocalSwarm.add, with ServeSettings)."""
-    ident = Identity.generate()
-    transport = MemoryTransport(swarm.net, ident.peer_id)
-    await transport.start()
-    dht = MemoryDHT(ident, swarm.dht_swarm)
-    await dht.start()
-    server = BlockServer(
-        Span.from_model(swarm.model, start, end),
-        model=MODEL,
-        fingerprint="FP",
-        family="llama",
-        num_blocks=N,
-        transport=transport,
-        announce=lambda k, v, dht=dht: dht.announce(k, v, ttl=120),
-        settings=ServeSettings(**limits),
-    )
-    await server.start()
-    swarm.servers[ident.peer_id] = (server, transport, dht)
-    return ident.peer_id
+    """A server of blocks [start, end) with its own limits (LocalSwarm.add with ServeSettings; no throughput)."""
+    return await swarm.add(start, end, throughput=0.0, settings=ServeSettings(**limits))
 
 
 async def test_sessions_route_around_servers_too_small_for_them_and_never_ban_them(swarm, model):
