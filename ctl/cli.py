@@ -62,32 +62,88 @@ def status(ctx: Ctx) -> None:
         click.echo(f"{key:>12}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
 
 
+STATE_STYLES = {
+    "online": "green",
+    "joining": "yellow",
+    "draining": "magenta",
+    "unreachable": "dark_orange",
+    "offline": "bright_black",
+}
+"""Colours of server and block states, as on the dashboard page."""
+
+
+PIPED_WIDTH = 200
+"""Columns of a table printed to a pipe or file: each row stays on one line for grep (a terminal's width binds)."""
+
+
+def _table_console() -> Console:
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _who(server: dict[str, Any]) -> str:
+    short = server.get("short_id") or server["peer_id"][-8:]
+    return f"{server['public_name']} ({short})" if server.get("public_name") else short
+
+
+def _state(state: str) -> str:
+    return f"[{STATE_STYLES.get(state, 'default')}]{state}[/]"
+
+
+def _block_map(blocks: list[str]) -> str:
+    """One coloured square per block, in its state's colour."""
+    return "".join(f"[{STATE_STYLES.get(b, 'default')}]\u25a0[/]" for b in blocks)
+
+
 @cli.command()
 @click.option("-m", "--model", help="Only this model [all models the swarm serves].")
 @click.pass_obj
 def swarm(ctx: Ctx, model: str | None) -> None:
-    """Servers of each model: spans, state, throughput, cache left."""
-    out = _call(ctx, "GET", "/v1/swarm" + (f"?model={quote(model)}" if model else ""))
+    """Servers of each model: state, span, name, version, dtype, throughput, cache left, reach, round trip, health.
+
+    The same facts as the dashboard page (`GET /`): both read /v1/dashboard, which --json prints.
+    """
+    out = _call(ctx, "GET", "/v1/dashboard" + (f"?model={quote(model)}" if model else ""))
     if ctx.as_json:
         return _print_json(out)
     if not out["models"]:
         click.echo("the swarm serves no model yet; start a server with `petald --serve MODEL ...`")
+    show = _table_console()
     for m in out["models"]:
-        table = Table(title=f"{m['model']} ({m['num_blocks']} blocks, {m['family']}, fp {m['fingerprint']})")
-        for col in ("blocks", "state", "tokens/s", "cache left", "quant", "peer"):
-            table.add_column(col)
+        health = "[green]healthy[/]" if m["healthy"] else "[red]broken[/]"
+        title = f"{m['model']}: {health}, {m['num_blocks']} blocks, {m['family']}, fp {m['fingerprint']}"
+        table = Table(title=title, title_justify="left")
+        for col in ("peer", "name", "state", "blocks", "ver", "dtype/quant", "tokens/s", "link", "cache left"):
+            table.add_column(col, justify="right" if col in ("tokens/s", "cache left", "ver") else "left")
+        table.add_column("reach")
+        table.add_column("RTT ms", justify="right")
         for s in m["servers"]:
+            link = "-" if s.get("link_mbit") is None else f"{s['link_mbit']} Mbit/s"
             table.add_row(
+                s["short_id"],
+                s["public_name"] or "-",
+                _state(s["state"]),
                 f"{s['start']}:{s['end']}",
-                s["state"],
+                str(s["version"]),
+                f"{s['dtype']}/{s['quant']}",
                 f"{s['throughput']:.1f}",
+                link,
                 str(s["cache_tokens_left"]),
-                s["quant"] or "-",
-                s["peer_id"],
+                s["reach"] + (" tls" if s["tls"] else ""),
+                _ms(s["rtt_s"]),
             )
-        console.print(table)
+        show.print(table)
+        show.print(f"blocks {_block_map(m['blocks'])}  " + "  ".join(_state(st) for st in STATE_STYLES))
         if m["uncovered"]:
-            console.print(f"[red]no online server for blocks {', '.join(f'{a}:{b}' for a, b in m['uncovered'])}[/red]")
+            show.print(f"[red]no online server for blocks {', '.join(f'{a}:{b}' for a, b in m['uncovered'])}[/red]")
+        if m["route"]:
+            hops = " -> ".join(f"{h['start']}:{h['end']} on {_who(h)} ({_ms(h['rtt_s'])} ms)" for h in m["route"])
+            show.print(f"route: {hops}")
+        else:
+            show.print(f"[red]route: {m['route_error']}[/red]")
 
 
 @cli.command()
@@ -98,13 +154,65 @@ def route(ctx: Ctx, model: str) -> None:
     out = _call(ctx, "GET", f"/v1/route?model={quote(model)}")
     if ctx.as_json:
         return _print_json(out)
-    table = Table(title=f"route for {model}")
-    for col in ("blocks", "latency ms", "peer"):
-        table.add_column(col)
+    table = Table(title=f"route for {model}", title_justify="left")
+    for col in ("blocks", "server span", "peer", "name", "RTT ms", "tokens/s"):
+        table.add_column(col, justify="right" if col in ("RTT ms", "tokens/s") else "left")
     for h in out["chain"]:
-        latency = "-" if h["latency_s"] is None else f"{h['latency_s'] * 1000:.1f}"
-        table.add_row(f"{h['start']}:{h['end']}", latency, h["peer_id"])
-    console.print(table)
+        table.add_row(
+            f"{h['start']}:{h['end']}",
+            f"{h['server_span'][0]}:{h['server_span'][1]}",
+            h["peer_id"][-8:],
+            h.get("public_name") or "-",
+            _ms(h["latency_s"]),
+            f"{h['throughput']:.1f}",
+        )
+    _table_console().print(table)
+
+
+VERDICT_STYLES = {"pass": "green", "fail": "red", "disputed": "yellow", "unreachable": "dark_orange"}
+
+
+@cli.command()
+@click.option("-m", "--model", required=True, help="Model name.")
+@click.option("--tokens", type=int, help="Tokens of the probe each span gets [8].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe inputs.")
+@click.option(
+    "--report", is_flag=True, help="Publish a signed mismatch report in the DHT about each server that fails."
+)
+@click.pass_obj
+def verify(ctx: Ctx, model: str, tokens: int | None, seed: int, report: bool) -> None:
+    """Send the same probe to every server of every span (and this daemon's own blocks) and compare their outputs.
+
+    Verdicts: pass, fail (disagrees with this daemon's blocks or with the majority), disputed (no majority to tell
+    who is wrong), unreachable, unchecked (no other server of its blocks). Exit status 1 if any server fails.
+    """
+    try:
+        out = ctx.client.verify(model, tokens=tokens, seed=seed, report=report)
+    except DaemonError as e:
+        _fail(e)
+    if ctx.as_json:
+        _print_json(out)
+    else:
+        ref = (
+            "this daemon's own blocks where it hosts them, else the majority" if out["local_reference"] else "majority"
+        )
+        table = Table(title=f"verify {model} (fp {out['fingerprint']}; reference: {ref})", title_justify="left")
+        for col in ("peer", "span", "rel L2", "top-k", "verdict"):
+            table.add_column(col, justify="right" if col in ("rel L2", "top-k") else "left")
+        for s in out["servers"]:
+            rel = "-" if s["rel_l2"] is None else f"{s['rel_l2']:.2e}"
+            topk = "-" if s["topk"] is None else f"{s['topk']:.2f}"
+            verdict = s["verdict"]
+            table.add_row(
+                s["peer_id"][-8:],
+                f"{s['start']}:{s['end']}",
+                rel,
+                topk,
+                f"[{VERDICT_STYLES.get(verdict, 'default')}]{verdict}[/]",
+            )
+        console.print(table)
+    if any(s["verdict"] == "fail" for s in out["servers"]):
+        sys.exit(1)
 
 
 @cli.command()

@@ -203,6 +203,16 @@ class Client:
         status: dict[str, Any] = self.get("/v1/status")
         return status
 
+    def verify(self, model: str, *, tokens: int | None = None, seed: int = 0, report: bool = False) -> dict[str, Any]:
+        """``POST /v1/verify``: the same probe to every server of every span of ``model``; a verdict per server
+        (``pass``, ``fail``, ``disputed``, ``unreachable``, ``unchecked``). ``report``: publish signed mismatch
+        reports about those that fail."""
+        body: dict[str, Any] = {"model": model, "seed": seed, "report": report}
+        if tokens is not None:
+            body["tokens"] = tokens
+        out: dict[str, Any] = self.request("POST", "/v1/verify", body)
+        return out
+
     # tensors
 
     def forward(
@@ -467,6 +477,16 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         status: dict[str, Any] = await self.get("/v1/status")
         return status
+
+    async def verify(
+        self, model: str, *, tokens: int | None = None, seed: int = 0, report: bool = False
+    ) -> dict[str, Any]:
+        """``POST /v1/verify`` (see ``Client.verify``)."""
+        body: dict[str, Any] = {"model": model, "seed": seed, "report": report}
+        if tokens is not None:
+            body["tokens"] = tokens
+        out: dict[str, Any] = await self.request("POST", "/v1/verify", body)
+        return out
 
     async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[dict[str, Any]]:
         """Each JSON object of an NDJSON reply as it arrives; an in-band ``{"error"}`` line raises DaemonError."""

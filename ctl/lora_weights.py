@@ -23,6 +23,9 @@ __all__ = ["DEFAULT_TARGETS", "LoraWeights"]
 # PEFT's defaults for these families (transformers' TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
     "bloom": ("query_key_value",),
 }
 

@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from petal.protocol.records import RecordError, check_public_name
+
 DEFAULT_PORT = 31330
 CODEC_CHOICES = ("auto", "none", "float16", "bfloat16", "q8")
 """``--codec`` values: petal.protocol.messages.CODEC_CHOICES (not imported: it loads torch, and config loads first)."""
@@ -109,8 +111,9 @@ class Config:
     announce_ttl: float = 120.0  # seconds a DHT entry lives; re-announced at a third of it
     relay: bool = True  # relay for unreachable peers when reachable; reserve on the bootstrap peer when not
     # direct data plane (petal.daemon.net.direct): block traffic over TLS/TCP on this "HOST:PORT" (port 0: any free
-    # one; it is announced in the DHT) to peers that announce one too, libp2p otherwise. None: off
-    direct: str | None = None
+    # one; it is announced in the DHT) to peers that announce one too, libp2p otherwise. "auto": the first --listen
+    # address's host, its TCP port + 1 (any free port when that is 0); "off" (or None): libp2p only
+    direct: str | None = "auto"
     # block serving (see petal.daemon.serving); `serve` is a model name in the models dir or a model dir path
     serve: str | None = None
     blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
@@ -127,6 +130,13 @@ class Config:
     slow_link_mbit: float = 100.0
     alloc_timeout: float = 10.0  # seconds a session waits for KV budget before "busy"
     rebalance_period: float = 60.0  # with num_blocks: how often (± jitter) to check whether moving would help
+    # trust (petal.daemon.routing.spotcheck): fraction of hops of this daemon's requests re-run on a second server
+    # (or on its own blocks) and compared; 0 disables
+    spot_check_rate: float = 0.01
+    # TEST ONLY: served spans add noise of this relative size to their output (a "lying" server for tests of spot
+    # checks); refused unless PETAL_TEST_ONLY=1 is in the environment. 0: off (the default)
+    test_lie: float = 0.0
+    public_name: str | None = None  # shown beside this daemon's servers in records, dashboards and `petalctl swarm`
 
     def validate(self) -> Config:
         if not self.new_swarm and not self.initial_peers:
@@ -140,11 +150,11 @@ class Config:
             raise ConfigError(f"--dht-port {self.dht_port} is not a port number")
         if self.http is not None:
             parse_http_address(self.http)
-        if self.direct is not None:
+        if self.direct not in (None, "auto", "off"):
             host, sep, port = self.direct.rpartition(":")
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise ConfigError(
-                    f"--direct {self.direct!r}: use HOST:PORT, e.g. 0.0.0.0:31331 (port 0: any free port)"
+                    f"--direct {self.direct!r}: use HOST:PORT, e.g. 0.0.0.0:31331 (port 0: any free port), auto or off"
                 )
         if self.announce_ttl < 3:
             raise ConfigError("announce_ttl must be at least 3 seconds")
@@ -152,9 +162,39 @@ class Config:
             raise ConfigError(f"codec {self.codec!r}: use one of {', '.join(CODEC_CHOICES)}")
         if not self.slow_link_mbit > 0 or self.slow_link_mbit == float("inf"):
             raise ConfigError(f"slow_link_mbit {self.slow_link_mbit!r}: use a number of Mbit/s above 0, e.g. 100")
+        if self.public_name is not None:
+            try:
+                check_public_name(self.public_name)
+            except RecordError as e:
+                raise ConfigError(f"--public-name: {e.message}") from None
+        if not 0.0 <= self.spot_check_rate <= 1.0:
+            raise ConfigError(
+                f"spot_check_rate {self.spot_check_rate!r}: use a fraction between 0 (off) and 1 (every hop), e.g. 0.01"
+            )
+        if self.test_lie and os.environ.get("PETAL_TEST_ONLY") != "1":
+            raise ConfigError(
+                "--test-lie makes this server return wrong activations on purpose and exists only for tests; "
+                "remove it (or set PETAL_TEST_ONLY=1 in a test)"
+            )
+        if not (self.test_lie >= 0 and self.test_lie != float("inf")):
+            raise ConfigError(f"test_lie {self.test_lie!r}: use a relative noise size >= 0")
         if self.serve:
             self._validate_serving()
         return self
+
+    def direct_listen(self) -> str | None:
+        """The direct data plane's "HOST:PORT", or None when it is off (see `direct`)."""
+        if self.direct in (None, "off"):
+            return None
+        if self.direct != "auto":
+            return self.direct
+        for addr in self.listen:
+            parts = addr.strip().split("/")
+            if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp" and parts[4].isdigit():
+                port = int(parts[4])
+                host = f"[{parts[2]}]" if parts[1] == "ip6" else parts[2]
+                return f"{host}:{port + 1 if 0 < port < 65535 else 0}"
+        return None  # no TCP listen address to take the host from: libp2p only
 
     def _validate_serving(self) -> None:
         if self.blocks is not None and self.num_blocks is not None:

@@ -35,9 +35,13 @@ EPILOG = (
     default=None,
     help="Relay for peers behind NAT when reachable; when not, be reached through a relay [on].",
 )
-@click.option("--direct", help="Block traffic over TLS/TCP on HOST:PORT (port 0: any) where peers offer it [off].")
+@click.option(
+    "--direct",
+    help="Block traffic over TLS/TCP on HOST:PORT (port 0: any) with peers that offer it; off: libp2p only "
+    "[auto: the --listen host, its port + 1].",
+)
 @click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
-@click.option("--serve", help="Host blocks of this model (a name in the models dir, or a model dir path).")
+@click.option("--serve", help="Host blocks of this model (a models-dir name, a model dir path, or a .gguf file).")
 @click.option("--blocks", help="Host blocks A:B (0-based, end exclusive) [all, or chosen with --num-blocks].")
 @click.option("--num-blocks", type=int, help="Host this many blocks where the swarm's throughput is worst.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where served blocks run [cpu].")
@@ -53,7 +57,14 @@ EPILOG = (
     help="Wire codec of requests through the swarm [auto: none, or q8 on links below --slow-link-mbit].",
 )
 @click.option("--slow-link-mbit", type=float, help="With --codec auto: links measured below this use q8 [100].")
+@click.option(
+    "--spot-check-rate",
+    type=float,
+    help="Fraction of hops re-run on a second server and compared, to catch wrong activations; 0: off [0.01].",
+)
+@click.option("--test-lie", type=float, hidden=True, help="TEST ONLY (needs PETAL_TEST_ONLY=1): add noise to output.")
 @click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")
+@click.option("--public-name", help="A short name shown beside this daemon's servers (dashboards, petalctl swarm).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: str | None, **overrides: object) -> None:

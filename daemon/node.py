@@ -55,8 +55,9 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self.transport: Libp2pTransport | CompositeTransport
         self.transport = Libp2pTransport(self.identity, self.config.listen, relay_service=self.config.relay)
-        if self.config.direct:  # block traffic over TLS/TCP to peers that offer it (petal.daemon.net.composite)
-            self.transport = CompositeTransport(self.transport, DirectTransport(self.identity, self.config.direct))
+        direct = self.config.direct_listen()
+        if direct:  # block traffic over TLS/TCP to peers that offer it (petal.daemon.net.composite)
+            self.transport = CompositeTransport(self.transport, DirectTransport(self.identity, direct))
         self._dht: DHT | None = None
         self._host: Host | None = None
         self.control: ControlServer | None = None
@@ -159,8 +160,8 @@ class Node:
                 )
             if (failure := probe_bind(hp.host, hp.port)) is not None:
                 raise bind_error(f"TCP port {hp.port} on {hp.host} (--listen {addr})", failure, "--listen port")
-        if self.config.direct:
-            host, _, port = self.config.direct.rpartition(":")
+        if direct := self.config.direct_listen():
+            host, _, port = direct.rpartition(":")
             if (failure := probe_bind(host.strip("[]"), int(port))) is not None:
                 raise bind_error(f"TCP port {port} on {host} (--direct)", failure, "--direct port")
         try:
@@ -332,6 +333,8 @@ class Node:
             "announced": sorted(self._announced),
             "reachable": self.reachable,
             "socket": str(self.config.socket),
+            "public_name": self.config.public_name,
+            "serving": self._host.status() if self._host else [],  # never makes a Host: torch stays unloaded
         }
 
     def status_line(self) -> str:

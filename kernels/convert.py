@@ -25,7 +25,14 @@ class ConversionError(RuntimeError):
     """The GGUF file could not be turned into a usable safetensors dir."""
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, quiet: bool = False) -> Path:
+def convert_gguf(
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    quiet: bool = False,
+    require_chat_template: bool = True,
+) -> Path:
     """Load `gguf_path` with transformers (float32) and save model + tokenizer as safetensors into `out_dir`.
 
     The GGUF quantizer state is dropped before saving: otherwise transformers would write a
@@ -33,6 +40,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
     is written into config.json as `petal_name` (the swarm-wide model name, see `petal.kernels.store`).
     `quiet` silences transformers' own progress bars (they would spam logs when not on a terminal); its GGUF
     reader uses a bare tqdm that ignores transformers' switch, so stderr is redirected while it runs.
+    `require_chat_template`: refuse a GGUF without one (a chat model's pull); any GGUF can still serve blocks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -44,7 +52,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, name: str | None = None, qui
             open(os.devnull, "w") as devnull,
             contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext(),
         ):
-            return _convert(gguf_path, out_dir, name, AutoModelForCausalLM, AutoTokenizer)
+            return _convert(gguf_path, out_dir, name, require_chat_template, AutoModelForCausalLM, AutoTokenizer)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # transformers: unannotated
@@ -54,6 +62,7 @@ def _convert(
     gguf_path: Path,
     out_dir: Path,
     name: str | None,
+    require_chat_template: bool,
     auto_model: type[AutoModelForCausalLM],
     auto_tokenizer: type[AutoTokenizer],
 ) -> Path:
@@ -83,6 +92,6 @@ def _convert(
     saved = json.loads((out_dir / "config.json").read_text())
     if "quantization_config" in saved:
         raise ConversionError(f"{out_dir}/config.json still carries a quantization_config; refusing a GGUF-bound dir")
-    if not tokenizer.chat_template:
+    if require_chat_template and not tokenizer.chat_template:
         raise ConversionError(f"{gguf_path.name} carries no chat template; the converted model could not chat")
     return out_dir

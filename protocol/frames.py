@@ -22,6 +22,23 @@ MAX_STR_LEN: Final[int] = 1 << 20
 MAX_ITEMS: Final[int] = 1 << 20
 
 
+class WireCounters:
+    """Bytes of frames this process encoded (to send) and fed to decoders (received), for ``/metrics``.
+
+    Plain integer increments, no lock: an increment racing between the asyncio loop and the libp2p thread may be
+    lost now and then, which a rate over a scrape interval does not notice.
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+WIRE: Final = WireCounters()
+
+
 def pack_message(obj: object) -> bytes:
     """msgpack ``obj`` (dicts, lists, str, bytes, ints, floats, bool, None); no length prefix.
 
@@ -39,6 +56,7 @@ def encode_frame(obj: object, *, max_frame: int = MAX_PAYLOAD) -> bytes:
     payload = pack_message(obj)
     if len(payload) > min(max_frame, MAX_PAYLOAD):
         raise WireError("too_large", f"message of {len(payload)} bytes exceeds the frame limit of {max_frame}")
+    WIRE.sent += HEADER.size + len(payload)
     return HEADER.pack(len(payload)) + payload
 
 
@@ -121,6 +139,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         """Add received bytes; return every message completed by them, in order."""
+        WIRE.received += len(data)
         if self._broken is None:
             self._buffer += data  # kept even when a pending error is raised below: it is the next frame's
         self._raise_held()

@@ -43,6 +43,9 @@ OFFLINE = "offline"
 DRAINING = "draining"
 """A server that is leaving: it finishes its open sessions but takes no new ones (routers skip it)."""
 STATE_FIELD = "st"
+PUBLIC_NAME_MAX = 32
+"""Longest public name (``petald --public-name``) a server record carries, in characters."""
+PUBLIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-@+()")
 
 
 class RecordError(WireError):
@@ -280,10 +283,28 @@ def _optional_str(value: dict[str, Any], name: str, what: str) -> str | None:
     return got
 
 
+def check_public_name(name: object) -> str:
+    """``name`` if a server record may carry it as its public name; else RecordError saying what is allowed.
+
+    Short (``PUBLIC_NAME_MAX``) and plain (ASCII letters, digits, space and ``._-@+()``, no space at either end), so
+    that every page and terminal shows it as written and it costs the record few bytes.
+    """
+    if not isinstance(name, str) or not name:
+        raise RecordError("a public name must be a non-empty string")
+    if len(name) > PUBLIC_NAME_MAX:
+        raise RecordError(f"public name {name[:40]!r} is {len(name)} characters; use at most {PUBLIC_NAME_MAX}")
+    if not set(name) <= PUBLIC_NAME_CHARS or name != name.strip():
+        raise RecordError(
+            f"public name {name!r} may hold only ASCII letters, digits, spaces (not at either end) and ._-@+()"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class ServerRecord:
     """What a server announces under each block key it serves, and what routers read back. Short field names on
-    the wire; ``quant`` (``q``), ``fingerprint`` (``fp``) and ``direct`` (``x``) are written only when set."""
+    the wire; ``quant`` (``q``), ``fingerprint`` (``fp``), ``direct`` (``x``) and ``public_name`` (``pn``) are written
+    only when set, so older readers and older records stay compatible."""
 
     addrs: tuple[str, ...]
     start: int
@@ -297,6 +318,7 @@ class ServerRecord:
     quant: str = ""  # weight quantization of the span ("none", "int8", ...)
     fingerprint: str | None = None  # the model version the server hosts; None: not announced
     direct: tuple[str, ...] = ()  # direct data plane addresses (/ip4/H/tcp/P/tls/p2p/ID); older servers have none
+    public_name: str = ""  # petald --public-name: who runs the server, shown on dashboards; "" when not set
 
     def to_value(self) -> dict[str, Any]:
         if self.state not in STATES:
@@ -318,6 +340,8 @@ class ServerRecord:
             value["fp"] = self.fingerprint
         if self.direct:
             value["x"] = list(self.direct)
+        if self.public_name:
+            value["pn"] = check_public_name(self.public_name)
         return value
 
     @classmethod
@@ -340,6 +364,9 @@ class ServerRecord:
         direct = value.get("x", [])
         if not isinstance(direct, list) or not all(isinstance(a, str) for a in direct):
             raise RecordError("entry value field 'x' (direct addresses) must be a list of multiaddr strings")
+        public_name = value.get("pn")
+        if public_name is not None:
+            check_public_name(public_name)
         return cls(
             tuple(addrs),
             span[0],
@@ -353,6 +380,7 @@ class ServerRecord:
             _optional_str(value, "q", "quant") or "",
             _optional_str(value, "fp", "fingerprint"),
             tuple(direct),
+            public_name or "",
         )
 
     @classmethod
@@ -413,6 +441,80 @@ class ModelRecord:
     @classmethod
     def parse(cls, value: object) -> ModelRecord | None:
         """The record in ``value``, or None if it is malformed (skipped, never fatal)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls.from_value(value)
+        except RecordError:
+            return None
+
+
+# --- mismatch reports -----------------------------------------------------------------------------------
+
+REPORT_TTL = 1800.0
+"""Seconds a mismatch report lives: long enough for others to see it, short enough that a fixed server recovers."""
+REPORT_MARK = "mismatch"
+
+
+def report_key(model_name: str, peer_id: str) -> str:
+    """The DHT key of mismatch reports about one server of one model: one entry per signer (the DHT keeps one entry
+    per signer per key), so however often a client reports a server, it counts once."""
+    if not isinstance(peer_id, str) or not peer_id or "." in peer_id:
+        raise RecordError(f"invalid peer id {peer_id!r}")
+    block_key(model_name, 0)  # the same checks of the model name
+    return f"{model_name}.{REPORT_MARK}.{peer_id}"
+
+
+@dataclass(frozen=True)
+class MismatchReport:
+    """A signed claim by a client that a server returned wrong activations for blocks [start, end): the measured
+    relative L2 distance and top-k agreement against a reference, and how it was found (``spot`` or ``verify``).
+
+    On the wire: ``{"p": peer_id, "s": [start, end], "e": rel_l2, "k": topk, "w": how}``; the signer comes from the
+    signed entry, never from the value."""
+
+    peer_id: str
+    start: int
+    end: int
+    rel_l2: float
+    topk: float
+    how: str = "spot"
+
+    def to_value(self) -> dict[str, Any]:
+        if not 0 <= self.start < self.end:
+            raise RecordError(f"span [{self.start}, {self.end}) is empty or negative")
+        if self.how not in ("spot", "verify"):
+            raise RecordError(f"how must be spot or verify, got {self.how!r}")
+        return {
+            "p": self.peer_id,
+            "s": [self.start, self.end],
+            "e": round(float(self.rel_l2), 6),
+            "k": round(float(self.topk), 4),
+            "w": self.how,
+        }
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> MismatchReport:
+        """The report in ``value``; raises RecordError naming the first bad field."""
+        if not isinstance(value, dict):
+            raise RecordError(f"a mismatch report must be a map, got {type(value).__name__}")
+        span = _field(value, "s", list, "span")
+        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+            raise RecordError("span must be [start, end)")
+        if not 0 <= span[0] < span[1]:
+            raise RecordError(f"bad span {span!r}")
+        rel_l2 = float(_field(value, "e", (int, float), "relative L2"))
+        topk = float(_field(value, "k", (int, float), "top-k agreement"))
+        if not (math.isfinite(rel_l2) and math.isfinite(topk)):
+            raise RecordError("relative L2 and top-k agreement must be finite numbers")
+        how = _field(value, "w", str, "how it was found")
+        if how not in ("spot", "verify"):
+            raise RecordError(f"bad how {how!r}")
+        return cls(_field(value, "p", str, "peer id"), span[0], span[1], rel_l2, topk, how)
+
+    @classmethod
+    def parse(cls, value: object) -> MismatchReport | None:
+        """The report in ``value``, or None if it is malformed (skipped, never fatal)."""
         if not isinstance(value, dict):
             return None
         try:

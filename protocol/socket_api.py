@@ -236,6 +236,7 @@ class SessionRequest:
     model: str
     max_length: int
     batch: int = 1
+    push: bool = True  # servers push each step's output to the next hop; False: the local daemon relays every hop
 
     @classmethod
     def from_body(cls, body: Body) -> SessionRequest:
@@ -243,10 +244,13 @@ class SessionRequest:
         max_length = int_field(body, "max_length", None, 1)
         if max_length is None:
             raise bad_request('"max_length" (the most tokens this session will hold) is required')
-        return cls(model, max_length, int_field(body, "batch", 1, 1) or 1)
+        push = body.get("push", True)
+        if not isinstance(push, bool):
+            raise bad_request('"push" must be true or false')
+        return cls(model, max_length, int_field(body, "batch", 1, 1) or 1, push)
 
     def to_body(self) -> dict[str, object]:
-        return {"model": self.model, "max_length": self.max_length, "batch": self.batch}
+        return {"model": self.model, "max_length": self.max_length, "batch": self.batch, "push": self.push}
 
 
 # --- streamed inference sessions ------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from aiohttp import web
 
 from petal.daemon.api.auth import add_auth_routes, guard_tcp
 from petal.daemon.api.bodies import MAX_REQUEST_BYTES
+from petal.daemon.api.dashboard import add_dashboard_routes
 from petal.daemon.api.errors import JsonErrorRunner, errors_as_json
 from petal.daemon.api.lazy import LazyRoutes
+from petal.daemon.api.metrics import ApiMetrics, add_metrics_routes
 from petal.daemon.api.node_routes import add_node_routes
 from petal.daemon.api.state import STATE_KEY, ApiState, NodeLike
 from petal.daemon.config import ConfigError, parse_http_address, prepare_socket_dir
@@ -38,7 +40,10 @@ def make_app(node: NodeLike, *, lazy: bool = False) -> web.Application:
     thread, so the socket keeps answering), which lets a daemon that hosts nothing answer and send READY=1 without
     loading torch. Without ``lazy`` it is imported here.
     """
-    app = web.Application(middlewares=[errors_as_json, guard_tcp], client_max_size=MAX_REQUEST_BYTES)
+    metrics = ApiMetrics()  # outermost: it times every request and sees every answer, errors included
+    app = web.Application(
+        middlewares=[metrics.middleware, errors_as_json, guard_tcp], client_max_size=MAX_REQUEST_BYTES
+    )
     state = ApiState(node)
     app[STATE_KEY] = state
     heavy = LazyRoutes(node, state)
@@ -54,6 +59,8 @@ def make_app(node: NodeLike, *, lazy: bool = False) -> web.Application:
     app.on_cleanup.append(cleanup)
     add_auth_routes(app, node.config)  # over TCP (--http): Host, Origin, token and content-type checks first
     add_node_routes(app)
+    add_dashboard_routes(app)  # the page at /: static files only; the data it polls is in the lazy routes
+    add_metrics_routes(app, metrics)  # torch-free: reads the DHT, not the router
     app.router.register_resource(heavy)  # everything else, in petal.daemon.api.routes
     app.router.add_route("*", "/{tail:.*}", not_found)
     if not lazy:

@@ -221,22 +221,11 @@ async def get_http_token(request: web.Request) -> web.Response:
     return web.json_response({"token": guard.token, "url": guard.login_url, "http": guard.base_url})
 
 
-async def get_root(request: web.Request) -> web.Response:
-    """``/``: where the dashboard will live; for now, a note that this browser (or client) may use the API."""
-    return web.json_response(
-        {
-            "petal": "control API",
-            "logged_in": True,
-            "message": "this browser may use the petal control API; see /v1/status and docs/api.yaml",
-        }
-    )
-
-
 def add_auth_routes(app: web.Application, config: Config) -> None:
-    """The guard for ``config.http`` (token loaded or created now), ``/`` and the socket-only token endpoint."""
+    """The guard for ``config.http`` (token loaded or created now) and the socket-only token endpoint (the login URL
+    ``/?token=`` is answered by the guard itself; ``/`` is the dashboard, dashboard.py)."""
     if config.http:
         app[GUARD_KEY] = HttpGuard.from_config(config)
-    app.router.add_get("/", get_root)
     app.router.add_get("/v1/http/token", get_http_token)
 
 

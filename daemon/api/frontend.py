@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from petal.daemon.hub import client_missing
 from petal.daemon.pull import default_models_dir
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.session import InferenceSession
@@ -104,6 +105,12 @@ class ModelFrontend:
     """Tokenizer + chat template + local ClientParts for one model dir."""
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        if client_missing(Path(model_dir)):  # a server's partial pull: its embeddings and head were never fetched
+            repo = f"{Path(model_dir).parent.name}/{Path(model_dir).name}"
+            raise PetalError(
+                "not_found",
+                f"{model_dir} holds only served blocks; fetch the client parts with `petald pull {repo} --client-only`",
+            )
         try:
             self.info = open_model(model_dir)
             self.parts = load_client_parts(self.info, dtype=dtype)

@@ -61,6 +61,9 @@ def _server_json(s: ServerInfo, latency: float | None) -> dict[str, Any]:
         "throughput": s.throughput,
         "cache_tokens_left": s.cache_tokens_left,
         "quant": s.quant,
+        "dtype": s.dtype,
+        "version": s.version,
+        "public_name": s.public_name,
         "addrs": list(s.addrs),
         "latency_s": latency,
     }
@@ -111,6 +114,7 @@ async def get_route(request: web.Request) -> web.Response:
             "server_span": [h.server.start, h.server.end],
             "latency_s": state.router.latency.get(h.peer_id),
             "throughput": h.server.throughput,
+            "public_name": h.server.public_name,
         }
         for h in chain
     ]

@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from petal.daemon import trace
 from petal.daemon.api.bodies import MAX_BODY_BYTES, encode, required_tensor, tensor_field
 from petal.daemon.api.tensors import REGISTRY_KEY, SessionRegistry, open_session
 from petal.protocol.errors import PetalError, WireError
@@ -79,6 +80,7 @@ async def get_session_stream(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_bytes(_pack(error_body("timeout", f"no message for {registry.idle_timeout:.0f} s")))
                 await ws.close(code=SESSION_GONE, message=b"idle")
                 break
+            trace.mark("ws.in")
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 break
             if msg.type != WSMsgType.BINARY:
@@ -104,6 +106,7 @@ async def get_session_stream(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_bytes(_pack(error_body("internal", f"{type(e).__name__}: {e}")))
                 continue
             await ws.send_bytes(_pack(reply))
+            trace.mark("ws.out")
     except ConnectionError:
         pass  # the client went away mid-reply: close the session below
     finally:

@@ -20,6 +20,8 @@ from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import MODEL_HINT
 
 if TYPE_CHECKING:  # these load torch: imported where first used, so a daemon that hosts nothing starts without it
+    import torch
+
     from petal.daemon.api.frontend import ModelFrontend
     from petal.daemon.routing.router import Router
     from petal.daemon.serving.host import Host
@@ -88,6 +90,8 @@ class ApiState:
                 codec=self.node.config.codec,
                 slow_link_mbit=self.node.config.slow_link_mbit,
                 local_shape=self.local_shape,
+                spot_check_rate=self.node.config.spot_check_rate,
+                local_forward=self.local_forward,
             )
         return self._router
 
@@ -157,6 +161,27 @@ class ApiState:
             self._trim()
         self._shapes.move_to_end(key)
         return shape
+
+    async def local_forward(
+        self,
+        model: str,
+        fingerprint: str,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Blocks [start, end) of ``model`` run by this daemon's own server: the trusted reference of spot checks and
+        ``petalctl verify``; None when it does not host exactly those weights and blocks."""
+        server = self.node.host.server_of(model)
+        if (
+            server is None
+            or server.fingerprint != fingerprint
+            or not server.span.start <= start < end <= server.span.end
+        ):
+            return None
+        return await server.forward_local(start, end, hidden, mask, prompts)
 
     async def close(self) -> None:
         if self._router is not None:

@@ -205,7 +205,9 @@ async def open_session(
     req = SessionRequest.from_body(body)
     prompts = tensor_field(body, "prompts", 4) if with_prompts else None
     opts = route_options(body)
-    session = InferenceSession(app[STATE_KEY].router, req.model, req.max_length, req.batch, prompts=prompts, **opts)
+    session = InferenceSession(
+        app[STATE_KEY].router, req.model, req.max_length, req.batch, prompts=prompts, push=req.push, **opts
+    )
     sid = await app[REGISTRY_KEY].add(session)
     route = [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in session.chain]
     return sid, {

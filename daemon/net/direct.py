@@ -10,20 +10,26 @@ Peers are authenticated with their node identities (`petal.daemon.net.tls`): the
 derive the peer id the dialer asked for, and the dialer's first message proves its own identity.
 Addresses are multiaddrs `/ip4/HOST/tcp/PORT/tls/p2p/PEER` (`is_direct_addr`).
 
-Not yet here: per-stream flow control (a stream's unread messages queue without bound; TCP pushes back only
-when the reader stops reading the whole connection).
+There is no per-stream flow control: every protocol on this plane is request/response with a bounded window
+(an inference stream has one step in flight, a push stream at most `PUSH_WINDOW` pushes), so a sender never needs
+to run ahead of its reader. What a peer sends beyond that is bounded instead: a stream holding more than
+`MAX_UNREAD` bytes of unread messages is reset, and a connection holding more than `MAX_CONN_UNREAD` over all its
+streams is closed, so a flooding peer costs at most that much memory and cannot stall the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Final
 
+from petal.daemon import trace
 from petal.daemon.identity import Identity
 from petal.daemon.net import tls
 from petal.daemon.net.addrs import is_direct_addr
@@ -42,7 +48,7 @@ from petal.daemon.net.transport import (
 )
 from petal.protocol.errors import WireError
 from petal.protocol.frames import HEADER as FRAME_HEADER
-from petal.protocol.frames import FrameDecoder, encode_frame, unpack_message
+from petal.protocol.frames import WIRE, FrameDecoder, encode_frame, unpack_message
 
 __all__ = ["DirectStream", "DirectTransport", "direct_addr", "is_direct_addr", "parse_direct_addr"]
 
@@ -52,6 +58,10 @@ MUX: Final[struct.Struct] = struct.Struct(">IBI")
 OPEN, DATA, CLOSE, RESET, REFUSED, HELLO = range(6)
 MAX_PAYLOAD = MAX_FRAME + FRAME_HEADER.size
 """Largest connection message: one whole stream frame (a bigger one ends the connection)."""
+MAX_UNREAD = 2 * MAX_PAYLOAD
+"""Unread bytes one stream may hold (two whole frames); more resets that stream."""
+MAX_CONN_UNREAD = 4 * MAX_PAYLOAD
+"""Unread bytes all streams of one connection may hold together; more closes the connection."""
 HELLO_TIMEOUT = 10.0
 """How long a listener waits for a dialer's identity proof after the TLS handshake."""
 _EOF = object()
@@ -81,6 +91,8 @@ class DirectStream(StreamBase):
         self._conn = conn
         self._sid = sid
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._sizes: collections.deque[int] = collections.deque()  # wire bytes of each unread message, in order
+        self._unread = 0
         self._decoder = FrameDecoder(MAX_FRAME)
         self._write_closed = False
         self._read_closed = False
@@ -95,12 +107,28 @@ class DirectStream(StreamBase):
             raise StreamClosed(f"the {self.protocol_id} stream to {self.peer_id} is closed for sending")
         await self._conn.send(self._sid, DATA, encode_frame(message, max_frame=MAX_FRAME))
 
+    def thread_sender(self) -> Callable[[object], None]:
+        """See `petal.daemon.net.transport.thread_sender`: encode in the calling thread, write in one loop callback."""
+        loop = asyncio.get_running_loop()
+
+        def send(message: object) -> None:
+            loop.call_soon_threadsafe(self._post_frame, encode_frame(message, max_frame=MAX_FRAME))
+
+        return send
+
+    def _post_frame(self, frame: bytes) -> None:
+        if self._end is None and not self._write_closed:
+            self._conn.post(self._sid, DATA, frame)
+            trace.mark("net.out")
+
     async def _send_raw(self, data: bytes) -> None:
         """Write bytes that are not a frame (tests use it to check how peers treat garbage)."""
         await self._conn.send(self._sid, DATA, data)
 
     async def recv(self, timeout: float | None = None) -> object:
         item = await self._next_item(timeout)
+        if self._sizes and item is not _EOF and not isinstance(item, TransportError):
+            self._consumed(self._sizes.popleft())
         if item is _EOF or isinstance(item, TransportError):
             self._inbox.put_nowait(item)  # every later recv sees the same end
             if item is _EOF:
@@ -124,19 +152,40 @@ class DirectStream(StreamBase):
 
     # -- connection side ------------------------------------------------------------------------------------------
 
+    def _consumed(self, size: int) -> None:
+        self._unread -= size
+        self._conn.unread -= size
+
+    def _queue(self, message: object, size: int) -> None:
+        self._inbox.put_nowait(message)
+        self._sizes.append(size)
+        self._unread += size
+        self._conn.unread += size
+
     def _on_data(self, payload: bytes) -> None:
         if self._end is not None or self._read_closed:
+            return
+        if self._unread + len(payload) > MAX_UNREAD:
+            log.warning(
+                "%s from %s: over %d unread bytes (the peer does not wait for answers); resetting the stream",
+                self.protocol_id,
+                self.peer_id,
+                MAX_UNREAD,
+            )
+            self._abort(StreamReset(f"{self.protocol_id} from {self.peer_id} sent more than it may have unread"))
+            self._conn.post(self._sid, RESET)
             return
         try:
             if not self._decoder.buffered and len(payload) >= FRAME_HEADER.size:
                 (length,) = FRAME_HEADER.unpack_from(payload)
                 if length == len(payload) - FRAME_HEADER.size and length <= MAX_FRAME:  # one whole frame: no copy
+                    WIRE.received += len(payload)  # (the decoder counts what it is fed)
                     with memoryview(payload) as view:
-                        self._inbox.put_nowait(unpack_message(view[FRAME_HEADER.size :]))
+                        self._queue(unpack_message(view[FRAME_HEADER.size :]), len(payload))
                     return
             messages = self._decoder.feed(payload)
-            for m in messages:
-                self._inbox.put_nowait(m)
+            for i, m in enumerate(messages):
+                self._queue(m, len(payload) if i == 0 else 0)
             if messages:
                 self._decoder.feed(b"")  # a bad frame behind good ones raises only now
         except WireError as e:
@@ -160,6 +209,9 @@ class DirectStream(StreamBase):
         self._conn.post(self._sid, RESET)
 
     def _abort(self, error: TransportError) -> None:
+        self._conn.unread -= self._unread  # what it holds no longer counts against the connection
+        self._unread = 0
+        self._sizes.clear()
         if self._end is None:
             self._end = error
             self._write_closed = True
@@ -189,6 +241,7 @@ class Connection:
         self._writer = writer
         self._next_sid = 1 if outbound else 2
         self._outbound = outbound
+        self.unread = 0  # bytes of messages queued on its streams and not yet read (see MAX_CONN_UNREAD)
         self.closed = False
         self.reader_task: asyncio.Task[None] | None = None
 
@@ -211,6 +264,7 @@ class Connection:
             raise StreamReset(f"the direct connection to {self.peer_id} is closed")
         try:
             self._writer.write(MUX.pack(sid, kind, len(payload)) + payload)
+            trace.mark("net.out")
             await self._writer.drain()
         except (ConnectionError, OSError, RuntimeError) as e:
             self.shut(f"{type(e).__name__}: {e}")
@@ -230,6 +284,10 @@ class Connection:
                     reason = f"protocol violation (kind {kind} on stream {sid})"
                     log.warning("direct connection to %s: %s; closing it", self.peer_id, reason)
                     return
+                if self.unread > MAX_CONN_UNREAD:
+                    reason = f"over {MAX_CONN_UNREAD} unread bytes on its streams"
+                    log.warning("direct connection to %s: %s; closing it", self.peer_id, reason)
+                    return
         except asyncio.IncompleteReadError:
             pass
         except (ConnectionError, OSError, ssl.SSLError) as e:
@@ -239,6 +297,7 @@ class Connection:
 
     def _dispatch(self, sid: int, kind: int, payload: bytes) -> bool:
         stream = self.streams.get(sid)
+        trace.mark("net.in")
         if kind == DATA:
             if stream is not None:
                 stream._on_data(payload)

@@ -120,6 +120,24 @@ async def _forward_trace(
                 raise  # the request itself is wrong: another server would refuse it too
             call.failed(hop, e, f"forward of blocks {hop.start}..{hop.end} of {call.view.model}")
             continue
+        if x.shape[0] < 2 * call.split_min_rows and call.router.spot.wants():  # trust: spotcheck.py (unsplit hops)
+            wrong = await call.router.spot.check_hop(
+                call.view,
+                hop,
+                x,
+                out,
+                call.mask,
+                slice_prompts(call.prompts, call.offset, hop),
+                codec=call.codec,
+                allowed=call.allowed,
+                blocked=call.blocked,
+                timeout=call.timeout,
+            )
+            if wrong is not None:  # the server is banned already: count it and run the hop again elsewhere
+                call.failures.append(wrong)
+                if len(call.failures) > call.max_retries:
+                    raise gave_up(f"forward of blocks {hop.start}..{hop.end}", len(call.failures), wrong) from wrong
+                continue
         trace.append((hop, x))
         x, a = out, hop.end
     return x, trace

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from petal.daemon import trace
 from petal.daemon.net.transport import MAX_FRAME, PeerAddr, Stream, StreamClosed, Transport
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.lora import Lora, decode_lora_grads, encode_lora
@@ -381,6 +382,7 @@ class RemoteInference:
         """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepOutput)."""
         try:
             raw = await self.stream.recv(timeout=timeout)
+            trace.mark("c.got")
         except TimeoutError:
             await self._abort()
             raise TimeoutError(f"inference step on {self.span!r} got no answer within {timeout}s") from None

@@ -26,8 +26,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import Transport
 from petal.daemon.routing.bans import BanList
-from petal.daemon.routing.chains import Hop, min_latency_chain, no_route_error, select_servers, throughput_chain
+from petal.daemon.routing.chains import (
+    DEFAULT_LATENCY,
+    Hop,
+    min_latency_chain,
+    no_route_error,
+    select_servers,
+    throughput_chain,
+)
 from petal.daemon.routing.remote import RemoteSpan
+from petal.daemon.routing.spotcheck import LocalForward, SpotChecker, read_reports
 from petal.daemon.routing.swarm import ModelShape, ServerInfo, SwarmView
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import AUTO_CODEC, CODEC_CHOICES, INFO_PROTOCOL, LOSSLESS_CODEC, SLOW_LINK_CODEC
@@ -57,6 +65,12 @@ FIRST_BANDWIDTH_SAMPLES = 2
 BANDWIDTH_PERIOD = 300.0
 """Seconds between bandwidth probes of one server (latency probes come every ``period``): links change slowly, and
 a router that routes over many servers must not upload much just to measure."""
+
+
+REPORT_PENALTY = 0.05
+"""Seconds of latency a route choice adds for each distinct client that reported a server for wrong activations."""
+MAX_REPORT_PENALTIES = 4
+"""Reports counted per server at most: a flood of fake reporters cannot push a server out of every route."""
 
 
 def auto_codec(bandwidth_bps: float | None, slow_link_mbit: float = SLOW_LINK_MBIT) -> str:
@@ -106,6 +120,8 @@ class Router:
         rng: random.Random | None = None,
         local_shape: LocalShape | None = None,
         max_views: int = MAX_VIEWS,
+        spot_check_rate: float = 0.0,
+        local_forward: LocalForward | None = None,
     ) -> None:
         self.transport = transport
         self.dht = dht
@@ -127,6 +143,11 @@ class Router:
         self.local_shape = local_shape
         self.max_views = max_views
         self._views: OrderedDict[str, SwarmView] = OrderedDict()
+        # trust (spotcheck.py): re-run a fraction of hops elsewhere; servers others reported weigh less in routing
+        self.spot = SpotChecker(self, spot_check_rate, local_forward)
+        self.reported: dict[str, int] = {}  # peer -> distinct signers of unexpired mismatch reports about it
+        self._reports_read: dict[str, float] = {}  # model -> monotonic time reports were last read
+        self._reading: dict[str, asyncio.Task[None]] = {}
 
     async def view(self, model: str, *, fresh: bool = False) -> SwarmView:
         """The model's swarm view, refreshed if older than ``max_age`` (or at once with ``fresh``).
@@ -323,7 +344,8 @@ class Router:
         async def pick(usable: list[ServerInfo], a: int, b: int) -> list[Hop] | None:
             usable = [s for s in usable if s.start < b and s.end > a]
             await self.probe_all(model, usable)
-            return min_latency_chain([s for s in usable if not self.is_banned(s.peer_id)], a, b, self.latency)
+            self._read_reports_later(model, usable)
+            return min_latency_chain([s for s in usable if not self.is_banned(s.peer_id)], a, b, self.route_latency)
 
         return await self._route(model, start, end, allowed, blocked, pick)
 
@@ -365,10 +387,46 @@ class Router:
                 view = await self.view(model, fresh=True)
         raise no_route_error(model, start, end, usable, list(view.servers.values()))
 
+    def route_latency(self, server: ServerInfo) -> float:
+        """The latency a route choice counts for ``server``: measured (or ``DEFAULT_LATENCY``), plus
+        ``REPORT_PENALTY`` seconds per distinct signer (up to ``MAX_REPORT_PENALTIES``) of mismatch reports about it."""
+        reports = min(self.reported.get(server.peer_id, 0), MAX_REPORT_PENALTIES)
+        return self.latency.get(server.peer_id, DEFAULT_LATENCY) + REPORT_PENALTY * reports
+
+    def _read_reports_later(self, model: str, servers: list[ServerInfo]) -> None:
+        """Re-read the mismatch reports about ``servers`` in the background, at most every ``period`` per model."""
+        now = time.monotonic()
+        if model in self._reading or now - self._reports_read.get(model, -math.inf) < self.period:
+            return
+        self._reports_read[model] = now
+        peers = [s.peer_id for s in servers]
+
+        async def read() -> None:
+            try:
+                found = await read_reports(self.dht, model, peers)
+                for peer in peers:
+                    signers = len({r.signer for r in found.get(peer, [])})
+                    if signers:
+                        self.reported[peer] = signers
+                    else:
+                        self.reported.pop(peer, None)
+                if len(self.reported) > MAX_PEERS:
+                    self.reported.clear()
+            except Exception as e:  # noqa: BLE001 - only a routing weight: the next read retries
+                log.debug("reading mismatch reports about %s's servers failed: %s", model, e)
+            finally:
+                self._reading.pop(model, None)
+
+        self._reading[model] = asyncio.get_running_loop().create_task(read())
+        if len(self._reports_read) > self.max_views * 4:
+            self._reports_read.pop(next(iter(self._reports_read)))
+
     async def close(self) -> None:
-        for task in list(self._measuring.values()):
+        for task in [*self._measuring.values(), *self._reading.values()]:
             task.cancel()
         self._measuring.clear()
+        self._reading.clear()
+        await self.spot.close()
         for view in self._views.values():
             await view.stop()
         self._views.clear()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from petal.daemon import trace
 from petal.daemon.net.transport import StreamClosed, TransportError
 from petal.daemon.routing.chains import Hop
 from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
@@ -226,6 +227,7 @@ class InferenceSession:
                 f"mask must be [batch, tokens so far + new] = [{self.batch}, {self.position + t}], "
                 f"got {tuple(mask.shape)}",
             )
+        trace.mark("c.step")
         async with self._lock:
             await self.open()
             failures: list[BaseException] = []
@@ -236,6 +238,7 @@ class InferenceSession:
                     x = await self._step_push(x, mask, failures)
                 else:
                     x = await self._step_plain(x, mask, failures)
+                x = await self._spot_check(hidden, x, mask, failures)  # trust: may run the step again (spotcheck.py)
             except BaseException:
                 for link in self._links:  # hops before the failure recorded this step's input; the caches roll back
                     link.trim(self.position)  # on the next step (its position truncates them)
@@ -244,6 +247,7 @@ class InferenceSession:
             self._last_mask = None if mask is None else mask.detach().clone()
             for link in self._links:
                 self.router.bans.succeeded(link.hop.peer_id)
+            trace.mark("c.step_done")
             return x
 
     def _prompts(self, link: _Link) -> torch.Tensor | None:
@@ -390,6 +394,53 @@ class InferenceSession:
             x = reply.hidden
             i += 1
         return x
+
+    # --- spot checks (petal.daemon.routing.spotcheck): the session's only trust code ---------------------------
+
+    async def _spot_check(
+        self, hidden: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, failures: list[BaseException]
+    ) -> torch.Tensor:
+        """Re-run a random fraction of this step's hops elsewhere and compare (``router.spot``). A hop found wrong is
+        banned; it and the hops after it (their caches hold its output) are replaced with their history replayed, and
+        the step runs again: the caller only gets output that passed."""
+        while True:
+            assert self._view is not None
+            outs = [link.history[-1] for link in self._links[1:]] + [out]
+            for i, link in enumerate(self._links):
+                if not self.router.spot.wants():
+                    continue
+                error = await self.router.spot.check_hop(
+                    self._view,
+                    link.hop,
+                    torch.cat(link.history, dim=1),
+                    outs[i],
+                    mask,
+                    slice_prompts(self.prompts, self.start, link.hop),
+                    codec=self.codec,
+                    allowed=self.allowed,
+                    blocked=self.blocked,
+                    timeout=self.step_timeout,
+                )
+                if error is not None:
+                    break
+            else:
+                return out
+            failures.append(error)
+            if len(failures) > self.max_retries:
+                raise gave_up(f"inference step at position {self.position}", len(failures), error) from error
+            for link in self._links:
+                link.trim(self.position)
+            old = self._links[i:]
+            await _close_links(old)
+            self._links[i:] = await self._open_range(old[0].hop.start, old[-1].hop.end, old[0].replay_input(), failures)
+            self.failovers += 1
+            x = hidden.detach().clone()
+            if self.push and any(self._pushes(j) for j in range(len(self._links) - 1)):
+                out = await self._step_push(x, mask, failures)
+            else:
+                out = await self._step_plain(x, mask, failures)
+
+    # --- end of spot checks ------------------------------------------------------------------------------------
 
     async def _replace(self, i: int, failures: list[BaseException]) -> None:
         """Swap hop ``i`` for a fresh chain over exactly its blocks, replaying its history there."""

@@ -35,6 +35,9 @@ class ServerInfo:
     cache_tokens_left: int = 0
     quant: str = ""
     direct: tuple[str, ...] = ()  # direct data plane addresses (petal.daemon.net.direct); dialed before addrs
+    public_name: str = ""  # what its operator calls it (petald --public-name), for people only
+    dtype: str = ""
+    version: int = 0  # the protocol version it announced
 
     @classmethod
     def from_record(cls, record: ServerRecord) -> ServerInfo:
@@ -49,6 +52,9 @@ class ServerInfo:
             cache_tokens_left=record.cache_tokens_left,
             quant=record.quant,
             direct=record.direct,
+            public_name=record.public_name,
+            dtype=record.dtype,
+            version=record.version,
         )
 
     @property
@@ -73,16 +79,17 @@ def group_servers(
 
     Values are read as ``ServerRecord``s; malformed ones are skipped. A server announces the same value under every
     block of its span, so one entry per peer suffices; if its entries disagree (it is moving), the span seen most
-    often wins. Entries of another fingerprint (a different model under the same name), offline ones and spans that
-    end past the model's ``num_blocks`` (they disagree with the model's shape) are dropped.
+    often wins. Dropped: entries of another fingerprint (a different model under the same name) or of none (weights
+    unnamed) when ``fingerprint`` is given, so a chain never mixes weights; offline ones; spans that end past the
+    model's ``num_blocks`` (they disagree with the model's shape).
     """
     seen: dict[str, dict[ServerInfo, int]] = {}
     for peer_id, value in entries:
         record = ServerRecord.parse(value, peer_id)
         if record is None or record.state not in ROUTABLE_STATES:
             continue
-        if fingerprint is not None and record.fingerprint is not None and record.fingerprint != fingerprint:
-            continue
+        if fingerprint is not None and record.fingerprint != fingerprint:
+            continue  # other weights, or weights it does not name: never in a chain with this fingerprint's
         if num_blocks is not None and record.end > num_blocks:
             continue
         info = ServerInfo.from_record(record)

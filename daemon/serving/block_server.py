@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from petal.daemon import trace
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import Stream, StreamClosed, Transport
 from petal.daemon.serving.compute import SpanCompute
@@ -43,6 +44,7 @@ from petal.protocol.messages import (
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
     PUSH_PROTOCOL,
+    ForwardRequest,
     PushRequest,
     ServedSpan,
     error_reply,
@@ -53,6 +55,7 @@ from petal.protocol.messages import (
 )
 from petal.protocol.records import MODELS_KEY, ModelRecord, ServerRecord, block_key
 from petal.protocol.replies import BackwardReply, ForwardReply, InfoReply, PushAck
+from petal.protocol.tensors import decode_tensor
 
 if TYPE_CHECKING:
     from petal.kernels.span import Span
@@ -104,7 +107,7 @@ class BlockServer:
         self._withdraw = withdraw
         self.dtype = DTYPES[settings.dtype]
         self.device = torch.device(settings.device)
-        self.compute = SpanCompute(span, self.dtype, self.device)
+        self.compute = SpanCompute(span, self.dtype, self.device, lie=settings.test_lie)
         self.served = ServedSpan(
             model=model,
             fingerprint=fingerprint,
@@ -256,6 +259,7 @@ class BlockServer:
             quant=self.settings.quant,
             fingerprint=self.fingerprint,
             direct=tuple(getattr(self.transport, "direct_addrs", ())),
+            public_name=self.settings.public_name,
         ).to_value()
 
     @property
@@ -321,6 +325,15 @@ class BlockServer:
         with ErrorReply(f"{stream.protocol_id} request") as out:
             out.reply = (await work(msg)).to_wire()
         await stream.send(out.reply)
+
+    async def forward_local(
+        self, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Blocks [start, end) of this span on ``hidden`` for this daemon's own client side (the trusted reference
+        of spot checks), queued like a forward request, lossless."""
+        req = ForwardRequest(start, end, hidden, mask, prompts, "none")
+        reply = await self.jobs.run(TRAINING, self.compute.forward, req)
+        return decode_tensor(reply.hidden).to(hidden.dtype)
 
     async def _handle_info(self, stream: Stream) -> None:
         async def work(msg: object) -> InfoReply:
@@ -407,6 +420,7 @@ class BlockServer:
                 msg = await stream.recv(timeout=self.settings.idle_timeout)
             except (StreamClosed, TimeoutError):
                 return
+            trace.mark("push.in")
             with ErrorReply(f"push from {stream.peer_id}") as out:
                 self._deliver(stream.peer_id, parse_push(msg, self.served))
                 out.reply = PushAck().to_wire()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from petal.daemon import trace
 from petal.kernels.cache import KVCache
 from petal.kernels.lora import apply_lora
 from petal.protocol.lora import Lora, encode_lora_grads
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 class SpanCompute:
     """Blocks `[span.start, span.end)` on `device` in `dtype`; the server never trains its own weights."""
 
-    def __init__(self, span: Span, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, span: Span, dtype: torch.dtype, device: torch.device, lie: float = 0.0) -> None:
         self.span = span
+        self.lie = lie  # TEST ONLY (petald --test-lie): relative noise on every output, a "lying" server; 0: honest
         self.dtype = dtype
         self.device = device
         self.runner = span.family.BlockRunner(span.config)
@@ -60,6 +62,8 @@ class SpanCompute:
             hidden = self.runner.run_block(block, hidden, prepared, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(t)
+        if self.lie:  # TEST ONLY: what spot checks must catch
+            hidden = hidden + self.lie * hidden.detach().pow(2).mean().sqrt() * torch.randn_like(hidden)
         return hidden
 
     def _lora_on_device(self, lora: Lora | None, *, trainable: bool) -> Lora | None:
@@ -103,12 +107,15 @@ class SpanCompute:
     def step(self, blocks: list[nn.Module], step: StepRequest, cache: KVCache, codec: str) -> StepReply:
         """One inference step's reply: output and cache length (the cache is truncated first for a replay)."""
         assert step.hidden is not None
+        trace.mark("compute.start")
         if step.position < cache.length:
             cache.truncate(step.position)
         with torch.no_grad():
             hidden = step.hidden.to(self.device, self.dtype)
             out = self.run(blocks, hidden, step.mask, step.prompts, cache, step.position)
-        return StepReply(cache.length, encode_tensor(out, codec))
+        reply = StepReply(cache.length, encode_tensor(out, codec))
+        trace.mark("compute.end")
+        return reply
 
 
 def add_prompts(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from petal.daemon.serving.plan import Progress, ServePlan, load_span, plan_servi
 from petal.daemon.serving.rebalancer import Rebalancer
 from petal.daemon.serving.settings import ServeSettings
 from petal.daemon.serving.throughput import cached_throughput, read_cached_throughput
+from petal.daemon.serving.worker import INFERENCE, TRAINING
 from petal.protocol.records import MODELS_KEY
 
 log = logging.getLogger("petal.server")
@@ -116,6 +117,8 @@ class Host:
                 "sessions": h.server.sessions,
                 "cache_tokens_left": h.server.cache_tokens_left,
                 "rebalancing": h.rebalancer is not None,
+                "inference_steps": h.server.jobs.submitted[INFERENCE],
+                "training_calls": h.server.jobs.submitted[TRAINING],
             }
             for m, h in self._hosted.items()
         ]

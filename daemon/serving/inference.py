@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from petal.daemon.net.transport import Stream, StreamClosed
+from petal.daemon import trace
+from petal.daemon.net.transport import Stream, StreamClosed, ThreadSend, thread_sender
 from petal.daemon.serving.compute import SpanCompute
 from petal.daemon.serving.errors import ComputeTimeout, ErrorReply
 from petal.daemon.serving.kv_pool import Allocation, KVPool
@@ -28,7 +31,8 @@ from petal.protocol.errors import PetalError
 from petal.protocol.messages import OpenRequest, ServedSpan, StepRequest, error_reply, parse_step
 from petal.protocol.replies import OpenReply, StepReply
 
-StepJob = concurrent.futures.Future[StepReply]
+StepJob = concurrent.futures.Future[tuple[StepReply, bool]]
+"""A step's compute: its reply, and whether the worker thread already sent it on (see `InferenceSession._compute`)."""
 
 
 class InferenceSession:
@@ -67,6 +71,8 @@ class InferenceSession:
         self._evicted: PetalError | None = None
         self._evict = asyncio.Event()
         self._running: concurrent.futures.Future[Any] | None = None  # a timed-out job the thread still runs
+        self._abandoned = False  # a step timed out: the worker must not send its late result
+        self._reply_sender = thread_sender(stream)  # None: replies go out from this task (libp2p streams)
 
     @property
     def cache_length(self) -> int:
@@ -94,13 +100,19 @@ class InferenceSession:
         try:
             await self.stream.send(OpenReply(opened.max_length, self.session_id, opened.push).to_wire())
             while (msg := await self._next_message()) is not None:
+                sent = False
                 with ErrorReply("inference step", noun="step", passing=(StreamClosed,)) as out:
-                    out.reply = (await self._step(msg)).to_wire()
+                    trace.mark("srv.step")
+                    reply, sent = await self._step(msg)
+                    out.reply = reply.to_wire()
                 if isinstance(out.error, ComputeTimeout):  # the cache may be mid-write: end the session
                     self._running = out.error.running
+                    self._abandoned = True  # a late result of the worker is not sent
                     await self.stream.send(out.reply)
                     return
-                await self.stream.send(out.reply)
+                if not sent:
+                    await self.stream.send(out.reply)
+                trace.mark("srv.replied")
                 self.last_active = time.monotonic()
         except StreamClosed:
             return
@@ -142,11 +154,39 @@ class InferenceSession:
             return None
 
     def _submit(self, step: StepRequest) -> StepJob:
-        cache, codec = self.allocation.cache, self.opened.codec
-        return self.jobs.submit(INFERENCE, self.compute.step, self.blocks, step, cache, codec)
+        """Queue the step's compute. Where the stream allows (`thread_sender`), the worker sends the result on itself:
+        the reply to the client when the step pushes nowhere, else the push to the next hop (over a push stream
+        already open); the output leaves this server without waking this task first (one hand-off per hop)."""
+        send = None
+        if step.push_to is None:
+            send = self._send_reply if self._reply_sender is not None else None
+        elif step.step is not None:
+            push = self.pusher.thread_sender(step.push_to)
+            if push is not None:
+                send = functools.partial(self._send_push, push, step.push_to.session, step.step)
+        job = self.jobs.submit(INFERENCE, self._compute, step, send)
+        trace.mark("srv.submitted")
+        return job
 
-    async def _step(self, msg: object) -> StepReply:
-        """One step's reply; raises PetalError (or StreamClosed when the client left while its step waited)."""
+    def _compute(self, step: StepRequest, send: Callable[[StepReply], None] | None) -> tuple[StepReply, bool]:
+        """Runs in the worker thread: the step's reply, sent on by `send` when given (True if so)."""
+        reply = self.compute.step(self.blocks, step, self.allocation.cache, self.opened.codec)
+        if send is None or self._abandoned:
+            return reply, False
+        send(reply)
+        return reply, True
+
+    def _send_reply(self, reply: StepReply) -> None:
+        assert self._reply_sender is not None
+        self._reply_sender(reply.to_wire())
+
+    @staticmethod
+    def _send_push(push: ThreadSend, session: str, step: int, reply: StepReply) -> None:
+        push({"session": session, "step": step, "hidden": reply.hidden})
+
+    async def _step(self, msg: object) -> tuple[StepReply, bool]:
+        """One step's reply and whether it was sent already; raises PetalError (or StreamClosed when the client left
+        while its step waited)."""
         opened = self.opened
         step = parse_step(
             msg,
@@ -160,18 +200,21 @@ class InferenceSession:
         if step.hidden is None:
             hidden, self._pending, job = await self._await_push(step)
             if hidden is None:
-                return StepReply(self.cache_length, skipped=True)
+                return StepReply(self.cache_length, skipped=True), False
             step = replace(step, hidden=hidden)
         if self.inbox is not None and step.step is not None:
             self.inbox.taken(step.step)
         if job is None:
             job = self._submit(step)
-        reply = await self.jobs.finish(job)
+        reply, sent = await self.jobs.finish(job)
+        trace.mark("srv.resumed")
         if step.push_to is not None:
             assert step.step is not None
             assert reply.hidden is not None  # a computed step always has its output
-            reply = replace(reply, pushed=await self.pusher.push(step.push_to, step.step, reply.hidden))
-        return reply
+            pushed = await self.pusher.push(step.push_to, step.step, reply.hidden, sent=sent)
+            trace.mark("srv.push_acked")
+            return replace(reply, pushed=pushed), False
+        return reply, sent
 
     async def _await_push(self, step: StepRequest) -> tuple[torch.Tensor | None, object, StepJob | None]:
         """The pushed input of `step` and its job, or (None, message, None) when the client's next message comes first.

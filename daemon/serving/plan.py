@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from petal.daemon.dht.interface import SwarmDHT
-from petal.daemon.pull import default_models_dir
+from petal.daemon.hub import blocks_missing, read_source
+from petal.daemon.pull import PullError, default_models_dir, pull_gguf
 from petal.daemon.serving.errors import ServeError
 from petal.daemon.serving.placement import Entries, choose_span, parse_blocks
 from petal.daemon.serving.settings import DTYPES, ServeSettings
@@ -45,8 +46,16 @@ class ServePlan:
 
 
 def resolve_model_dir(serve: str) -> Path:
-    """`serve` is a model dir path, or the name of a model pulled into the models dir."""
+    """`serve` is a model dir path, the name of a model pulled into the models dir, or a .gguf file's path.
+
+    A GGUF file is converted into the models dir on first use (seconds to minutes: call this off the event loop).
+    """
     path = Path(serve).expanduser()
+    if serve.lower().endswith(".gguf") and path.is_file():
+        try:
+            return pull_gguf(str(path), default_models_dir(), progress=False)
+        except PullError as e:
+            raise ServeError(f"--serve {serve}: {e}") from None
     if (path / "config.json").is_file():
         return path
     candidate = default_models_dir() / serve
@@ -76,7 +85,7 @@ async def plan_serving(
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ServeError("--device cuda but torch sees no CUDA device; use --device cpu or fix the CUDA setup")
     try:
-        info = await asyncio.to_thread(open_model, resolve_model_dir(serve))
+        info = await asyncio.to_thread(lambda: open_model(resolve_model_dir(serve)))
     except ModelStoreError as e:
         raise ServeError(str(e)) from None
     total = info.num_blocks
@@ -87,8 +96,22 @@ async def plan_serving(
         start, end = choose_span(entries, num_blocks, total)
         log.info("chose blocks [%d, %d) of %s where the swarm is weakest", start, end, info.name)
     else:
-        start, end = 0, total
+        start, end = _pulled_span(info.path) or (0, total)
+    if missing := blocks_missing(info.path, start, end):
+        held = read_source(info.path) or {}
+        raise ServeError(
+            f"{info.path} is a partial pull holding blocks {held.get('blocks')}, not {missing[0]}..{missing[-1]} of "
+            f"[{start}, {end}); pull them first: petald pull {held.get('repo', info.name)} --blocks {start}:{end}"
+        )
     return ServePlan(info, start, end, settings, rebalance=bool(num_blocks and not blocks))
+
+
+def _pulled_span(model_dir: Path) -> tuple[int, int] | None:
+    """The one span a partial Hub pull holds (what to serve when no blocks are asked for); None otherwise."""
+    held = (read_source(model_dir) or {}).get("blocks")
+    if isinstance(held, list) and len(held) == 1:
+        return int(held[0][0]), int(held[0][1])
+    return None
 
 
 def load_span(info: ModelInfo, start: int, end: int, settings: ServeSettings, progress: Progress | None) -> Span:

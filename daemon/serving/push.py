@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from petal.daemon.dht.interface import SwarmDHT
-from petal.daemon.net.transport import PeerAddr, Stream, Transport, TransportError
+from petal.daemon.net.transport import PeerAddr, Stream, ThreadSend, Transport, TransportError, thread_sender
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import PUSH_PROTOCOL, PushRequest, PushTarget, check_pushed
 from petal.protocol.records import OFFLINE, ServerRecord, block_key
@@ -189,12 +189,24 @@ class Pusher:
         self._stream: Stream | None = None
         self._peer: PeerAddr | None = None
 
-    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any]) -> bool:
-        """Send one step's encoded output; True once the next hop acked it, False (logged) on any failure.
+    def thread_sender(self, target: PushTarget) -> ThreadSend | None:
+        """A sender for the compute thread when the stream to `target` is open and allows it (`thread_sender`); the
+        push it sends is then acked through `push(..., sent=True)`."""
+        if self._stream is None or self._peer is None or self._peer.peer_id != target.peer:
+            return None
+        return thread_sender(self._stream)
+
+    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any], *, sent: bool = False) -> bool:
+        """Send one step's encoded output (`sent`: the compute thread already did, see `thread_sender`); True once
+        the next hop acked it, False (logged) on any failure.
 
         The client learns the outcome from its reply's `pushed` and sends the next hop the input itself when False.
         """
         try:
+            if sent:
+                assert self._stream is not None
+                PushAck.from_wire(await self._stream.recv(timeout=PUSH_ACK_TIMEOUT))
+                return True
             if target.peer == self.transport.peer_id:
                 self._local(target.peer, PushRequest(target.session, step, decode_tensor(hidden)))
                 return True

@@ -33,7 +33,9 @@ class ServeSettings:
     refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
     peer_share: float = 0.5  # most of the KV budget one peer may hold while other peers use or wait for it
     contended_idle_timeout: float = 10.0  # an idle session is closed after this while another peer waits (or draining)
+    public_name: str = ""  # petald --public-name, carried in the server's DHT record
     drain_timeout: float = 30.0  # on SIGTERM or unserve: longest open sessions may run on before they are closed
+    test_lie: float = 0.0  # TEST ONLY (petald --test-lie): relative noise added to every output; 0: honest
 
 
 DEFAULT_SETTINGS = ServeSettings()
@@ -50,4 +52,6 @@ def settings_from_config(config: Config) -> ServeSettings:
         max_cache_tokens=config.max_cache_tokens,
         codec=config.codec,
         alloc_timeout=config.alloc_timeout,
+        test_lie=config.test_lie,
+        public_name=config.public_name or "",
     )

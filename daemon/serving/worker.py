@@ -12,6 +12,7 @@ import concurrent.futures
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,6 +85,7 @@ class Jobs:
         self.name = name
         self._worker: ComputeWorker | None = None
         self._open = False
+        self.submitted = [0, 0]  # jobs accepted per priority (INFERENCE steps, TRAINING calls), for /metrics
 
     @property
     def open(self) -> bool:
@@ -107,7 +109,10 @@ class Jobs:
         """Queue `fn(*args)`; raises PetalError "unavailable" when closed, "busy" when the queue is full."""
         if not self._open or self._worker is None:
             raise _unavailable()
-        return self._worker.submit(priority, fn, *args)
+        future = self._worker.submit(priority, fn, *args)
+        self.submitted[priority] += 1
+        time.sleep(0)  # let go of the GIL now, so the woken worker starts at once, not when this loop next idles
+        return future
 
     async def finish(self, future: concurrent.futures.Future[T]) -> T:
         """The job's result within `timeout`, or ComputeTimeout (holding the job if the thread still runs it)."""

@@ -167,7 +167,6 @@ def lap(name):
 import petal.daemon.main; lap("import petal.daemon.main (click, config)")
 import petal.daemon.node; lap("import petal.daemon.node (aiohttp, libp2p, DHT, api)")
 import torch; lap("import torch")
-import transformers; lap("import transformers")
 import petal.kernels.store; lap("import petal.kernels.store (model code)")
 import petal.daemon.serving.host, petal.daemon.api.routes; lap("import serving + torch-using API modules")
 from petal.kernels.store import load_span, open_model
@@ -177,6 +176,7 @@ torch.set_num_threads(1)
 info = open_model(sys.argv[1]); info.fingerprint; lap("open model + fingerprint")
 span = load_span(info, int(sys.argv[2]), int(sys.argv[3])); lap(f"load blocks {sys.argv[2]}:{sys.argv[3]}")
 measure_throughput(SpanCompute(span, torch.float32, torch.device("cpu"))); lap("throughput measurement (cold only)")
+print(f"{'transformers imported by the server path':<58}{'transformers' in sys.modules!s:>6}")
 """
 
 

@@ -1,9 +1,10 @@
 """The direct data plane with real petald processes: block traffic over TLS/TCP gives the libp2p path's results.
 
-Three daemons serve a tiny random 30-block Llama ([0, 10), [10, 20), [20, 30)), all with `--direct`. Two client
-daemons serve nothing: one with `--direct` (its block streams go over the direct plane) and one without (libp2p
-only, the baseline of the same run). Forward and an inference session through each must agree with each other and
-with the same weights run locally. The relay-only fallback is covered in tests/unit/daemon/test_direct.py.
+Three daemons serve a tiny random 30-block Llama ([0, 10), [10, 20), [20, 30)) with the default settings (the
+direct plane on). Two client daemons serve nothing: one with the defaults (its block streams go over the direct
+plane) and one with `--direct off` (libp2p only, the baseline of the same run). Forward and an inference session
+through each must agree with each other and with the same weights run locally. The relay-only fallback is covered
+in tests/unit/daemon/test_direct.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from tests.support.tinymodels import tiny_llama
 MODEL = "tiny-llama"
 HIDDEN = 32
 ATOL = 1e-4
-DIRECT = ("--direct", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,13 @@ def swarm(model):
     s = Swarm(root)
     env = {"PETAL_MODELS_DIR": str(model[0])}
     try:
-        boot = s.make("s0", "--new-swarm", "--serve", MODEL, "--blocks", "0:10", *DIRECT).start(extra_env=env)
+        boot = s.make("s0", "--new-swarm", "--serve", MODEL, "--blocks", "0:10").start(extra_env=env)
         servers = [boot]
         for name, blocks in (("s1", "10:20"), ("s2", "20:30")):
-            args = ("--initial-peer", boot.address, "--serve", MODEL, "--blocks", blocks, *DIRECT)
+            args = ("--initial-peer", boot.address, "--serve", MODEL, "--blocks", blocks)
             servers.append(s.make(name, *args).start(extra_env=env))
-        direct = s.make("cd", "--initial-peer", boot.address, *DIRECT).start(extra_env=env)
-        plain = s.make("cl", "--initial-peer", boot.address).start(extra_env=env)
+        direct = s.make("cd", "--initial-peer", boot.address).start(extra_env=env)
+        plain = s.make("cl", "--initial-peer", boot.address, "--direct", "off").start(extra_env=env)
         yield servers, direct, plain
     finally:
         s.close()

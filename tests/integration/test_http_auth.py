@@ -25,12 +25,12 @@ import pytest
 from click.testing import CliRunner
 
 from petal.ctl.cli import cli
+from tests.support.browser import CHROMIUM, chromium_flags
 from tests.support.daemons import Daemon, Swarm
 from tests.support.tinymodels import tiny_llama
 
 MODEL = "tiny-http"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def free_port() -> int:
@@ -132,7 +132,7 @@ def test_login_url_sets_a_strict_httponly_cookie_and_drops_the_token_from_the_ur
     status, _, data = call(port, "GET", "/v1/status", Cookie=pair)
     assert status == 200 and json.loads(data)["peer_id"]
     status, _, data = call(port, "GET", "/", Cookie=pair)
-    assert status == 200 and json.loads(data)["logged_in"] is True
+    assert status == 200 and b'id="petal-dashboard"' in data  # the dashboard page
     status, headers, data = call(port, "GET", "/?token=not-the-token")
     assert status == 401 and "set-cookie" not in headers and error_code(data) == "unauthorized"
     status, _, _ = call(port, "GET", "/v1/status", Cookie=f"petal_token_{port}=not-the-token")
@@ -256,24 +256,11 @@ def test_a_page_of_another_origin_cannot_drive_the_daemon_from_a_browser(daemon,
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     profile = tmp_path / "chromium"
-    flags = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=10000",
-        "--dump-dom",
-    ]
+    flags = [*chromium_flags(profile), "--virtual-time-budget=10000", "--dump-dom"]
     try:
         env = {**os.environ, "HOME": str(tmp_path)}
         login = subprocess.run([*flags, f"{api}/?token={token}"], capture_output=True, text=True, timeout=120, env=env)
-        assert "logged_in" in login.stdout, login.stderr[-2000:]
+        assert 'id="petal-dashboard"' in login.stdout, login.stderr[-2000:]
         assert logged_in(profile, port), "the login URL left no cookie in the browser's profile"
         # another origin on the same site: the browser sends the SameSite=Strict cookie, the daemon must refuse
         other = f"http://127.0.0.1:{server.server_address[1]}/"

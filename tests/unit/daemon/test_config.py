@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from petal.daemon.config import ConfigError, default_socket, load_config
+from petal.daemon.config import Config, ConfigError, default_socket, load_config
 from petal.daemon.net.addrs import parse_multiaddr
 from petal.daemon.systemd import sd_notify
 
@@ -59,3 +59,14 @@ def test_sd_notify_sends_to_notify_socket(tmp_path, monkeypatch):
         assert s.recv(100) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sd_notify("READY=1")
+
+
+def test_direct_plane_defaults_to_the_listen_host_and_the_next_port():
+    base = dict(new_swarm=True)
+    assert Config(**base).direct_listen() == "0.0.0.0:31331"
+    assert Config(listen=["/ip4/127.0.0.1/tcp/0"], **base).direct_listen() == "127.0.0.1:0"
+    assert Config(listen=["/ip6/::1/tcp/4001"], **base).direct_listen() == "[::1]:4002"
+    assert Config(direct="off", **base).direct_listen() is None
+    assert Config(direct="10.0.0.1:9000", **base).direct_listen() == "10.0.0.1:9000"
+    with pytest.raises(ConfigError, match="auto or off"):
+        Config(direct="nonsense", **base).validate()

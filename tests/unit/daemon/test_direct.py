@@ -177,3 +177,39 @@ def test_server_record_carries_the_direct_address_and_old_records_stay_valid():
     for bad in ("/ip4/x", [1], {"a": 1}):
         with pytest.raises(RecordError, match="direct addresses"):
             ServerRecord.from_value({**new, "x": bad})
+
+
+async def test_a_stream_flooded_past_its_unread_limit_is_reset_and_others_go_on(pair, monkeypatch, caplog):
+    """A peer that sends without waiting for answers costs bounded memory: its stream is reset (the connection and
+    the peer's other streams stay up), and the connection closes once all its streams together hold too much."""
+    import petal.daemon.net.direct as direct
+
+    a, b, _ = pair
+    held: list = []
+
+    async def sink(stream) -> None:  # never reads: everything sent to it stays unread
+        held.append(stream)
+        await asyncio.sleep(30)
+
+    b.set_handler("/petal/block/sink/1", sink)
+    monkeypatch.setattr(direct, "MAX_UNREAD", 10_000)
+    flood = await a.open_stream(addr(b), "/petal/block/sink/1")
+    other = await a.open_stream(addr(b), BLOCK)
+    with caplog.at_level(logging.WARNING, logger="petal.daemon.net.direct"):
+        with pytest.raises(direct.StreamReset):
+            for _ in range(100):
+                await flood.send(b"x" * 1000)
+                await asyncio.sleep(0.01)
+        assert "unread bytes" in caplog.text
+    await other.send({"still": "up"})
+    assert await other.recv(timeout=5) == {"still": "up"}
+    assert held and held[0]._conn.unread == 0  # a reset stream's bytes no longer count against the connection
+
+    monkeypatch.setattr(direct, "MAX_UNREAD", 1 << 30)
+    monkeypatch.setattr(direct, "MAX_CONN_UNREAD", 20_000)
+    flood = await a.open_stream(addr(b), "/petal/block/sink/1")
+    with pytest.raises(direct.StreamReset):
+        for _ in range(100):
+            await flood.send(b"x" * 1000)
+            await asyncio.sleep(0.01)
+    assert not a.connected(b.peer_id) or all(c.closed for c in a._conns.get(b.peer_id, []))
