@@ -6,20 +6,25 @@ and pass it to `step`. `forward` is the cache-free path used for training (gradi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from petal.protocol.errors import PetalError
 
 from .cache import KVCache
 from .families import get_family
 
+if TYPE_CHECKING:  # only for `from_model`'s signature: the server path never imports transformers
+    from transformers import PreTrainedModel
+
 
 class Span(nn.Module):
     """Blocks `[start, start + len(blocks))` of one model, run as a unit with one causal mask and positions."""
 
-    def __init__(self, config: PretrainedConfig, blocks: list[nn.Module], start: int) -> None:
+    def __init__(self, config: Any, blocks: list[nn.Module], start: int) -> None:
+        """`config`: the model's config as `petal.kernels.store.open_model` reads it, or a transformers config."""
         super().__init__()
         if not blocks:
             raise ValueError("a span needs at least one block")
@@ -36,10 +41,13 @@ class Span(nn.Module):
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, start: int, end: int) -> Span:
-        """Take blocks `[start, end)` out of a full transformers model (shared, not copied); for tests and tools."""
+        """Blocks `[start, end)` of a full transformers model, for tests and tools; its parameters are shared, not
+        copied. Families with their own block code get their blocks holding the model's very parameters."""
         inner: nn.Module = getattr(model, model.base_model_prefix, model)
-        layers = inner.get_submodule("layers" if hasattr(inner, "layers") else "h")
-        return cls(model.config, list(layers.children())[start:end], start)
+        layers = list(inner.get_submodule("layers" if hasattr(inner, "layers") else "h").children())
+        family = get_family(model.config)
+        blocks = [_adopt(family.make_block, model.config, layers[i], i) for i in range(start, end)]
+        return cls(model.config, blocks, start)
 
     @property
     def start(self) -> int:
@@ -122,3 +130,31 @@ class Span(nn.Module):
             hidden = self._runner.run_block(block, hidden, prepared, cache.layer(index))
         cache.advance(t)
         return hidden
+
+
+def _adopt(make_block: Any, config: Any, layer: nn.Module, index: int) -> nn.Module:
+    """`layer` itself when the family uses that class, else a family block built from `layer`'s own Linear modules
+    and parameters (nothing copied)."""
+    with torch.device("meta"):
+        block: nn.Module = make_block(config, index)
+    if type(block) is type(layer):
+        return layer
+    ours, theirs = dict(block.named_parameters()), dict(layer.named_parameters())
+    if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+        raise ValueError(
+            f"block {index}: {type(layer).__name__} has parameters {sorted(theirs)}, but the family's "
+            f"{type(block).__name__} expects {sorted(ours)} (with the same shapes)"
+        )
+    if any(True for _ in block.buffers()):
+        raise ValueError(f"{type(block).__name__} has buffers; adopt them from the model too")
+    their_modules = dict(layer.named_modules())
+    for name, mine in list(block.named_modules()):  # leaves of the same class (the Linears) are taken over whole,
+        other = their_modules.get(name)  # so hooks a caller put on the model's layers still fire
+        if name and other is not None and type(other) is type(mine) and not any(True for _ in mine.children()):
+            owner, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(owner), leaf, other)
+    for name, param in list(block.named_parameters()):  # the rest (norms) hold the model's very parameters
+        if param.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(owner), leaf, theirs[name])
+    return block

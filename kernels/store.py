@@ -7,7 +7,9 @@ memory (or disk reads) for the other blocks.
 
 Fingerprint (`ModelInfo.fingerprint`): the first 16 hex digits of a SHA-256 over, in this order,
   1. the config fields in `FINGERPRINT_CONFIG_FIELDS` that the config has (architecture: sizes, heads,
-     positions, norms, activation, tied head), as canonical JSON;
+     positions, norms, activation, tied head), as canonical JSON, read as the family's `read_config` gives them
+     (petal's own reading since the Llama-like families stopped using transformers' configs, which changed
+     fingerprints once: transformers 5 also exposed `rope_parameters` as `rope_scaling`);
   2. every tensor of the checkpoint, sorted by name: name, shape, dtype (from the safetensors headers);
   3. a sample of each tensor's stored bytes: its first and last `FINGERPRINT_SAMPLE_BYTES` bytes.
 Part 3 is what tells a fine-tune from its base model (same names and shapes, different values) without
@@ -25,14 +27,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
 
-from .families import get_family
+from .families import family_for, get_family
 from .families.base import ClientPartsBase
 from .span import Span
 
@@ -93,7 +94,7 @@ class ModelInfo:
     """A model dir opened for loading: config, family, and where every tensor lives."""
 
     path: Path
-    config: PretrainedConfig
+    config: Any  # the family's `read_config` of config.json: `DecoderConfig` for Llama-likes, BLOOM's BloomConfig
     name: str
     family: str
     num_blocks: int
@@ -109,7 +110,8 @@ class ModelInfo:
 
 
 def open_model(path: str | Path) -> ModelInfo:
-    """Read config.json and the safetensors headers of the model dir `path` (no weights are read)."""
+    """Read config.json (with the family's own `read_config`: no transformers for the Llama-like families) and the
+    safetensors headers of the model dir `path` (no weights are read)."""
     try:
         path = Path(path).expanduser().resolve()
         has_config = (path / "config.json").is_file()
@@ -118,9 +120,11 @@ def open_model(path: str | Path) -> ModelInfo:
     if not has_config:
         raise ModelStoreError(f"{path} is not a model dir (no config.json); pull one with `petald pull smollm2`")
     try:
-        config = AutoConfig.from_pretrained(path)
-        family = getattr(config, "model_type", None)
-        get_family(config)  # fails early, with the list of supported families
+        fields = json.loads((path / "config.json").read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("config.json is not a JSON object")
+        family = fields.get("model_type")
+        config = family_for(family).read_config(fields)  # an unknown family fails here, listing the supported ones
         name = getattr(config, "petal_name", None) or path.name
         num_blocks = int(config.num_hidden_layers)
         tensors = _read_layout(path)
@@ -283,7 +287,7 @@ def _read_layout(path: Path) -> dict[str, _TensorEntry]:
     return tensors
 
 
-def _fingerprint(config: PretrainedConfig, tensors: dict[str, _TensorEntry]) -> str:
+def _fingerprint(config: Any, tensors: dict[str, _TensorEntry]) -> str:
     digest = hashlib.sha256()
     arch = {k: getattr(config, k) for k in FINGERPRINT_CONFIG_FIELDS if getattr(config, k, None) is not None}
     digest.update(json.dumps(arch, sort_keys=True, default=str).encode())

@@ -24,6 +24,7 @@ from petal.daemon.api.swarm_map import (
     swarm_models,
     uncovered_ranges,
 )
+from petal.daemon.routing.spotcheck import read_reports
 from petal.daemon.routing.swarm import ServerInfo
 from petal.protocol.errors import PetalError
 
@@ -65,9 +66,14 @@ async def model_json(state: ApiState, model: SwarmModel) -> dict[str, Any]:
             }
             for h in chain
         ]
+    try:  # signed mismatch reports (issue 15): how many distinct clients caught each server returning wrong outputs
+        reports = await read_reports(state.node.dht, model.name, [s.peer_id for s in servers])
+    except (OSError, TimeoutError, RuntimeError):
+        reports = {}
     rows = []
     for s in servers:
         row = s.to_json(router.is_banned)
+        row["reports"] = len({r.signer for r in reports.get(s.peer_id, [])})
         row["rtt_s"] = None if row["state"] == "offline" else router.latency.get(s.peer_id)  # not a stale one
         bandwidth = router.bandwidth(s.peer_id)
         row["link_mbit"] = None if bandwidth is None else round(bandwidth / 1e6, 1)

@@ -1,6 +1,9 @@
-"""One module per model family (Llama, BLOOM, ...); each exposes the interface described in `base.py`.
+"""One module per model family (Llama, Mistral, Qwen2, Qwen3, BLOOM); each exposes the interface in `base.py`.
 
-Adding a family = one new module + one line in `_FAMILIES`.
+Adding a family = one new module + one line in `_FAMILIES`. A module is the family itself (module-level names, as
+`bloom.py`), or holds it as `FAMILY` (the Llama-likes: a `decoder.DecoderFamily` with the module's `read_config`).
+The Llama-like families share the block code of `decoder.py` and differ only in how they read config.json; none of
+them imports transformers (BLOOM does, when a BLOOM model is used).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ if TYPE_CHECKING:  # base imports torch; this registry stays importable without 
 
 _FAMILIES: dict[str, str] = {
     "llama": "petal.kernels.families.llama",
+    "mistral": "petal.kernels.families.mistral",
+    "qwen2": "petal.kernels.families.qwen2",
+    "qwen3": "petal.kernels.families.qwen3",
     "bloom": "petal.kernels.families.bloom",
 }
 
@@ -20,11 +26,16 @@ SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
 
 def get_family(config: object) -> FamilyModule:
-    """The family module for a transformers config, dispatching on `config.model_type`."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
+    """The family module for a config (ours or transformers'), dispatching on `config.model_type`."""
+    return family_for(getattr(config, "model_type", None))
+
+
+def family_for(model_type: object) -> FamilyModule:
+    """The family module for a `model_type` string, e.g. config.json's; the error lists what is supported."""
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise ValueError(
             f"unsupported model family {model_type!r}: petal supports {', '.join(SUPPORTED_FAMILIES)}; "
             "pick a model of one of these families or add a module under kernels/families/"
         )
-    return cast("FamilyModule", importlib.import_module(_FAMILIES[model_type]))
+    module = importlib.import_module(_FAMILIES[model_type])
+    return cast("FamilyModule", getattr(module, "FAMILY", module))  # Llama-likes: a `decoder.DecoderFamily`

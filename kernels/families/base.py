@@ -1,7 +1,8 @@
 """What every model family module provides, and the mask/position helpers they share.
 
-A family module (llama.py, bloom.py, ...) exposes module-level names, not a class, so adding a family is one new
-module plus one registry line in `__init__.py`:
+A family (bloom.py's module-level names, or the `FAMILY` object of llama.py, mistral.py, qwen2.py, qwen3.py: a
+`decoder.DecoderFamily`) provides these names, so adding a family is one new module plus one registry line in
+`__init__.py`:
 
 - `make_block(config, index) -> nn.Module`: one transformer block for absolute layer `index`, built on the
   current default device (the model store calls it under `torch.device("meta")`).
@@ -11,11 +12,15 @@ module plus one registry line in `__init__.py`:
 - `client_param_names(config) -> dict[str, str]`: `ClientParts` parameter name -> checkpoint tensor name.
 - `kv_shape(config) -> (kv_heads, head_dim)`: what the KV cache stores per layer.
 - `BlockRunner(config)`: how to call that family's blocks with a causal mask, positions and a cache slot.
+- `read_config(fields) -> config`: config.json's fields as the object every function above takes (the Llama-like
+  families read it into `decoder.DecoderConfig` without importing transformers). The functions above also accept a
+  transformers config of the family, for in-memory models in tests and tools.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -56,6 +61,8 @@ class FamilyModule(Protocol):
     ClientParts: type[ClientPartsBase]
     BlockRunner: type[BlockRunner]
 
+    def read_config(self, fields: Mapping[str, Any]) -> Any: ...
+
     def make_block(self, config: object, index: int) -> nn.Module: ...
 
     def block_prefix(self, index: int) -> str: ...
@@ -74,8 +81,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """Additive 4-D mask `[B, 1, t, L]` for the last `t` of `L` positions: causal and hiding padded keys.
+
+    With `window`, a query also sees only the `window - 1` slots before its own (sliding-window attention, counted in
+    cache slots as transformers does, so left padding takes room in the window too).
 
     Always built explicitly: transformers' eager attention is not causal without a mask, and sdpa's own causal
     flag aligns to the wrong corner once a cache is involved. Uses finfo.min rather than -inf so that fully
@@ -85,7 +95,10 @@ def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> tor
     device = attention_mask.device
     query_pos = torch.arange(total - t, total, device=device)[:, None]
     key_pos = torch.arange(total, device=device)[None, :]
-    allowed = (key_pos <= query_pos)[None, :, :] & attention_mask.bool()[:, None, :]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible &= key_pos > query_pos - window
+    allowed = visible[None, :, :] & attention_mask.bool()[:, None, :]
     mask = torch.zeros(batch, 1, t, total, dtype=dtype, device=device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 

@@ -1,8 +1,13 @@
-"""BLOOM blocks, reusing transformers' `BloomBlock` (ALiBi positions, fused QKV, always eager attention)."""
+"""BLOOM blocks, reusing transformers' `BloomBlock` (ALiBi positions, fused QKV, always eager attention).
+
+The one family that still imports transformers: this module is imported only when a BLOOM model is used.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +26,11 @@ CLIENT_PREFIXES: dict[str, str] = {
     "ln_f.": "transformer.ln_f.",
     "lm_head.": "lm_head.",
 }
+
+
+def read_config(fields: Mapping[str, Any]) -> BloomConfig:
+    """config.json's fields as transformers' `BloomConfig` (what `AutoConfig` would give)."""
+    return BloomConfig.from_dict(dict(fields))
 
 
 def make_block(config: BloomConfig, index: int) -> nn.Module:

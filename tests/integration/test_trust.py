@@ -87,6 +87,11 @@ def test_generation_with_a_liar_equals_the_honest_output_and_bans_it(swarm, mode
     [report] = m["reports"]
     assert report["peer_id"] == peers["liar"] and report["signers"] == 1
     assert report["reports"][0]["signer"] == s0.status()["peer_id"] and report["reports"][0]["rel_l2"] > 0.1
+    # others see it: the dashboard's data (the page and `petalctl swarm` draw it) counts one reporter for the liar only
+    [dash] = s0.client.get(f"/v1/dashboard?model={MODEL}")["models"]
+    assert {s["peer_id"]: s["reports"] for s in dash["servers"] if s["reports"]} == {peers["liar"]: 1}
+    table = CliRunner().invoke(cli, ["--socket", str(s0.socket), "swarm", "-m", MODEL])
+    assert table.exit_code == 0 and "reports" in table.output, table.output
 
 
 def test_petalctl_verify_flags_exactly_the_liar(swarm):

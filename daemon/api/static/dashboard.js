@@ -84,7 +84,7 @@ function renderMap(model, servers) {
 }
 
 function renderServers(servers) {
-  const cols = ["peer", "name", "state", "span", "version", "dtype / quant", "throughput", "link", "cache left", "reach", "RTT"];
+  const cols = ["peer", "name", "state", "span", "version", "dtype / quant", "throughput", "link", "cache left", "reach", "RTT", "reports"];
   const table = el("table", {class: "servers", "data-role": "servers"});
   table.append(el("tr", {}, ...cols.map((c) => el("th", {text: c}))));
   for (const s of servers) {
@@ -102,7 +102,13 @@ function renderServers(servers) {
         el("td", {class: "num", text: s.link_mbit === null || s.link_mbit === undefined ? "–" : `${s.link_mbit} Mbit/s`}),
         el("td", {class: "num", text: String(s.cache_tokens_left)}),
         el("td", {text: s.reach + (s.tls ? " (TLS)" : "")}),
-        el("td", {class: "num", text: ms(s.rtt_s)})
+        el("td", {class: "num", text: ms(s.rtt_s)}),
+        el("td", {
+          class: s.reports ? "num problem" : "num",
+          "data-role": "reports",
+          title: "clients that signed a report of wrong outputs from this server (spot checks, petalctl verify)",
+          text: s.reports ? `⚠ ${s.reports}` : "0",
+        })
       )
     );
   }

@@ -213,3 +213,30 @@ async def test_a_stream_flooded_past_its_unread_limit_is_reset_and_others_go_on(
             await flood.send(b"x" * 1000)
             await asyncio.sleep(0.01)
     assert not a.connected(b.peer_id) or all(c.closed for c in a._conns.get(b.peer_id, []))
+
+
+async def test_a_thread_sends_on_a_direct_stream_in_order_and_nothing_after_its_end(pair):
+    """`thread_sender`: the compute thread encodes and the loop writes, in order; a send after the stream ended is
+    dropped (the stream's task sees the end itself), and a stream kind without it (memory, libp2p) answers None."""
+    from petal.daemon.net.transport import MemoryNetwork, MemoryTransport, thread_sender
+
+    a, b, _ = pair
+    stream = await a.open_stream(addr(b), BLOCK)  # b echoes
+    send = thread_sender(stream)
+    assert send is not None
+    await asyncio.to_thread(lambda: [send({"n": i}) for i in range(50)])
+    assert [await stream.recv(timeout=5) for _ in range(50)] == [{"n": i} for i in range(50)]
+    await stream.reset()
+    await asyncio.to_thread(send, {"n": "late"})  # dropped, no error
+    await asyncio.sleep(0.05)
+
+    net = MemoryNetwork()
+    m1, m2 = MemoryTransport(net, "m1"), MemoryTransport(net, "m2")
+    await m1.start()
+    await m2.start()
+    m2.set_handler(BLOCK, echo)
+    try:
+        assert thread_sender(await m1.open_stream(PeerAddr("m2"), BLOCK)) is None
+    finally:
+        await m1.stop()
+        await m2.stop()

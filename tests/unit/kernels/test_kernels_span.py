@@ -1,5 +1,8 @@
 """Span and ClientParts match plain transformers exactly (fp32, same weights) for every supported family.
 
+The builders cover each family and variant (rope types, biases, sliding windows, q/k norms, head_dim); every test
+below runs on each: span forward, KV-cache steps, left padding, backward, greedy generation, bf16.
+
 Each comparison states its tolerance and prints the measured max |diff| (run with -s to see the figures).
 """
 
@@ -9,11 +12,12 @@ import copy
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import BloomConfig, BloomForCausalLM, LlamaForCausalLM
 
 from petal.kernels.families import SUPPORTED_FAMILIES, get_family
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
+from tests.support.tinymodels import tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
 
 # fp32 everywhere; the paths differ only in mask layout, op order and summation order. The tolerance is
 # relative to the reference's largest magnitude (activations here reach ~10): |diff| <= ATOL * max(1, max|ref|).
@@ -22,17 +26,8 @@ VOCAB = 128
 
 
 def _llama(**kw: object) -> LlamaForCausalLM:
-    cfg = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=6,
-        vocab_size=VOCAB,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw}))
+    default_rope = {"rope_type": "default", "rope_theta": 1e4}
+    return tiny_llama(**{"tie_word_embeddings": False, "rope_parameters": default_rope, **kw})
 
 
 def _bloom() -> BloomForCausalLM:
@@ -50,6 +45,24 @@ BUILDERS = {
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e5},
     ),
+    # Llama 3.1-style rope scaling (original context 16, so most frequencies are rescaled) and every bias on
+    "llama3-rope": lambda: _llama(
+        attention_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "llama-linear-rope": lambda: _llama(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}),
+    "mistral": lambda: tiny_mistral(tie_word_embeddings=False),  # sliding window 4 on every layer
+    "qwen2": tiny_qwen2,  # q/k/v biases, sliding window 4 on layers 3..5
+    "qwen3": tiny_qwen3,  # q/k norms, head_dim 32 != 64 / 4 heads, q/k/v/o biases
     "bloom": _bloom,
 }
 
@@ -85,7 +98,8 @@ def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 def reference_block_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Hidden states entering each block and leaving the last one, before the final norm (via a hook)."""
-    layers = Span.from_model(model, 0, model.config.num_hidden_layers).blocks
+    inner = getattr(model, model.base_model_prefix)
+    layers = inner.layers if hasattr(inner, "layers") else inner.h  # transformers' own blocks, not the span's
     seen: list[torch.Tensor] = []
     hooks = [
         layer.register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))

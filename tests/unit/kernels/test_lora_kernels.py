@@ -1,4 +1,4 @@
-"""kernels/lora.py against PEFT: same logits and same gradients (inputs and LoRA weights) on tiny Llama and BLOOM.
+"""kernels/lora.py against PEFT: same logits and same gradients (inputs and LoRA weights) on every tiny family.
 
 Reference: `peft.get_peft_model` on one copy of a tiny random model (random nonzero A and B); ours: the same
 weights as a `Lora`, applied by `apply_lora` to the blocks of a second, untouched copy run through `Span`.
@@ -20,7 +20,7 @@ from petal.kernels.lora import apply_lora, check_lora, linear_layers, lora_targe
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora
-from tests.support.tinymodels import tiny_bloom, tiny_llama
+from tests.support.tinymodels import tiny_bloom, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
 
 TOL = 1e-5
 INT8_TOL = 0.03  # int8 weights + bf16 activations vs the fp32 dequantized reference (measured 2e-3..1e-2)
@@ -64,6 +64,17 @@ CASES = {
         lambda m, x: x,
         lambda m, h: m.lm_head(m.model.norm(h)),
     ),
+    # the other Llama-like families: same block code, their own biases / q-k norms / sliding windows
+    **{
+        name: (
+            make,
+            ["q_proj", "v_proj", "down_proj"],
+            lambda m: m.model.layers,
+            lambda m, x: x,
+            lambda m, h: m.lm_head(m.model.norm(h)),
+        )
+        for name, make in (("mistral", tiny_mistral), ("qwen2", tiny_qwen2), ("qwen3", tiny_qwen3))
+    },
     "bloom": (
         tiny_bloom,
         ["query_key_value"],
