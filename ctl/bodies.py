@@ -75,25 +75,51 @@ def session_request(
     start: int = 0,
     end: int | None = None,
     prompts: torch.Tensor | None = None,
+    lora: Lora | None = None,
     **opts: Any,
 ) -> dict[str, Any]:
-    return {
+    """The msgpack body of POST /v1/sessions (and the first message of the session stream); `lora` is sent once,
+    here, and applied by the servers to every step."""
+    body: dict[str, Any] = {
         **SessionRequest(model, max_length, batch).to_body(),
         "start": start,
         "end": end,
         "prompts": _enc(prompts),
         **opts,
     }
+    if lora is not None:
+        from petal.protocol.lora import encode_lora
+
+        body["lora"] = encode_lora(lora, "none")
+    return body
 
 
-def step_request(hidden: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
-    return {"hidden": _enc(hidden), "mask": _enc(mask)}
+def step_request(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    reorder: list[int] | None = None,
+    position: int | None = None,
+) -> dict[str, Any]:
+    """A session step's body; `reorder` (beam search) makes row i a copy of row `reorder[i]` before the step;
+    `position` (at most the tokens cached) rolls the session back there first (rejected speculative guesses)."""
+    body: dict[str, Any] = {"hidden": _enc(hidden), "mask": _enc(mask)}
+    if reorder is not None:
+        body["reorder"] = [int(i) for i in reorder]
+    if position is not None:
+        body["position"] = int(position)
+    return body
 
 
 def reply_tensor(reply: Any, key: str) -> torch.Tensor:
     if not isinstance(reply, dict) or reply.get(key) is None:
         raise DaemonError("bad_response", f"the daemon's reply lacks {key!r}: {str(reply)[:200]}")
     return _dec(reply[key])
+
+
+def forward_kept_result(reply: Any) -> tuple[torch.Tensor, str | None]:
+    """The output and ``forward_id`` of a forward with ``keep`` (None from a daemon that predates it)."""
+    fid = reply.get("forward_id") if isinstance(reply, dict) else None
+    return reply_tensor(reply, "hidden"), fid if isinstance(fid, str) else None
 
 
 def backward_result(reply: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:

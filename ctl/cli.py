@@ -116,10 +116,22 @@ def swarm(ctx: Ctx, model: str | None) -> None:
         health = "[green]healthy[/]" if m["healthy"] else "[red]broken[/]"
         title = f"{m['model']}: {health}, {m['num_blocks']} blocks, {m['family']}, fp {m['fingerprint']}"
         table = Table(title=title, title_justify="left")
-        for col in ("peer", "name", "state", "blocks", "ver", "dtype/quant", "tokens/s", "link", "cache left"):
+        for col in (
+            "peer",
+            "name",
+            "state",
+            "blocks",
+            "ver",
+            "dtype/quant",
+            "adapters",
+            "tokens/s",
+            "link",
+            "cache left",
+        ):
             table.add_column(col, justify="right" if col in ("tokens/s", "cache left", "ver") else "left")
         table.add_column("reach")
         table.add_column("RTT ms", justify="right")
+        table.add_column("reports", justify="right")
         for s in m["servers"]:
             link = "-" if s.get("link_mbit") is None else f"{s['link_mbit']} Mbit/s"
             table.add_row(
@@ -129,11 +141,13 @@ def swarm(ctx: Ctx, model: str | None) -> None:
                 f"{s['start']}:{s['end']}",
                 str(s["version"]),
                 f"{s['dtype']}/{s['quant']}",
+                ", ".join(s.get("adapters") or []) or "-",
                 f"{s['throughput']:.1f}",
                 link,
                 str(s["cache_tokens_left"]),
                 s["reach"] + (" tls" if s["tls"] else ""),
                 _ms(s["rtt_s"]),
+                f"[red]{s['reports']}[/red]" if s.get("reports") else "0",
             )
         show.print(table)
         show.print(f"blocks {_block_map(m['blocks'])}  " + "  ".join(_state(st) for st in STATE_STYLES))
@@ -300,7 +314,8 @@ def chat(
 @click.option("--num-blocks", type=int, help="Serve this many blocks where the swarm's throughput is worst.")
 @click.pass_obj
 def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> None:
-    """Make this daemon host blocks of MODEL (all of them unless --blocks or --num-blocks), showing the loading."""
+    """Make this daemon host blocks of MODEL (all of them unless --blocks or --num-blocks), showing the loading;
+    beside what it serves already (another model, or blocks of MODEL outside its spans)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if blocks is not None and num_blocks is not None:
@@ -336,17 +351,19 @@ def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> N
     if not ctx.as_json:
         click.echo(
             f"serving {last['model']} blocks {last['start']}:{last['end']} "
-            f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops"
+            f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops "
+            f"(with --blocks {last['start']}:{last['end']} if it serves several spans of it)"
         )
 
 
 @cli.command()
 @click.argument("model")
+@click.option("--blocks", help="The span A:B to stop, when this daemon serves several spans of MODEL.")
 @click.pass_obj
-def unserve(ctx: Ctx, model: str) -> None:
-    """Stop hosting MODEL's blocks on this daemon (the swarm routes around them)."""
+def unserve(ctx: Ctx, model: str, blocks: str | None) -> None:
+    """Stop hosting MODEL's blocks on this daemon (the swarm routes around them); other spans keep serving."""
     try:
-        out = ctx.client.unserve(model)
+        out = ctx.client.unserve(model, blocks)
     except DaemonError as e:
         _fail(e)
     if ctx.as_json:
@@ -477,9 +494,18 @@ def bench(
     "or q8 on links measured slow].",
 )
 @click.option(
+    "--speculative",
+    type=click.IntRange(0, 16),
+    help="Greedy only: guess up to this many tokens by prompt lookup and check them in one swarm step (same tokens).",
+)
+@click.option(
+    "--num-beams", type=click.IntRange(1, 16), help="Beam search (greedy); prints the best beam when it is known."
+)
+@click.option(
     "--adapter",
     type=click.Path(exists=True, file_okay=False),
-    help="Apply prompts or a LoRA adapter from `petalctl finetune` (generates client-side, not streamed).",
+    help="Apply prompts or a LoRA adapter from `petalctl finetune` (sampled here, streamed; the session carries "
+    "the adapter, sent once).",
 )
 @click.pass_obj
 def generate(
@@ -487,11 +513,12 @@ def generate(
 ) -> None:
     """Generate text from PROMPT through the swarm, streaming tokens as they come."""
     as_json = as_json or ctx.as_json
-    if options.get("codec") is None:
-        options.pop("codec", None)
+    for key in ("codec", "speculative", "num_beams"):
+        if options.get(key) is None:
+            options.pop(key, None)
     if adapter is not None:
-        if "codec" in options:
-            click.echo("error: --codec does not apply with --adapter (generation runs client-side); drop one")
+        if "speculative" in options or "num_beams" in options:
+            click.echo("error: --speculative and --num-beams do not apply with --adapter yet; drop one")
             sys.exit(2)
         return _generate_with_adapter(ctx, model, prompt, adapter, as_json, stop, options)
     try:
@@ -559,9 +586,20 @@ def _generate_with_adapter(
 ) -> None:
     from .finetune import generate_with_adapter
 
+    def show(piece: str) -> None:
+        if as_json:
+            click.echo(json.dumps({"text": piece}))
+        else:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+
     try:
-        out = generate_with_adapter(model, adapter, prompt, socket=ctx.client.socket_path, stop=stop, **options)
+        out = generate_with_adapter(
+            model, adapter, prompt, socket=ctx.client.socket_path, stop=stop, on_text=show, **options
+        )
     except DaemonError as e:
+        if not as_json:
+            click.echo("")
         _fail(e)
     except (FileNotFoundError, ValueError) as e:
         click.echo(f"error: {e}")
@@ -569,7 +607,7 @@ def _generate_with_adapter(
     if as_json:
         click.echo(json.dumps({"done": True, "text": out["text"], "tokens": out["tokens"], "adapter": out["method"]}))
     else:
-        click.echo(out["text"])
+        click.echo("")
 
 
 @cli.command()

@@ -26,6 +26,7 @@ from petal.ctl.bodies import (
     backward_result,
     decode_json_reply,
     decode_reply,
+    forward_kept_result,
     ndjson_data,
     ndjson_line,
     no_daemon,
@@ -234,6 +235,25 @@ class Client:
         body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
         return reply_tensor(self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
+    def forward_keep(
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
+        **opts: Any,
+    ) -> tuple[torch.Tensor, str | None]:
+        """`forward` whose activations the swarm keeps for a backward: (output, forward_id). Pass the id to
+        `backward` (with the same arguments) and no forward runs again; the state lives 60 s at most."""
+        body = tensor_request(
+            model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, keep=True, **opts
+        )
+        return forward_kept_result(self.request_msgpack("POST", "/v1/forward", body))
+
     def backward(
         self,
         model: str,
@@ -245,10 +265,14 @@ class Client:
         start: int = 0,
         end: int | None = None,
         lora: Lora | None = None,
+        forward_id: str | None = None,
         **opts: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """(grad w.r.t. `hidden`, grad w.r.t. `prompts` or None, grads w.r.t. each LoRA tensor or None), given
-        `grad` w.r.t. the output of block end-1. Servers never change their own weights."""
+        `grad` w.r.t. the output of block end-1. Servers never change their own weights. `forward_id` (from
+        `forward_keep`): reuse that forward's kept activations (recomputed if they are gone)."""
+        if forward_id is not None:
+            opts["forward_id"] = forward_id
         body = tensor_request(
             model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts
         )
@@ -316,9 +340,9 @@ class Client:
         yields progress events, the last being ``{"event": "serving", "start", "end", "throughput"}``."""
         return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
 
-    def unserve(self, model: str) -> dict[str, Any]:
-        """Stop serving `model`: ``{"model", "stopped": [{"start", "end"}]}``."""
-        stopped: dict[str, Any] = self.request("POST", "/v1/unserve", UnserveRequest(model).to_body())
+    def unserve(self, model: str, blocks: str | None = None) -> dict[str, Any]:
+        """Stop serving `model` (its span `blocks` "A:B" when it serves several): ``{"model", "stopped": [...]}``."""
+        stopped: dict[str, Any] = self.request("POST", "/v1/unserve", UnserveRequest(model, blocks).to_body())
         return stopped
 
 
@@ -343,9 +367,18 @@ class ClientSession(_OpenSession):
         super().__init__(info)
         self.client = client
 
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding)."""
-        reply = self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
+    def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
+        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding); `reorder`
+        (B row indices, beam search) first makes row i a copy of row `reorder[i]` on the servers; `position` (at most
+        the tokens cached) first rolls the session back to it."""
+        body = step_request(hidden, mask, reorder, position)
+        reply = self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", body)
         self.position = int(reply["position"])
         return reply_tensor(reply, "hidden")
 
@@ -399,11 +432,19 @@ class StreamSession(_OpenSession):
     def _open(self, body: dict[str, Any]) -> None:
         super().__init__(self._call(body))
 
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding)."""
+    def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
+        """The next t tokens ([B, t, H]); `mask` is [B, tokens so far + t] (1 = real, 0 = left padding); `reorder`
+        (B row indices, beam search) first makes row i a copy of row `reorder[i]` on the servers; `position` (at most
+        the tokens cached) first rolls the session back to it."""
         if self.closed:
             raise DaemonError("not_found", "this session stream is closed; open a new session")
-        reply = self._call(step_request(hidden, mask))
+        reply = self._call(step_request(hidden, mask, reorder, position))
         self.position = int(reply["position"])
         return reply_tensor(reply, "hidden")
 
@@ -522,6 +563,23 @@ class AsyncClient:
         body = tensor_request(model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts)
         return reply_tensor(await self.request_msgpack("POST", "/v1/forward", body), "hidden")
 
+    async def forward_keep(
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+        lora: Lora | None = None,
+        **opts: Any,
+    ) -> tuple[torch.Tensor, str | None]:
+        body = tensor_request(
+            model, hidden, mask=mask, prompts=prompts, start=start, end=end, lora=lora, keep=True, **opts
+        )
+        return forward_kept_result(await self.request_msgpack("POST", "/v1/forward", body))
+
     async def backward(
         self,
         model: str,
@@ -533,8 +591,11 @@ class AsyncClient:
         start: int = 0,
         end: int | None = None,
         lora: Lora | None = None,
+        forward_id: str | None = None,
         **opts: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        if forward_id is not None:
+            opts["forward_id"] = forward_id
         body = tensor_request(
             model, hidden, grad=grad, mask=mask, prompts=prompts, start=start, end=end, lora=lora, **opts
         )
@@ -595,8 +656,8 @@ class AsyncClient:
     ) -> AsyncIterator[dict[str, Any]]:
         return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
 
-    async def unserve(self, model: str) -> dict[str, Any]:
-        stopped: dict[str, Any] = await self.request("POST", "/v1/unserve", UnserveRequest(model).to_body())
+    async def unserve(self, model: str, blocks: str | None = None) -> dict[str, Any]:
+        stopped: dict[str, Any] = await self.request("POST", "/v1/unserve", UnserveRequest(model, blocks).to_body())
         return stopped
 
 
@@ -607,8 +668,15 @@ class AsyncClientSession(_OpenSession):
         super().__init__(info)
         self.client = client
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        reply = await self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", step_request(hidden, mask))
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
+        body = step_request(hidden, mask, reorder, position)
+        reply = await self.client.request_msgpack("POST", f"/v1/sessions/{self.id}/step", body)
         self.position = int(reply["position"])
         return reply_tensor(reply, "hidden")
 
@@ -649,10 +717,16 @@ class AsyncStreamSession(_OpenSession):
     async def _open(self, body: dict[str, Any]) -> None:
         super().__init__(await self._call(body))
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
+        position: int | None = None,
+    ) -> torch.Tensor:
         if self.closed:
             raise DaemonError("not_found", "this session stream is closed; open a new session")
-        reply = await self._call(step_request(hidden, mask))
+        reply = await self._call(step_request(hidden, mask, reorder, position))
         self.position = int(reply["position"])
         return reply_tensor(reply, "hidden")
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from petal.protocol.stops import find_stop, held_back
+
 from .ptune import PROMPTS_FILE, load_prompts
 from .remote_model import RemoteModelForCausalLM
 
@@ -255,12 +257,17 @@ def generate_with_adapter(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    **opts: Any,
 ) -> dict[str, Any]:
     """Client-side generation with trained prompts or LoRA applied (the daemon's /v1/generate knows neither).
 
-    Returns `{"text", "tokens", "method"}`; the text is cut before the first stop sequence.
+    One inference session carries the prompts or LoRA weights (sent once), so each token is one step, O(n).
+    `on_text` gets each new piece of text as it is generated (held back while it could still start a stop
+    sequence). Returns `{"text", "tokens", "method"}`; the text is cut before the first stop sequence. `opts`
+    (`codec`, ...) go to every daemon call.
     """
-    model = RemoteModelForCausalLM.from_pretrained(model_name, socket)
+    model = RemoteModelForCausalLM.from_pretrained(model_name, socket, **opts)
     method = load_adapter(model, adapter)
     tokenizer = load_tokenizer(model)
     if chat:
@@ -269,7 +276,10 @@ def generate_with_adapter(
         )["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
-    out = model.generate(
+    eos = model._eos_ids(None)
+    new: list[int] = []
+    shown, text = "", ""
+    for nxt in model.iter_generate(
         torch.tensor([list(ids)]),
         max_new_tokens,
         do_sample=temperature > 0,
@@ -278,11 +288,20 @@ def generate_with_adapter(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-    )
-    new = out[0, len(ids) :].tolist()
-    eos = model._eos_ids(None)
-    if any(t in eos for t in new):
-        new = new[: min(i for i, t in enumerate(new) if t in eos)]
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return {"text": text[: min(cuts)] if cuts else text, "tokens": new, "method": method}
+    ):
+        token = int(nxt[0])
+        if token in eos:
+            break
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        cut = find_stop(text, stop)
+        if cut is not None:
+            text = text[:cut]
+            break
+        safe = len(text) - held_back(text, stop)
+        if on_text is not None and safe > len(shown):
+            on_text(text[len(shown) : safe])
+            shown = text[:safe]
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown) :])
+    return {"text": text, "tokens": new, "method": method}

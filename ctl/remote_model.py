@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from petal.kernels.beams import BeamSearch
 from petal.kernels.families.base import ClientPartsBase
 from petal.kernels.sampling import SamplingParams, make_generator, sample_next
+from petal.kernels.speculative import DraftLength, check_guesses, lookup_draft
 from petal.kernels.store import ModelInfo, load_client_parts, open_model
 from petal.protocol.lora import Lora
 
@@ -64,6 +66,7 @@ class _Call:
     lora_keys: tuple[str, ...] = ()
     lora_scale: float = 1.0
     opts: dict[str, Any] = field(default_factory=dict)
+    keep: bool = False  # a backward can follow: the swarm keeps this forward's activations for it
 
     def lora(self, values: Sequence[torch.Tensor]) -> Lora | None:
         if not self.lora_keys:
@@ -74,8 +77,10 @@ class _Call:
 class RemoteBlocks(torch.autograd.Function):
     """Blocks [start, end) in the swarm as one differentiable op: `apply(call, hidden, prompts, *lora_values)`.
 
-    The inputs are saved, not the servers' activations: backward sends them again and the servers recompute
-    (as Petals does), so a server holds nothing between the two calls.
+    When a backward can follow (`_Call.keep`: grad mode is on and an input, the prompts or a LoRA weight requires
+    grad), the forward asks the swarm to keep its activations and saves the daemon's ``forward_id``: the backward
+    then runs only the servers' backward passes. The inputs are saved too and sent again with the backward, so
+    servers that lost their activations (or a forward without ``keep``) recompute them (as Petals does).
     """
 
     @staticmethod
@@ -85,9 +90,7 @@ class RemoteBlocks(torch.autograd.Function):
         ctx.call = call
         ctx.has_prompts = prompts is not None
         ctx.save_for_backward(hidden, *(() if prompts is None else (prompts,)), *lora_values)
-        out = call.client.forward(
-            call.model,
-            hidden.detach().contiguous(),
+        args = dict(
             mask=call.mask,
             prompts=None if prompts is None else prompts.detach().contiguous(),
             start=call.start,
@@ -95,6 +98,11 @@ class RemoteBlocks(torch.autograd.Function):
             lora=call.lora(lora_values),
             **call.opts,
         )
+        ctx.forward_id = None
+        if call.keep:
+            out, ctx.forward_id = call.client.forward_keep(call.model, hidden.detach().contiguous(), **args)
+        else:
+            out = call.client.forward(call.model, hidden.detach().contiguous(), **args)
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -113,8 +121,10 @@ class RemoteBlocks(torch.autograd.Function):
             start=call.start,
             end=call.end,
             lora=call.lora(lora_values),
+            forward_id=ctx.forward_id,
             **call.opts,
         )
+        ctx.forward_id = None  # the kept activations serve one backward
         lora_grads: list[torch.Tensor | None] = []
         for key, value in zip(call.lora_keys, lora_values, strict=True):
             g = None if grad_lora is None else grad_lora.get(key)
@@ -185,6 +195,8 @@ class RemoteModelForCausalLM(nn.Module):
         self.prompts: PromptTuning | None = None
         self.lora: LoraWeights | None = None
         self.opts = opts  # codec, allowed, blocked: passed to every daemon call
+        # a forward that a backward can follow asks the swarm to keep its activations (False: servers recompute them)
+        self.keep_activations = True
         self.dtype = next(parts.parameters()).dtype
 
     @classmethod
@@ -286,6 +298,9 @@ class RemoteModelForCausalLM(nn.Module):
             keys,
             lora.scale if lora is not None else 1.0,
             dict(self.opts),
+            keep=self.keep_activations
+            and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (hidden, prompts, *values)),
         )
         out: torch.Tensor = RemoteBlocks.apply(call, hidden, prompts, *values)  # type: ignore[no-untyped-call, unused-ignore]  # torch: apply is unannotated (flagged only when strict)
         return out
@@ -324,20 +339,31 @@ class RemoteModelForCausalLM(nn.Module):
 
     @contextmanager
     def inference_session(self, max_length: int, batch: int = 1, *, stream: bool = True) -> Iterator[Any]:
-        """A daemon inference session over [start, end) (servers keep the KV cache), with the deep prompts.
+        """A daemon inference session over [start, end) (servers keep the KV cache), with the deep prompts and the
+        LoRA weights (their current values: sent once, at open; the servers apply them to every step).
 
-        `session.step(hidden, mask=None)` takes hidden states (embed them yourself, soft prompts included);
-        LoRA is not applied in sessions (the socket's sessions carry no LoRA): use `forward` for that. The session
-        is one WebSocket stream on the socket (`Client.session_stream`); `stream=False` uses one HTTP request per
-        step instead (`Client.open_session`).
+        `session.step(hidden, mask=None, reorder=None)` takes hidden states (embed them yourself, soft prompts
+        included); `reorder` (beam search) makes row i a copy of row `reorder[i]` first. The session is one WebSocket
+        stream on the socket (`Client.session_stream`); `stream=False` uses one HTTP request per step instead
+        (`Client.open_session`).
         """
         prompts = None
         if self.prompts is not None and self.prompts.deep:
             deep = self.prompts.deep_for(self.start, self.end, batch)
             prompts = None if deep is None else deep.detach().contiguous()
+        lora = None if self.lora is None else self.lora.for_blocks(self.start, self.end)
+        if lora is not None:
+            lora = Lora(lora.scale, {k: v.detach().contiguous() for k, v in lora.weights.items()})
         open_session = self.client.session_stream if stream else self.client.open_session
         session = open_session(
-            self.model_name, max_length, batch=batch, start=self.start, end=self.end, prompts=prompts, **self.opts
+            self.model_name,
+            max_length,
+            batch=batch,
+            start=self.start,
+            end=self.end,
+            prompts=prompts,
+            lora=lora,
+            **self.opts,
         )
         try:
             yield session
@@ -355,22 +381,71 @@ class RemoteModelForCausalLM(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
         repetition_penalty: float = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         seed: int | None = None,
+        prompt_lookup_num_tokens: int = 0,
     ) -> torch.Tensor:
         """`[B, T]` -> `[B, T + new]` (rows that ended early are padded with the end-of-sequence token).
 
-        Greedy and sampling use one inference session (the servers keep the KV cache), unless LoRA is set: then
-        every step runs a full forward of the whole sequence, O(n^2) compute, because sessions carry no LoRA.
-        Beam search (`num_beams > 1`) always runs full forwards of all beams per step: the simplest correct way
-        to reorder beams without a server-side cache reorder; it costs num_beams x T tokens of compute per step.
+        One inference session for all rows (the servers keep the KV cache, and apply the LoRA weights if set):
+        each new token costs one step, O(n) in all. Beam search (`num_beams > 1`, greedy) runs one session of
+        `num_beams` rows per input row and reorders the servers' cache rows between steps; its tokens equal
+        transformers' `generate(num_beams=..., do_sample=False)` (same `length_penalty` and `early_stopping`).
+        `prompt_lookup_num_tokens=K` (greedy, one row): speculative decoding as transformers' argument of that name,
+        guesses of up to K tokens by prompt lookup checked in one step each (`petal.kernels.speculative`); the
+        tokens are those of plain greedy decoding, in fewer swarm round trips.
         """
         if self.start != 0 or self.end != self.num_blocks:
             raise ValueError("generate needs the whole model: load it with start=0 and end=None")
         eos = self._eos_ids(eos_token_id)
         if num_beams > 1:
-            return self._beam_search(input_ids, max_new_tokens, num_beams, eos)
+            if do_sample:
+                raise ValueError("beam search here is greedy (do_sample=False); sample with num_beams=1")
+            rows = [
+                self._beam_row(input_ids[b : b + 1], max_new_tokens, num_beams, eos, length_penalty, early_stopping)
+                for b in range(input_ids.shape[0])
+            ]
+            width = max(r.shape[0] for r in rows)
+            pad = next(iter(sorted(eos))) if eos else 0
+            return torch.stack([F.pad(r, (0, width - r.shape[0]), value=pad) for r in rows])
+        out = input_ids.clone()
+        for nxt in self.iter_generate(
+            input_ids,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=sorted(eos),
+            seed=seed,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+        ):
+            out = torch.cat([out, nxt[:, None]], dim=1)
+        return out
+
+    def iter_generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        prompt_lookup_num_tokens: int = 0,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new token `[B]` as it is sampled (rows that ended get the end-of-sequence token), until
+        `max_new_tokens` or every row has ended: `generate` one token at a time, for streaming."""
+        if self.start != 0 or self.end != self.num_blocks:
+            raise ValueError("generate needs the whole model: load it with start=0 and end=None")
+        eos = self._eos_ids(eos_token_id)
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature if do_sample else 0.0,
@@ -381,34 +456,67 @@ class RemoteModelForCausalLM(nn.Module):
         ).validate()
         generator = make_generator(seed)
         batch = input_ids.shape[0]
-        out = input_ids.clone()
+        seen = [row.tolist() for row in input_ids]
         done = torch.zeros(batch, dtype=torch.bool)
-        pad = next(iter(eos)) if eos else 0
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            rows = [sample_next(logits[b].float(), params, out[b].tolist(), generator) for b in range(batch)]
-            nxt = torch.tensor(rows, dtype=out.dtype)
-            return torch.where(done, torch.full_like(nxt, pad), nxt)
-
-        if self.lora is not None:
-            for _ in range(max_new_tokens):
-                nxt = pick(self.forward(out).logits[:, -1])
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
-                if bool(done.all()):
-                    break
-            return out
+        pad = next(iter(sorted(eos))) if eos else 0
+        eos_ids = torch.tensor(sorted(eos), dtype=input_ids.dtype)
+        if prompt_lookup_num_tokens > 0:
+            if batch != 1 or params.temperature > 0:
+                raise ValueError("prompt_lookup_num_tokens needs greedy decoding (do_sample=False) of one row")
+            yield from self._iter_speculative(input_ids, params, eos, prompt_lookup_num_tokens)
+            return
         with self.inference_session(self.prompt_len + input_ids.shape[1] + max_new_tokens, batch=batch) as session:
-            embeds, _ = self.embed(input_ids)
+            with torch.no_grad():
+                embeds, _ = self.embed(input_ids)
             for _ in range(max_new_tokens):
                 hidden = session.step(embeds.contiguous())
-                nxt = pick(self.parts.logits(hidden[:, -1:].to(self.dtype))[:, -1])
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
+                with torch.no_grad():
+                    logits = self.parts.logits(hidden[:, -1:].to(self.dtype))[:, -1]
+                rows = [sample_next(logits[b].float(), params, seen[b], generator) for b in range(batch)]
+                nxt = torch.where(done, torch.full((batch,), pad), torch.tensor(rows)).to(input_ids.dtype)
+                for b in range(batch):
+                    seen[b].append(int(nxt[b]))
+                done |= torch.isin(nxt, eos_ids)
+                yield nxt
                 if bool(done.all()):
-                    break
-                embeds = self.parts.embed(nxt[:, None]).to(self.dtype)
-        return out
+                    return
+                with torch.no_grad():
+                    embeds = self.parts.embed(nxt[:, None]).to(self.dtype)
+
+    def _iter_speculative(
+        self, input_ids: torch.Tensor, params: SamplingParams, eos: set[int], draft: int
+    ) -> Iterator[torch.Tensor]:
+        """Greedy decoding of one row with prompt-lookup guesses checked in one step each; rejected guesses are
+        dropped by sending the next step at their position (the daemon rolls the session back there)."""
+        ids = input_ids[0].tolist()
+        generated: list[int] = []
+        length = self.prompt_len + len(ids) + params.max_new_tokens + draft
+        with self.inference_session(length) as session:
+            with torch.no_grad():
+                embeds, _ = self.embed(input_ids)
+            guesses: list[int] = []
+            k = DraftLength(draft)
+            position = None
+            while True:
+                hidden = session.step(embeds.contiguous(), None, None, position)
+                with torch.no_grad():
+                    logits = self.parts.logits(hidden[:, -1 - len(guesses) :].to(self.dtype))[0]
+
+                def pick(i: int, got: list[int], rows: torch.Tensor = logits) -> int:
+                    return sample_next(rows[i].float(), params, ids + generated + got)
+
+                picked = check_guesses(guesses, pick)
+                k.update(len(guesses), len(picked) - 1)
+                # the next step is written after the kept guesses (None: after everything sent)
+                position = None if len(picked) > len(guesses) else session.position - len(guesses) + len(picked) - 1
+                for token in picked:
+                    generated.append(token)
+                    yield torch.tensor([token], dtype=input_ids.dtype)
+                    if token in eos or len(generated) == params.max_new_tokens:
+                        return
+                guesses = lookup_draft(ids + generated, min(k.now, params.max_new_tokens - len(generated) - 1))
+                with torch.no_grad():
+                    embeds = self.parts.embed(torch.tensor([[generated[-1], *guesses]])).to(self.dtype)
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
         if eos_token_id is None:
@@ -422,42 +530,32 @@ class RemoteModelForCausalLM(nn.Module):
             return set()
         return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
-    def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int, eos: set[int]) -> torch.Tensor:
-        """Beam search as transformers does it (length_penalty 1, early_stopping False), one row at a time."""
-        rows = [self._beam_row(input_ids[b : b + 1], max_new_tokens, num_beams, eos) for b in range(input_ids.shape[0])]
-        width = max(r.shape[0] for r in rows)
-        pad = next(iter(eos)) if eos else 0
-        return torch.stack([F.pad(r, (0, width - r.shape[0]), value=pad) for r in rows])
-
-    def _beam_row(self, ids: torch.Tensor, max_new_tokens: int, num_beams: int, eos: set[int]) -> torch.Tensor:
-        prompt = ids.shape[1]
-        beams = ids.expand(num_beams, -1).clone()
-        scores = torch.full((num_beams,), float("-inf"))
-        scores[0] = 0.0  # all beams start identical: only the first may expand at step one
-        finished: list[tuple[float, torch.Tensor]] = []
-        for step in range(max_new_tokens):
-            logp = F.log_softmax(self.forward(beams).logits[:, -1].float(), dim=-1)
-            vocab = logp.shape[-1]
-            total = (scores[:, None] + logp).view(-1)
-            top, idx = torch.topk(total, 2 * num_beams)
-            next_beams, next_scores = [], []
-            for score, flat in zip(top.tolist(), idx.tolist(), strict=True):
-                beam, token = divmod(flat, vocab)
-                seq = torch.cat([beams[beam], torch.tensor([token], dtype=beams.dtype)])
-                if token in eos:
-                    finished.append((score / (seq.shape[0] - prompt) ** 1.0, seq))
-                else:
-                    next_beams.append(seq)
-                    next_scores.append(score)
-                if len(next_beams) == num_beams:
+    def _beam_row(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        num_beams: int,
+        eos: set[int],
+        length_penalty: float,
+        early_stopping: bool | str,
+    ) -> torch.Tensor:
+        """One prompt `[1, T]` by beam search over one session of `num_beams` rows (see `petal.kernels.beams`)."""
+        search = BeamSearch(num_beams, max_new_tokens, eos, length_penalty, early_stopping)
+        length = self.prompt_len + ids.shape[1] + max_new_tokens
+        with self.inference_session(length, batch=num_beams) as session:
+            with torch.no_grad():
+                embeds, _ = self.embed(ids.expand(num_beams, -1))
+            reorder: list[int] | None = None
+            while True:
+                hidden = session.step(embeds.contiguous(), None, reorder)
+                with torch.no_grad():
+                    logits = self.parts.logits(hidden[:, -1:].to(self.dtype))[:, -1]
+                reorder, tokens = search.step(logits)
+                if search.done:
                     break
-            beams, scores = torch.stack(next_beams), torch.tensor(next_scores)
-            if len(finished) >= num_beams:
-                best_possible = float(scores.max()) / (step + 1)
-                if best_possible <= max(s for s, _ in finished):
-                    break
-        finished += [(float(s) / (b.shape[0] - prompt), b) for s, b in zip(scores, beams, strict=True)]
-        return max(finished, key=lambda x: x[0])[1]
+                with torch.no_grad():
+                    embeds = self.parts.embed(torch.tensor(tokens, dtype=ids.dtype)[:, None]).to(self.dtype)
+        return torch.cat([ids[0], torch.tensor(search.best, dtype=ids.dtype)])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

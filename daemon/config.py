@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from petal.protocol.adapters import ADAPTER_NAME_RE
 from petal.protocol.records import RecordError, check_public_name
 
 DEFAULT_PORT = 31330
@@ -114,14 +115,20 @@ class Config:
     # one; it is announced in the DHT) to peers that announce one too, libp2p otherwise. "auto": the first --listen
     # address's host, its TCP port + 1 (any free port when that is 0); "off" (or None): libp2p only
     direct: str | None = "auto"
-    # block serving (see petal.daemon.serving); `serve` is a model name in the models dir or a model dir path
-    serve: str | None = None
-    blocks: str | None = None  # "A:B": host blocks [A, B); default: all, or a span chosen with num_blocks
+    # block serving (see petal.daemon.serving): each `serve` entry is a model name in the models dir, a model dir path
+    # or a .gguf file, optionally with its own blocks "MODEL:A:B"; several entries: several spans (of several models,
+    # or disjoint spans of one), each its own block server
+    serve: list[str] = field(default_factory=list)
+    blocks: str | None = None  # "A:B": host blocks [A, B) of entries without their own; default: all, or num_blocks
     num_blocks: int | None = None  # host this many blocks where the swarm's throughput is worst
+    # LoRA adapters served with every span served at start: PEFT dirs, "DIR" (named after the dir) or "NAME=DIR"
+    adapters: list[str] = field(default_factory=list)
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quant: str = "none"  # none | int8 (weights)
     max_cache_tokens: int | None = None  # KV budget in tokens x blocks, reserved at start [4096 x hosted blocks]
+    # MiB of training activations a server keeps from a forward for its backward [max(KV budget / 4, 1024)]; 0: none
+    activation_budget_mb: int | None = None
     max_batch: int = 8
     max_length: int = 4096  # longest inference session (tokens) and forward sequence
     # wire codec of this daemon's requests and the servers' replies to them: auto | none | float16 | bfloat16 | q8;
@@ -180,7 +187,27 @@ class Config:
             raise ConfigError(f"test_lie {self.test_lie!r}: use a relative noise size >= 0")
         if self.serve:
             self._validate_serving()
+        elif self.adapters:
+            raise ConfigError("--adapter needs --serve: adapters are served with the blocks of a model")
         return self
+
+    def serve_specs(self) -> list[tuple[str, str | None]]:
+        """(model, blocks "A:B" or None) per `serve` entry: an entry's own ":A:B" suffix, else `blocks`."""
+        specs = []
+        for entry in self.serve:
+            model, blocks = split_serve(entry)
+            specs.append((model, blocks if blocks is not None else self.blocks))
+        return specs
+
+    def adapter_dirs(self) -> list[tuple[str, Path]]:
+        """(name, PEFT dir) per `adapters` entry: "NAME=DIR", or "DIR" named after its last path part."""
+        out = []
+        for entry in self.adapters:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = Path(entry).expanduser().name, entry
+            out.append((name, Path(path).expanduser()))
+        return out
 
     def direct_listen(self) -> str | None:
         """The direct data plane's "HOST:PORT", or None when it is off (see `direct`)."""
@@ -199,10 +226,20 @@ class Config:
     def _validate_serving(self) -> None:
         if self.blocks is not None and self.num_blocks is not None:
             raise ConfigError("pass either --blocks A:B or --num-blocks N, not both")
-        if self.blocks is not None:
-            parts = self.blocks.split(":")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
-                raise ConfigError(f"--blocks {self.blocks!r}: use START:END with START < END, e.g. 0:10")
+        for blocks in [self.blocks, *(split_serve(entry)[1] for entry in self.serve)]:
+            if blocks is not None:
+                parts = blocks.split(":")
+                if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+                    raise ConfigError(f"--blocks {blocks!r}: use START:END with START < END, e.g. 0:10")
+        names = [name for name, _ in self.adapter_dirs()]
+        for name in names:
+            if not ADAPTER_NAME_RE.fullmatch(name):
+                raise ConfigError(
+                    f"--adapter: name {name!r} must be 1 to 32 letters, digits and ._- (starting with a letter or "
+                    "digit); name it with NAME=DIR"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--adapter: names {sorted(names)} repeat; give each a NAME=DIR of its own")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-blocks {self.num_blocks}: host at least one block")
         choices = {
@@ -220,11 +257,21 @@ class Config:
             raise ConfigError("max_cache_tokens must be at least 1 (tokens x blocks)")
         if self.rebalance_period <= 0:
             raise ConfigError("rebalance_period must be > 0 seconds")
+        if self.activation_budget_mb is not None and self.activation_budget_mb < 0:
+            raise ConfigError("activation_budget_mb must be >= 0 (0: keep no activations)")
         if self.alloc_timeout < 0:
             raise ConfigError("alloc_timeout must be >= 0 seconds")
 
 
 _PATH_FIELDS = {"state_dir", "socket"}
+
+
+def split_serve(entry: str) -> tuple[str, str | None]:
+    """``"MODEL:A:B"`` -> ``("MODEL", "A:B")``; an entry without a numeric ``:A:B`` suffix is a model alone."""
+    parts = entry.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and parts[1].strip().isdigit() and parts[2].strip().isdigit():
+        return parts[0], f"{parts[1].strip()}:{parts[2].strip()}"
+    return entry, None
 
 
 def _toml_type_mismatch(annotation: str, value: object) -> str | None:
@@ -266,7 +313,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, object
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     for name in _PATH_FIELDS & values.keys():
         values[name] = Path(os.path.expanduser(str(values[name])))
-    for name in ("listen", "initial_peers"):
+    for name in ("listen", "initial_peers", "serve", "adapters"):
         value = values.get(name)
         if isinstance(value, str):
             values[name] = [value]

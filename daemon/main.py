@@ -41,13 +41,32 @@ EPILOG = (
     "[auto: the --listen host, its port + 1].",
 )
 @click.option("--http", help="Also serve the control API on this TCP address, e.g. 127.0.0.1:8080.")
-@click.option("--serve", help="Host blocks of this model (a models-dir name, a model dir path, or a .gguf file).")
-@click.option("--blocks", help="Host blocks A:B (0-based, end exclusive) [all, or chosen with --num-blocks].")
+@click.option(
+    "--serve",
+    multiple=True,
+    help="Host blocks of this model (a models-dir name, a model dir path, or a .gguf file); MODEL:A:B hosts blocks "
+    "A:B of it. Repeatable: several models, or disjoint spans of one.",
+)
+@click.option(
+    "--blocks", help="Host blocks A:B (0-based, end exclusive) of each --serve without its own [all, or --num-blocks]."
+)
 @click.option("--num-blocks", type=int, help="Host this many blocks where the swarm's throughput is worst.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="Serve this PEFT LoRA adapter dir with the blocks (DIR, named after it, or NAME=DIR); requests name it. "
+    "Repeatable.",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where served blocks run [cpu].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Served blocks' dtype [float32].")
 @click.option("--quant", type=click.Choice(["none", "int8"]), help="Weight quantization of served blocks [none].")
 @click.option("--max-cache-tokens", type=int, help="KV-cache budget in tokens x blocks [4096 x hosted blocks].")
+@click.option(
+    "--activation-budget-mb",
+    type=int,
+    help="MiB of training activations kept from a forward for its backward; 0: none [max(KV budget / 4, 1024)].",
+)
 @click.option("--max-batch", type=int, help="Largest batch a request may carry [8].")
 @click.option("--max-length", type=int, help="Longest inference session / forward sequence in tokens [4096].")
 @click.option("--rebalance-period", type=float, help="With --num-blocks: seconds between checks whether to move [60].")

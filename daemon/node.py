@@ -21,6 +21,7 @@ from petal.daemon.net.composite import CompositeTransport
 from petal.daemon.net.dialback import DIALBACK_PROTOCOL, check_reachability, serve_dialback
 from petal.daemon.net.direct import DirectTransport
 from petal.daemon.net.p2p import Libp2pTransport
+from petal.daemon.net.relay import RelayKeeper
 from petal.daemon.net.transport import PeerAddr, Stream, TransportError
 from petal.daemon.startup import StartupError, bind_error, is_ip, load_identity, probe_bind, unix_socket_alive
 from petal.daemon.systemd import ExitCode, sd_notify, watchdog_period
@@ -62,6 +63,8 @@ class Node:
         self._host: Host | None = None
         self.control: ControlServer | None = None
         self.reachable: bool | None = None  # can others dial our listen port? (None: not checked yet)
+        self._helpers: list[PeerAddr] = []  # initial peers that answered at start (relay candidates)
+        self.relay_keeper: RelayKeeper | None = None  # set once we are reached through a relay
         self._phase: str | None = "starting"  # what start() is doing (systemd's STATUS=); None once ready
         self._status_sent: str | None = None
         self._status_sent_at = 0.0
@@ -114,6 +117,7 @@ class Node:
         host = parse_multiaddr(self.config.listen[0]).host
         self._set_phase("starting: joining the swarm")
         bootstrap, helpers = await self._resolve_initial_peers()
+        self._helpers = helpers
         if helpers:
             await self._check_reachability(helpers[0])
         port = self.config.dht_port if self.config.dht_port is not None else first.port
@@ -124,8 +128,16 @@ class Node:
                 "that their UDP DHT port is reachable",
                 ExitCode.NETWORK,
             )
-        if self.config.serve:
-            await self._serve_at_start(self.config.serve)
+        specs = self.config.serve_specs()
+        for serve, blocks in specs:  # with several models, each adapter is hosted on the spans it fits
+            await self._serve_at_start(serve, blocks, strict=len({model for model, _ in specs}) == 1)
+        hosted = {name for server in (self.host.servers() if specs else []) for name in server.adapters}
+        if unfit := [name for name, _ in self.config.adapter_dirs() if name not in hosted]:
+            raise StartupError(
+                f"--adapter {', '.join(unfit)} fits none of the served models' layers; check which model it was "
+                "trained for (its adapter_config.json) and serve that one",
+                ExitCode.MODEL,
+            )
         self._set_phase("starting: opening the control socket")
         await self._start_control()
         self._tasks.append(asyncio.create_task(self._reannounce_loop(), name="reannounce"))
@@ -210,16 +222,16 @@ class Node:
                 ) from e
             raise StartupError(str(e), ExitCode.STATE) from e
 
-    async def _serve_at_start(self, serve: str) -> None:
-        """Load and serve the span configured at startup (--serve, --blocks / --num-blocks)."""
+    async def _serve_at_start(self, serve: str, blocks: str | None, strict: bool = True) -> None:
+        """Load and serve a span configured at startup (--serve, --blocks / --num-blocks, --adapter)."""
         from petal.daemon.serving.errors import ServeError  # start-up: loads torch, needed only to serve
 
         config = self.config
         self._set_phase(f"starting: loading {serve}")
         try:
-            plan = await self.host.plan(serve, blocks=config.blocks, num_blocks=config.num_blocks)
+            plan = await self.host.plan(serve, blocks=blocks, num_blocks=None if blocks else config.num_blocks)
             self._set_phase(f"starting: loading {plan.info.name} blocks {plan.start}:{plan.end}")
-            await self.host.serve(plan)
+            await self.host.serve(plan, adapters=config.adapter_dirs(), strict=strict)
         except ServeError as e:
             raise StartupError(str(e), ExitCode.MODEL) from e
         except Exception as e:  # torch, safetensors and the loaders raise many types; all mean "cannot serve this"
@@ -312,6 +324,24 @@ class Node:
             )
             return
         log.info("others reach this daemon through relay %s at %s", helper.peer_id, circuit)
+        self.relay_keeper = keeper = RelayKeeper(
+            self.transport, self._probe_relay, self._relay_candidates, self._relayed
+        )
+        keeper.relay, keeper.circuit = helper, circuit
+        self._tasks.append(asyncio.create_task(keeper.run(), name="relay-keeper"))
+
+    async def _probe_relay(self, relay: PeerAddr) -> object:
+        return await self.transport.call(relay, NODE_INFO_PROTOCOL, {}, timeout=5.0)
+
+    async def _relay_candidates(self) -> list[PeerAddr]:
+        """Peers that may relay for us once our relay is gone: the initial peers that answered at start."""
+        return list(self._helpers)
+
+    async def _relayed(self) -> None:
+        """Our circuit address changed: announce our servers with it."""
+        if self._host is not None:
+            for server in self._host.servers():
+                await server.republish()
 
     async def _serve_node_info(self, stream: Stream) -> None:
         await stream.recv(timeout=10.0)

@@ -77,6 +77,17 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
+    def reorder(self, rows: torch.Tensor | list[int] | tuple[int, ...]) -> None:
+        """Row ``i`` becomes what row ``rows[i]`` held, for every filled position (beam search: a gather, so rows may
+        repeat). In place, in the preallocated buffers; positions past ``length`` are left alone."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        if index.dim() != 1 or index.shape[0] != self.batch or bool(((index < 0) | (index >= self.batch)).any()):
+            raise ValueError(f"reorder needs {self.batch} row indices in [0, {self.batch}), got {list(rows)[:16]}")
+        n = self.length
+        for buffers in (self.keys, self.values):
+            for t in buffers:
+                t[:, :, :n] = t[:, :, :n].index_select(0, index)
+
     def reset(self) -> None:
         """Forget everything; the buffers stay reserved."""
         self.length = 0

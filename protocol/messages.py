@@ -8,10 +8,14 @@ Pure functions: no I/O, no model.
 
 The inference stream, with push (paper §3.2; every client message gets exactly one reply, in order):
 
-- open ``{model, fingerprint, start, end, max_length, batch, codec, push?}`` -> ``{ok, max_length, session, push}``:
-  ``session`` is the server's random 128-bit id of this session; ``push: true`` in the reply means the server takes
-  this session's inputs by push (only sessions opened with ``push: true`` do).
-- step ``{hidden, mask?, position?, prompts?, step?, push_to?}`` -> ``{hidden, position, pushed?}``. With
+- open ``{model, fingerprint, start, end, max_length, batch, codec, push?, lora?}`` ->
+  ``{ok, max_length, session, push, lora?}``: ``session`` is the server's random 128-bit id of this session; ``push:
+  true`` in the reply means the server takes this session's inputs by push (only sessions opened with ``push: true``
+  do). ``lora`` (client-owned LoRA weights of blocks inside [start, end), as ``petal.protocol.lora``) is applied to
+  every step of the session and forgotten when it ends; the reply's ``lora: true`` confirms it.
+- step ``{hidden, mask?, position?, prompts?, step?, push_to?, reorder?}`` -> ``{hidden, position, pushed?}``.
+  ``reorder`` (a list of ``batch`` row indices, beam search) first replaces cache row ``i`` with row ``reorder[i]``
+  (a gather: indices may repeat); a step numbered ``step`` applies it once even if the client sends it twice. With
   ``push_to: {peer, addrs, session}`` (and a ``step`` number) the server also sends its output, encoded exactly as in
   the reply, to that session on the next hop and says in ``pushed`` whether the next hop acknowledged it.
 - a step without ``hidden`` but with ``push_from`` (the previous hop's peer id), ``step`` and ``tokens`` takes its
@@ -91,6 +95,8 @@ class ForwardRequest:
     codec: str
     grad: torch.Tensor | None = None
     lora: Lora | None = None
+    keep: bool = False  # forward: keep the graph for a backward; the reply names it (`activation`)
+    activation: str | None = None  # backward: the kept graph of the forward it follows (recomputed when gone)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class OpenRequest:
     batch: int
     codec: str
     push: bool = False  # the client will send this session's inputs by push from the previous hop
+    lora: Lora | None = None  # client-owned LoRA applied to every step of the session
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class StepRequest:
     step: int | None = None
     push_from: str | None = None
     push_to: PushTarget | None = None
+    reorder: tuple[int, ...] | None = None  # cache row i becomes row reorder[i] before the step (beam search)
 
 
 @dataclass(frozen=True)
@@ -348,7 +356,13 @@ def parse_forward(msg: object, served: ServedSpan, *, backward: bool = False) ->
             )
     lora = _check_lora(m.get("lora"), start, end, served, what)
     _check_total(served, hidden, mask, prompts, grad, *(lora.weights.values() if lora is not None else ()))
-    return ForwardRequest(start, end, hidden, mask, prompts, codec, grad, lora)
+    keep = m.get("keep", False)
+    if not isinstance(keep, bool):
+        raise WireError("bad_frame", f"{what}: 'keep' must be true or false")
+    activation = m.get("activation")
+    if activation is not None and (not isinstance(activation, str) or not SESSION_ID_RE.fullmatch(activation)):
+        raise WireError("bad_frame", f"{what}: 'activation' must be the 32 hex chars id a forward with keep returned")
+    return ForwardRequest(start, end, hidden, mask, prompts, codec, grad, lora, keep and not backward, activation)
 
 
 def _check_lora(obj: object, start: int, end: int, served: ServedSpan, what: str) -> Lora | None:
@@ -383,7 +397,8 @@ def parse_open(msg: object, served: ServedSpan) -> OpenRequest:
     push = m.get("push", False)
     if not isinstance(push, bool):
         raise WireError("bad_frame", "inference open: 'push' must be true or false")
-    return OpenRequest(start, end, max_length, batch, _codec(m, "inference open"), push)
+    lora = _check_lora(m.get("lora"), start, end, served, "inference open")
+    return OpenRequest(start, end, max_length, batch, _codec(m, "inference open"), push, lora)
 
 
 def _push_target(obj: object) -> PushTarget | None:
@@ -460,7 +475,26 @@ def parse_step(
     mask = _check_mask(_tensor(m, "mask", served, optional=True), batch, position + t)
     prompts = _check_prompts(_tensor(m, "prompts", served, optional=True), blocks, batch, served, None)
     _check_total(served, hidden, mask, prompts)
-    return StepRequest(hidden, mask, position, prompts, t, step_no, push_from, push_to)
+    reorder = check_reorder(m.get("reorder"), batch)
+    return StepRequest(hidden, mask, position, prompts, t, step_no, push_from, push_to, reorder)
+
+
+def check_reorder(obj: object, batch: int, what: str = "inference step") -> tuple[int, ...] | None:
+    """A step's ``reorder``: exactly ``batch`` row indices in [0, batch), or None when absent; PetalError
+    ("bad_request") otherwise. Servers and the daemon's socket check it alike."""
+    if obj is None:
+        return None
+    if (
+        not isinstance(obj, list | tuple)
+        or len(obj) != batch
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < batch for i in obj)
+    ):
+        raise PetalError(
+            "bad_request",
+            f"{what}: 'reorder' must be a list of {batch} row indices in [0, {batch}) (the session's batch), "
+            f"got {str(obj)[:80]}",
+        )
+    return tuple(obj)
 
 
 @validator("push")

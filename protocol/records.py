@@ -21,6 +21,7 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from petal.protocol.adapters import MAX_ADAPTERS, check_adapter_name
 from petal.protocol.errors import WireError
 
 SIGNATURE_BYTES = 64
@@ -43,6 +44,12 @@ OFFLINE = "offline"
 DRAINING = "draining"
 """A server that is leaving: it finishes its open sessions but takes no new ones (routers skip it)."""
 STATE_FIELD = "st"
+MAX_NEXT_PINGS = 4
+"""Next-span servers a server record lists round trips to (Petals' ``next_pings``): enough to route around one slow
+link, small enough for a DHT entry (``MAX_RECORD_BYTES``)."""
+NEXT_PING_ID_CHARS = 8
+"""Next pings name a peer by the last characters of its id (the whole id would not fit in an entry); a router
+matches them against the ids it knows."""
 PUBLIC_NAME_MAX = 32
 """Longest public name (``petald --public-name``) a server record carries, in characters."""
 PUBLIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-@+()")
@@ -276,6 +283,20 @@ def _field(value: dict[str, Any], name: str, types: type | tuple[type, ...], wha
     return got
 
 
+def _next_pings(np: object) -> tuple[tuple[str, float], ...]:
+    """The "np" field: {peer id suffix: round trip ms}, at most MAX_NEXT_PINGS entries of finite, non-negative ms."""
+    if not isinstance(np, dict) or len(np) > MAX_NEXT_PINGS:
+        raise RecordError(f"entry value field 'np' (next pings) must be a map of at most {MAX_NEXT_PINGS} entries")
+    out = []
+    for peer, ms in np.items():
+        if not isinstance(peer, str) or not 0 < len(peer) <= NEXT_PING_ID_CHARS:
+            raise RecordError(f"next pings are keyed by the last {NEXT_PING_ID_CHARS} characters of a peer id")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1e6:
+            raise RecordError(f"next ping to {peer} must be a round trip in ms (0 to 1e6), got {ms!r}")
+        out.append((peer, float(ms)))
+    return tuple(out)
+
+
 def _optional_str(value: dict[str, Any], name: str, what: str) -> str | None:
     got = value.get(name)
     if got is not None and not isinstance(got, str):
@@ -300,11 +321,22 @@ def check_public_name(name: object) -> str:
     return name
 
 
+def _adapter_names(names: object) -> tuple[str, ...]:
+    """A server record's adapter names (field ``ad``), checked; RecordError saying what is wrong."""
+    if not isinstance(names, list) or len(names) > MAX_ADAPTERS:
+        raise RecordError(f"entry value field 'ad' (adapters) must be a list of at most {MAX_ADAPTERS} names")
+    try:
+        return tuple(check_adapter_name(n) for n in names)
+    except WireError as e:
+        raise RecordError(e.message) from None
+
+
 @dataclass(frozen=True)
 class ServerRecord:
     """What a server announces under each block key it serves, and what routers read back. Short field names on
-    the wire; ``quant`` (``q``), ``fingerprint`` (``fp``), ``direct`` (``x``) and ``public_name`` (``pn``) are written
-    only when set, so older readers and older records stay compatible."""
+    the wire; ``quant`` (``q``), ``fingerprint`` (``fp``), ``direct`` (``x``), ``public_name`` (``pn``),
+    ``next_pings`` (``np``) and ``adapters`` (``ad``) are written only when set, so older readers and older records
+    stay compatible."""
 
     addrs: tuple[str, ...]
     start: int
@@ -319,6 +351,8 @@ class ServerRecord:
     fingerprint: str | None = None  # the model version the server hosts; None: not announced
     direct: tuple[str, ...] = ()  # direct data plane addresses (/ip4/H/tcp/P/tls/p2p/ID); older servers have none
     public_name: str = ""  # petald --public-name: who runs the server, shown on dashboards; "" when not set
+    next_pings: tuple[tuple[str, float], ...] = ()  # (peer id suffix, round trip ms) to next-span servers ("np")
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters it hosts (petald --adapter; "ad"), when any
 
     def to_value(self) -> dict[str, Any]:
         if self.state not in STATES:
@@ -342,6 +376,12 @@ class ServerRecord:
             value["x"] = list(self.direct)
         if self.public_name:
             value["pn"] = check_public_name(self.public_name)
+        if self.next_pings:
+            value["np"] = {peer[-NEXT_PING_ID_CHARS:]: round(float(ms), 1) for peer, ms in self.next_pings}
+            if len(value["np"]) > MAX_NEXT_PINGS:
+                raise RecordError(f"at most {MAX_NEXT_PINGS} next pings fit in a server record")
+        if self.adapters:
+            value["ad"] = list(_adapter_names(list(self.adapters)))
         return value
 
     @classmethod
@@ -367,6 +407,8 @@ class ServerRecord:
         public_name = value.get("pn")
         if public_name is not None:
             check_public_name(public_name)
+        next_pings = _next_pings(value.get("np", {}))
+        adapters = _adapter_names(value.get("ad", []))
         return cls(
             tuple(addrs),
             span[0],
@@ -381,6 +423,8 @@ class ServerRecord:
             _optional_str(value, "fp", "fingerprint"),
             tuple(direct),
             public_name or "",
+            next_pings,
+            adapters,
         )
 
     @classmethod
@@ -447,6 +491,31 @@ class ModelRecord:
             return cls.from_value(value)
         except RecordError:
             return None
+
+
+MORE_MODELS_FIELD = "o"
+"""Where one signer's MODELS_KEY entry lists its other models (a daemon serving several models has one entry)."""
+MAX_MODELS_PER_ENTRY = 4
+"""Models one MODELS_KEY entry may list: keeps it under MAX_RECORD_BYTES (a daemon serves at most this many)."""
+
+
+def models_value(records: list[ModelRecord]) -> dict[str, Any]:
+    """One signer's MODELS_KEY value for ``records`` (at least one): the first at the top level, which is all that
+    older readers see, the others under ``MORE_MODELS_FIELD``."""
+    if not 1 <= len(records) <= MAX_MODELS_PER_ENTRY:
+        raise RecordError(f"a models entry lists 1 to {MAX_MODELS_PER_ENTRY} models, not {len(records)}")
+    value = records[0].to_value()
+    if len(records) > 1:
+        value[MORE_MODELS_FIELD] = [r.to_value() for r in records[1:]]
+    return value
+
+
+def parse_models(value: object) -> list[ModelRecord]:
+    """Every well-formed model record in one MODELS_KEY value (malformed ones are skipped, never fatal)."""
+    first = ModelRecord.parse(value)
+    more = value.get(MORE_MODELS_FIELD) if isinstance(value, dict) else None
+    extra = [ModelRecord.parse(v) for v in more[:MAX_MODELS_PER_ENTRY]] if isinstance(more, list) else []
+    return [r for r in (first, *extra) if r is not None]
 
 
 # --- mismatch reports -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ The wire format (see ``messages``) is:
 - info ``{model, fingerprint, family, num_blocks, start, end, hidden_size, dtype, quant, max_length, max_batch,
   cache_tokens_left, throughput, version, codecs, sessions, push}``; only ``start``, ``end`` and ``hidden_size``
   are required from a peer, the rest default when absent.
-- forward ``{hidden}``; backward ``{grad, grad_prompts (tensor or None), grad_lora?}``.
+- forward ``{hidden, activation?}``; backward ``{grad, grad_prompts (tensor or None), grad_lora?}``.
 - inference open ``{ok, max_length, session, push}``; step ``{hidden, position, pushed?}`` or
   ``{skipped: true, position}``; push ack ``{ok: true}``.
 """
@@ -166,19 +166,27 @@ class InfoReply:
 
 @dataclass(frozen=True)
 class ForwardReply:
-    """A forward call's output: the span's hidden states for the request's input."""
+    """A forward call's output: the span's hidden states for the request's input; ``activation``: the id under
+    which the server keeps this forward's graph for the backward (asked with ``keep``; None when not kept)."""
 
     hidden: WireTensor
+    activation: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"hidden": self.hidden}
+        wire: dict[str, Any] = {"hidden": self.hidden}
+        if self.activation is not None:
+            wire["activation"] = self.activation
+        return wire
 
     @classmethod
     def from_wire(cls, msg: object) -> Self:
         m = check_reply(msg, "hidden")
         hidden = _tensor(m, "hidden", "forward")
         assert hidden is not None
-        return cls(hidden)
+        activation = m.get("activation")
+        if activation is not None and not (isinstance(activation, str) and SESSION_ID_RE.fullmatch(activation)):
+            raise _bad("forward", "activation", "32 hex chars")
+        return cls(hidden, activation)
 
 
 @dataclass(frozen=True)
@@ -217,9 +225,13 @@ class OpenReply:
     max_length: int
     session: str | None = None
     push: bool = False
+    lora: bool = False  # the server applies the LoRA weights sent with the open to every step
 
     def to_wire(self) -> dict[str, Any]:
-        return {"ok": True, "max_length": self.max_length, "session": self.session, "push": self.push}
+        wire: dict[str, Any] = {"ok": True, "max_length": self.max_length, "session": self.session, "push": self.push}
+        if self.lora:
+            wire["lora"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, msg: object) -> Self:
@@ -227,7 +239,7 @@ class OpenReply:
         session = m.get("session")
         if not (isinstance(session, str) and SESSION_ID_RE.fullmatch(session)):
             session = None
-        return cls(_int(m, "max_length", "inference open"), session, m.get("push") is True)
+        return cls(_int(m, "max_length", "inference open"), session, m.get("push") is True, m.get("lora") is True)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ and no torch (petalctl imports this at start-up); tensors inside bodies are ``pe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -311,13 +312,30 @@ class ServeRequest:
 
 @dataclass(frozen=True)
 class UnserveRequest:
-    """POST /v1/unserve."""
+    """POST /v1/unserve: the model's span (``blocks`` "A:B" names one when the daemon serves several of it)."""
 
     model: str
+    blocks: str | None = None
 
     @classmethod
     def from_body(cls, body: Body) -> UnserveRequest:
-        return cls(model_field(body))
+        blocks = body.get("blocks")
+        if blocks is not None and (not isinstance(blocks, str) or not _SPAN_RE.fullmatch(blocks.strip())):
+            raise bad_request(f'"blocks" must be a string "START:END", e.g. "0:10", got {blocks!r:.40}')
+        return cls(model_field(body), None if blocks is None else blocks.strip())
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        if self.blocks is None:
+            return None
+        a, b = self.blocks.split(":")
+        return int(a), int(b)
 
     def to_body(self) -> dict[str, object]:
-        return {"model": self.model}
+        body: dict[str, object] = {"model": self.model}
+        if self.blocks is not None:
+            body["blocks"] = self.blocks
+        return body
+
+
+_SPAN_RE = re.compile(r"\d{1,9}:\d{1,9}")

@@ -7,9 +7,10 @@ as in Petals: only hidden states cross the network. ``generate`` prefills the pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,24 @@ import torch
 
 from petal.daemon.hub import client_missing
 from petal.daemon.pull import default_models_dir
+from petal.daemon.routing import calls
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.session import InferenceSession
-from petal.kernels.sampling import SamplingParams, make_generator, sample_next
+from petal.kernels.beams import BeamSearch
+from petal.kernels.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    prompt_logprobs,
+    sample_next,
+    token_logprob,
+)
+from petal.kernels.speculative import DraftLength, check_guesses, lookup_draft
 from petal.kernels.store import ModelStoreError, load_client_parts, open_model
 from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import MODEL_HINT
+from petal.protocol.stops import find_stop as _find_stop
+from petal.protocol.stops import held_back as _held_back
 
 log = logging.getLogger("petal.frontend")
 
@@ -30,6 +43,10 @@ log = logging.getLogger("petal.frontend")
 MAX_NAME_BYTES = 255
 """Longest model name, or path component of a model dir, in UTF-8 bytes (what file systems allow)."""
 MAX_PATH_BYTES = 4096
+HEAD_CHUNK = 256
+"""Positions whose logits are computed at once when every position needs them (``vocab x HEAD_CHUNK`` floats)."""
+FORWARD_TOKENS = 8192
+"""Most tokens (rows x padded length) sent through the swarm in one forward by ``final_hidden``."""
 
 
 def _check_model_name(name: str) -> None:
@@ -99,6 +116,11 @@ class Generation:
     tokens: list[int] | None = None
     text: str = ""
     finish_reason: str = "length"  # "length" | "stop" (end-of-sequence token or stop sequence)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in ``tokens``, with logprobs=k
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt positions 1.., with prompt_logprobs=k
+    steps: int = 0  # swarm round trips (counted by generate_speculative)
+    drafted: int = 0  # speculative decoding: tokens guessed, and how many of them were kept
+    accepted: int = 0
 
 
 class ModelFrontend:
@@ -176,9 +198,17 @@ class ModelFrontend:
         input_ids: Sequence[int],
         params: SamplingParams,
         result: Generation | None = None,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         **session_kwargs: Any,
     ) -> AsyncGenerator[Token, None]:
         """Yield new tokens as they are sampled; ``result`` (if given) holds the totals at the end.
+
+        With ``logprobs=k``, ``result.logprobs`` gets each token's log-probability under the model and the k
+        likeliest tokens (appended before the token is yielded); with ``prompt_logprobs=k`` the prefill also scores
+        every prompt token (``result.prompt_logprobs``), which costs the head over all prompt positions, so only
+        when asked.
 
         Stops after ``max_new_tokens``, at an end-of-sequence token (not yielded), or when the text reaches a stop
         sequence (the text is cut before it). Text is held back while it could still be the start of a stop
@@ -206,14 +236,21 @@ class ModelFrontend:
                 with torch.no_grad():
                     embedded = self.parts.embed(x).to(self.dtype)
                 hidden = await session.step(embedded)
+                if prompt_logprobs is not None and result.prompt_logprobs is None:
+                    result.prompt_logprobs = await asyncio.to_thread(
+                        self.score_hidden, hidden[0, :-1], ids, prompt_logprobs
+                    )
                 with torch.no_grad():
                     logits = self.parts.logits(hidden[:, -1:].float())[0, -1]
-                token = sample_next(logits, params, ids + generated, generator)
+                token = sample_next(logits, params, ids + generated, generator, generated=generated)
+                scored = None if logprobs is None else token_logprob(logits, token, logprobs)
                 if token in self.eos_token_ids:
                     result.finish_reason = "stop"
                     break
                 generated.append(token)
                 result.tokens = list(generated)
+                if scored is not None:
+                    result.logprobs.append(scored)
                 text = self.decode(generated)
                 cut = _find_stop(text, params.stop)
                 if cut is not None:
@@ -231,6 +268,185 @@ class ModelFrontend:
         if len(result.text) > len(shown):  # whatever was held back, now that no stop sequence can follow
             yield Token(None, result.text[len(shown) :])
 
+    def score_hidden(self, hidden: torch.Tensor, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """Log-probabilities of ``ids[1:]`` from the final hidden states ``[n, H]`` of positions ``0..n-1`` (the head
+        runs over ``HEAD_CHUNK`` positions at a time, so a long prompt never holds ``vocab x n`` logits at once).
+        Blocking: call it in a thread."""
+        out: list[TokenLogprob] = []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], HEAD_CHUNK):
+                logits = self.parts.logits(hidden[None, start : start + HEAD_CHUNK].float())[0]
+                out += prompt_logprobs(logits, ids[start:], top)
+        return out
+
+    async def final_hidden(
+        self, router: Router, prompts: Sequence[Sequence[int]], codec: str | None = None, adapter: str | None = None
+    ) -> list[torch.Tensor]:
+        """Each prompt's hidden states ``[len, H]`` after the last block (before the final norm), by plain forwards
+        through the swarm (no KV cache). Prompts are right-padded into batches of at most ``FORWARD_TOKENS``
+        tokens: with causal attention a real position never sees the padding after it, so padding changes nothing.
+        """
+        vocab = int(self.info.config.vocab_size)
+        for ids in prompts:
+            if not ids:
+                raise PetalError("bad_request", "a prompt is empty")
+            if any(not 0 <= i < vocab for i in ids):
+                raise PetalError("bad_request", f"token ids must be in [0, {vocab})")
+        await self._check_fingerprint(router)
+        out: list[torch.Tensor] = []
+        batch: list[Sequence[int]] = []
+
+        async def flush() -> None:
+            width = max(len(ids) for ids in batch)
+            x = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in batch])
+            with torch.no_grad():
+                embedded = self.parts.embed(x).to(self.dtype)
+            hidden = await calls.forward(router, self.name, embedded, codec=codec, adapter=adapter)
+            out.extend(hidden[row, : len(ids)].float() for row, ids in enumerate(batch))
+            batch.clear()
+
+        for ids in prompts:
+            width = max([len(ids), *(len(b) for b in batch)])
+            if batch and width * (len(batch) + 1) > FORWARD_TOKENS:
+                await flush()
+            batch.append(ids)
+        if batch:
+            await flush()
+        return out
+
+    async def generate_beams(
+        self,
+        router: Router,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        num_beams: int,
+        result: Generation | None = None,
+        **session_kwargs: Any,
+    ) -> AsyncGenerator[Token, None]:
+        """Beam search (greedy, transformers' rules: ``petal.kernels.beams``) over one session of ``num_beams`` rows
+        whose cache rows the servers reorder between steps; yields the best sequence's text once it is known (at the
+        end), cut before a stop sequence. ``result`` as for ``generate``."""
+        ids = self._check_ids(input_ids)
+        result = result if result is not None else Generation()
+        result.prompt_tokens, result.tokens, result.text = len(ids), [], ""
+        search = BeamSearch(num_beams, params.max_new_tokens, self.eos_token_ids)
+        session = InferenceSession(
+            router, self.name, max_length=len(ids) + params.max_new_tokens, batch=num_beams, **session_kwargs
+        )
+        async with session:
+            await self._check_fingerprint(router)
+            x = torch.tensor([ids] * num_beams)
+            reorder: list[int] | None = None
+            while True:
+                with torch.no_grad():
+                    embedded = self.parts.embed(x).to(self.dtype)
+                hidden = await session.step(embedded, None, reorder)
+                with torch.no_grad():
+                    logits = self.parts.logits(hidden[:, -1:].float())[:, -1]
+                reorder, tokens = search.step(logits)
+                if search.done:
+                    break
+                x = torch.tensor(tokens)[:, None]
+        generated = search.best
+        if generated and generated[-1] in self.eos_token_ids:
+            generated = generated[:-1]
+            result.finish_reason = "stop"
+        text = self.decode(generated)
+        cut = _find_stop(text, params.stop)
+        if cut is not None:
+            text, result.finish_reason = text[:cut], "stop"
+        result.tokens, result.text = generated, text
+        for i, token in enumerate(generated):  # one line per token, the whole text with the last one
+            yield Token(token, text if i == len(generated) - 1 else "")
+
+    async def generate_speculative(
+        self,
+        router: Router,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        draft: int,
+        result: Generation | None = None,
+        **session_kwargs: Any,
+    ) -> AsyncGenerator[Token, None]:
+        """``generate`` for deterministic sampling (temperature 0) with speculative decoding: each step sends the
+        last token plus up to ``draft`` tokens guessed by prompt lookup (``lookup_draft``: what followed the latest
+        earlier occurrence of the context's last n-gram); the servers run them as one step and the head checks
+        them all, keeping the guesses up to the first that differs from what decoding would pick, plus that pick.
+        Rejected positions are rolled back (the next step is sent at the first of them; servers truncate their
+        caches). The guess length adapts as transformers' assisted generation does: +2 after a step whose guesses
+        were all kept, -1 (at least 1) otherwise, at most ``draft``. The tokens are the ones plain decoding picks;
+        ``result.steps``/``drafted``/``accepted`` count the swarm round trips and the guesses."""
+        params.validate()
+        if params.temperature > 0:
+            raise PetalError("bad_request", "speculative decoding needs temperature 0 (greedy); leave one out")
+        ids = self._check_ids(input_ids)
+        result = result if result is not None else Generation()
+        result.prompt_tokens, result.tokens, result.text = len(ids), [], ""
+        result.steps = result.drafted = result.accepted = 0
+        generator = make_generator(params.seed)
+        generated: list[int] = []
+        shown = ""
+        budget = len(ids) + params.max_new_tokens + draft
+        session = InferenceSession(router, self.name, max_length=budget, **session_kwargs)
+        async with session:
+            await self._check_fingerprint(router)
+            x, k = ids, DraftLength(draft)
+            guesses: list[int] = []
+            while True:
+                with torch.no_grad():
+                    embedded = self.parts.embed(torch.tensor([x])).to(self.dtype)
+                start = session.position
+                hidden = await session.step(embedded)
+                result.steps += 1
+                with torch.no_grad():  # the last position of the input and every guess
+                    logits = self.parts.logits(hidden[:, -1 - len(guesses) :].float())[0]
+
+                def pick(i: int, got: list[int], rows: torch.Tensor = logits) -> int:
+                    return sample_next(rows[i], params, ids + generated + got, generator, generated=generated + got)
+
+                picked = check_guesses(guesses, pick)
+                result.drafted += len(guesses)
+                result.accepted += len(picked) - 1
+                k.update(len(guesses), len(picked) - 1)
+                if len(picked) - 1 < len(guesses):  # forget the rejected guesses' positions
+                    await session.rollback(start + len(x) - len(guesses) + len(picked) - 1)
+                for token in picked:
+                    if token in self.eos_token_ids:
+                        result.finish_reason = "stop"
+                        break
+                    generated.append(token)
+                    result.tokens = list(generated)
+                    text = self.decode(generated)
+                    cut = _find_stop(text, params.stop)
+                    if cut is not None:
+                        result.text, result.finish_reason = text[:cut], "stop"
+                        if len(result.text) > len(shown):
+                            yield Token(token, result.text[len(shown) :])
+                        return
+                    safe = len(text) - _held_back(text, params.stop)
+                    piece = text[len(shown) : safe] if safe > len(shown) else ""
+                    shown += piece
+                    result.text = text
+                    yield Token(token, piece)
+                    if len(generated) == params.max_new_tokens:
+                        break
+                if result.finish_reason == "stop" or len(generated) == params.max_new_tokens:
+                    break
+                left = params.max_new_tokens - len(generated) - 1  # the step's own pick comes on top of guesses
+                guesses = lookup_draft(ids + generated, min(k.now, left))
+                x = [generated[-1], *guesses]
+        if len(result.text) > len(shown):  # whatever was held back, now that no stop sequence can follow
+            yield Token(None, result.text[len(shown) :])
+
+    def _check_ids(self, input_ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in input_ids]
+        vocab = int(self.info.config.vocab_size)
+        if not ids:
+            raise PetalError("bad_request", "the prompt is empty")
+        if any(not 0 <= i < vocab for i in ids):
+            raise PetalError("bad_request", f"input_ids must be in [0, {vocab})")
+        return ids
+
     async def _check_fingerprint(self, router: Router) -> None:
         view = await router.view(self.name)
         if view.fingerprint and view.fingerprint != self.info.fingerprint:
@@ -239,21 +455,3 @@ class ModelFrontend:
                 f"the swarm serves {self.name!r} with fingerprint {view.fingerprint} but the local copy is "
                 f"{self.info.fingerprint}: pull the same version the servers run",
             )
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to keep back: an incomplete character, or a possible start of a stop string."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                keep = max(keep, n)
-                break
-    return keep

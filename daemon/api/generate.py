@@ -19,6 +19,7 @@ from petal.daemon.api.errors import stream_error
 from petal.daemon.api.frontend import Generation, ModelFrontend, Token
 from petal.daemon.api.state import STATE_KEY, ApiState
 from petal.kernels.sampling import SamplingParams
+from petal.protocol.adapters import body_adapter
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import CODEC_CHOICES
 from petal.protocol.socket_api import (
@@ -89,15 +90,64 @@ class Run:
         return self.result
 
 
+MAX_BEAMS = 16
+
+
+def num_beams_option(body: dict[str, Any], params: SamplingParams) -> int:
+    """The request's ``num_beams`` (1: no beam search); beam search is greedy and takes no repetition penalty."""
+    beams = body.get("num_beams", 1)
+    if beams is None:
+        return 1
+    if not isinstance(beams, int) or isinstance(beams, bool) or not 1 <= beams <= MAX_BEAMS:
+        raise PetalError("bad_request", f"'num_beams' must be an integer in [1, {MAX_BEAMS}], got {beams!r:.40}")
+    if beams > 1 and (params.temperature > 0 or params.repetition_penalty != 1.0):
+        raise PetalError(
+            "bad_request",
+            "beam search (num_beams > 1) is greedy: leave out temperature (or set 0) and repetition_penalty",
+        )
+    return beams
+
+
+MAX_DRAFT = 16
+
+
+def speculative_option(body: dict[str, Any], params: SamplingParams, num_beams: int) -> int:
+    """The request's ``speculative`` draft length (0: off); it needs greedy decoding without beams."""
+    draft = body.get("speculative", 0)
+    if draft is None:
+        return 0
+    if not isinstance(draft, int) or isinstance(draft, bool) or not 0 <= draft <= MAX_DRAFT:
+        raise PetalError("bad_request", f"'speculative' must be an integer in [0, {MAX_DRAFT}], got {draft!r:.40}")
+    if draft and (params.temperature > 0 or num_beams > 1):
+        raise PetalError(
+            "bad_request", "speculative decoding is greedy: leave out temperature (or set 0) and num_beams"
+        )
+    return draft
+
+
 async def start_generation(
-    state: ApiState, body: dict[str, Any], params: SamplingParams, prompt_ids: Callable[[ModelFrontend], list[int]]
+    state: ApiState,
+    body: dict[str, Any],
+    params: SamplingParams,
+    prompt_ids: Callable[[ModelFrontend], list[int]],
+    num_beams: int = 1,
+    speculative: int = 0,
 ) -> Run:
-    """Load the model's frontend, encode the prompt (in a thread) and run up to the first token."""
+    """Load the model's frontend, encode the prompt (in a thread) and run up to the first token; with a server-hosted
+    adapter (``adapter``, or ``model`` as ``MODEL:ADAPTER``), through servers hosting it."""
     codec = codec_option(body)
-    frontend = await state.frontend(body.get("model"))
+    model, adapter = body_adapter(body)
+    frontend = await state.frontend(model)
     ids = _check_prompt(await asyncio.to_thread(prompt_ids, frontend))
     result = Generation()
-    gen = frontend.generate(state.router, ids, params, result, codec=codec)
+    if num_beams > 1:
+        gen = frontend.generate_beams(state.router, ids, params, num_beams, result, codec=codec, adapter=adapter)
+    elif speculative:
+        gen = frontend.generate_speculative(
+            state.router, ids, params, speculative, result, codec=codec, adapter=adapter
+        )
+    else:
+        gen = frontend.generate(state.router, ids, params, result, codec=codec, adapter=adapter)
     try:
         first: Token | None = await gen.__anext__()
     except StopAsyncIteration:
@@ -124,6 +174,8 @@ async def post_generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     body = await read_json(request)
     params = sampling_from(body)
+    num_beams = num_beams_option(body, params)
+    speculative = speculative_option(body, params, num_beams)
 
     def prompt_ids(fe: ModelFrontend) -> list[int]:
         if body.get("input_ids") is not None:
@@ -138,17 +190,20 @@ async def post_generate(request: web.Request) -> web.StreamResponse:
 
     if isinstance(body.get("prompt"), str) and body.get("input_ids") is None:
         check_prompt_size([body["prompt"]])
-    run = await start_generation(state, body, params, prompt_ids)
+    run = await start_generation(state, body, params, prompt_ids, num_beams, speculative)
 
     def final() -> dict[str, Any]:
         result = run.result
-        return {
+        done = {
             "done": True,
             "text": result.text,
             "tokens": result.tokens or [],
             "prompt_tokens": result.prompt_tokens,
             "finish_reason": result.finish_reason,
         }
+        if speculative:
+            done["speculative"] = {"steps": result.steps, "drafted": result.drafted, "accepted": result.accepted}
+        return done
 
     if not body.get("stream", True):
         await run.finish()

@@ -64,6 +64,7 @@ def _server_json(s: ServerInfo, latency: float | None) -> dict[str, Any]:
         "dtype": s.dtype,
         "version": s.version,
         "public_name": s.public_name,
+        "adapters": list(s.adapters),
         "addrs": list(s.addrs),
         "latency_s": latency,
     }

@@ -1,11 +1,12 @@
-"""The control API's torch-using endpoints (models, generate, OpenAI, tensors, session streams, serve), wired into
-the app that ``LazyRoutes`` (lazy.py) builds on first use. Add new endpoints that need torch here."""
+"""The control API's torch-using endpoints (models, generate, OpenAI, embeddings, tensors, session streams, serve),
+wired into the app that ``LazyRoutes`` (lazy.py) builds on first use. Add new endpoints that need torch here."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from petal.daemon.api.dashboard_data import add_dashboard_data_routes
+from petal.daemon.api.embeddings import add_embedding_routes
 from petal.daemon.api.generate import add_generate_routes
 from petal.daemon.api.models import add_model_routes
 from petal.daemon.api.openai import add_openai_routes
@@ -20,6 +21,7 @@ def add_routes(app: web.Application, node: NodeLike) -> None:
     add_model_routes(app)
     add_generate_routes(app)
     add_openai_routes(app)
+    add_embedding_routes(app)  # /v1/embeddings
     add_tensor_routes(app)
     add_session_stream_routes(app)  # after add_tensor_routes: the streams share its session registry
     add_serve_routes(app, node.host)

@@ -23,7 +23,7 @@ log = logging.getLogger("petal.api.serve")
 
 @dataclass
 class ServeState:
-    """The one load in progress (a daemon hosts one span at a time: its block-server protocols have one handler)."""
+    """The one load in progress (loads run one at a time; what is served already keeps serving meanwhile)."""
 
     host: Host
     task: asyncio.Task[Any] | None = None
@@ -48,12 +48,6 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
     host = state.host
     if state.loading:
         raise PetalError("conflict", f"this daemon is already loading {state.model}; wait for it to finish")
-    if served := host.served():
-        raise PetalError(
-            "conflict",
-            f"this daemon already serves {_describe(served)}; a daemon hosts one span at a "
-            f"time: `petalctl unserve {served[0].model}` first, or start another daemon",
-        )
     try:
         path = resolve_model(body.model)
         state.task = asyncio.current_task()  # hold the slot while planning (no await may let a second one in)
@@ -65,6 +59,14 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
     except BaseException:
         state.task = None
         raise
+    try:
+        host.check(plan)  # beside what is served: no overlap, one rebalancing span per model, not too many models
+    except ServeError as e:
+        state.task = None
+        served = _describe(host.served())
+        raise PetalError(
+            "conflict", f"{e} (this daemon serves {served}; `petalctl unserve MODEL --blocks A:B` stops one)"
+        ) from None
 
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -104,16 +106,25 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
 
 
 async def post_unserve(request: web.Request) -> web.Response:
-    """Stop serving a model: withdraw its blocks (they show as offline), end its rebalancer, free its memory."""
-    model = UnserveRequest.from_body(await read_json(request)).model
+    """Stop serving a model's span: withdraw its blocks (they show as offline), end its rebalancer, free its memory."""
+    body = UnserveRequest.from_body(await read_json(request))
+    model, span = body.model, body.span
     state = request.app[SERVE_KEY]
     if state.loading and state.model == model:
         raise PetalError("conflict", f"{model} is still loading; wait for its serving event, then unserve it")
     served = state.host.served()
-    if not any(s.model == model for s in served):
+    mine = [s for s in served if s.model == model and (span is None or (s.start, s.end) == span)]
+    if not mine:
         what = _describe(served) if served else "nothing"
-        raise PetalError("not_found", f"this daemon serves no blocks of {model!r} (it serves {what})")
-    stopped = await state.host.unserve(model)
+        blocks = "" if span is None else f" [{span[0]}, {span[1]})"
+        raise PetalError("not_found", f"this daemon serves no blocks{blocks} of {model!r} (it serves {what})")
+    if len(mine) > 1:
+        raise PetalError(
+            "conflict",
+            f"this daemon serves several spans of {model} ({_describe(mine)}); name one with "
+            f'"blocks": "A:B" (petalctl unserve {model} --blocks {mine[0].start}:{mine[0].end})',
+        )
+    stopped = await state.host.unserve(model, mine[0].start)
     spans = sorted(({"start": s.start, "end": s.end} for s in stopped), key=lambda s: s["start"])
     return web.json_response({"model": model, "stopped": spans})
 

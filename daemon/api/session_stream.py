@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import weakref
 from typing import Any
 
@@ -25,8 +24,8 @@ import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from petal.daemon import trace
-from petal.daemon.api.bodies import MAX_BODY_BYTES, encode, required_tensor, tensor_field
-from petal.daemon.api.tensors import REGISTRY_KEY, SessionRegistry, open_session
+from petal.daemon.api.bodies import MAX_BODY_BYTES
+from petal.daemon.api.tensors import REGISTRY_KEY, SessionRegistry, open_session, session_step
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.frames import unpack_message
 from petal.protocol.socket_api import SESSION_GONE, SESSION_STREAM_PATH, error_body
@@ -50,14 +49,7 @@ def _message(data: bytes) -> dict[str, Any]:
 
 async def _step(registry: SessionRegistry, sid: str, body: dict[str, Any]) -> dict[str, Any]:
     entry = registry.get(sid)  # not_found once the session timed out (the stream is then closed)
-    hidden = required_tensor(body, "hidden", 3)
-    mask = tensor_field(body, "mask", 2, floating=False)
-    async with entry.lock:
-        try:
-            out = await entry.session.step(hidden, mask)
-        finally:
-            entry.last_used = time.monotonic()
-    return {"hidden": encode(out), "position": entry.session.position}
+    return await session_step(entry, body)
 
 
 async def get_session_stream(request: web.Request) -> web.WebSocketResponse:

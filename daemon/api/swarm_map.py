@@ -74,6 +74,7 @@ class MapServer:
             "reach": "relayed" if self.relayed else "direct",
             "tls": bool(r.direct),
             "fingerprint": r.fingerprint,
+            "adapters": list(r.adapters),
             "announced_at": self.issued_at,
         }
 
@@ -96,13 +97,14 @@ async def swarm_models(dht: SwarmDHT) -> list[SwarmModel]:
 
 
 async def scan_servers(dht: SwarmDHT, model: str, num_blocks: int, fingerprint: str | None = None) -> list[MapServer]:
-    """Every server announced under the model's block keys (any state), one per peer: its freshest entry.
+    """Every server announced under the model's block keys (any state), one per peer and span: its freshest entry;
+    a peer's older spans overlapping a fresher one (it moved) are dropped, disjoint ones (it serves several) kept.
 
     Entries of another fingerprint and spans past ``num_blocks`` are dropped, as routing does; malformed ones too.
     """
     n = max(0, min(num_blocks, MAX_MAP_BLOCKS))
     got = await dht.get_many([block_key(model, i) for i in range(n)])
-    best: dict[str, MapServer] = {}
+    best: dict[tuple[str, int, int], MapServer] = {}
     for entries in got.values():
         for e in entries:
             record = ServerRecord.parse(e.value, e.peer_id)
@@ -110,10 +112,17 @@ async def scan_servers(dht: SwarmDHT, model: str, num_blocks: int, fingerprint: 
                 continue
             if fingerprint is not None and record.fingerprint is not None and record.fingerprint != fingerprint:
                 continue
-            seen = best.get(e.peer_id)
+            key = (e.peer_id, record.start, record.end)
+            seen = best.get(key)
             if seen is None or e.issued_at > seen.issued_at:
-                best[e.peer_id] = MapServer(record, e.issued_at)
-    return sorted(best.values(), key=lambda s: (s.record.start, s.record.end, s.peer_id))
+                best[key] = MapServer(record, e.issued_at)
+    kept: list[MapServer] = []
+    for server in sorted(best.values(), key=lambda s: -s.issued_at):
+        r = server.record
+        mine = [k.record for k in kept if k.peer_id == server.peer_id]
+        if all(r.end <= k.start or k.end <= r.start for k in mine):
+            kept.append(server)
+    return sorted(kept, key=lambda s: (s.record.start, s.record.end, s.peer_id))
 
 
 def block_states(

@@ -3,15 +3,20 @@
 libp2p 0.8.1 implements circuit relay v2 but does not plug it into the swarm, so we wire it by hand: every
 transport accepts relayed connections (STOP); one started with ``relay_service=True`` also relays for others
 (HOP, within ``RELAY_LIMITS``); ``reserve`` takes a slot on a relay and returns the circuit address to announce;
-``dial`` connects through a ``/.../p2p/RELAY/p2p-circuit/p2p/PEER`` address. Everything here runs in the
-transport's trio thread; ``Libp2pTransport`` calls it through its bridge.
+``dial`` connects through a ``/.../p2p/RELAY/p2p-circuit/p2p/PEER`` address. ``Relay`` runs in the transport's
+trio thread; ``Libp2pTransport`` calls it through its bridge.
+
+``RelayKeeper`` (asyncio side) keeps an unreachable daemon reachable: it watches the relay it reserved on and, when
+that relay stops answering, drops the dead circuit address and reserves on another reachable peer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -23,13 +28,15 @@ if TYPE_CHECKING:
     from libp2p.abc import IHost
     from libp2p.tools.anyio_service.api import ManagerAPI
 
-__all__ = ["DIRECT_FIRST_TIMEOUT", "RELAY_LIMITS", "Relay", "RelayError"]
+__all__ = ["DIRECT_FIRST_TIMEOUT", "RELAY_CHECK_PERIOD", "RELAY_LIMITS", "Relay", "RelayError", "RelayKeeper"]
 
 log = logging.getLogger(__name__)
 
 RELAY_LIMITS = dict(duration=3600, data=1 << 30, max_circuit_conns=8, max_reservations=16)
 """What a relaying daemon grants: per circuit at most an hour and 1 GiB, 8 circuits per reserved peer, 16 peers.
 A circuit that hits a limit is reset; the next `open_stream` dials a fresh one."""
+RELAY_CHECK_PERIOD = 10.0
+"""Seconds between checks that our relay still answers; two failed checks in a row replace it."""
 DIRECT_FIRST_TIMEOUT = 3.0
 """When a peer has both direct and circuit addresses, how long the direct dial may take before we use the relay."""
 
@@ -141,3 +148,101 @@ class Relay:
                 "peers per relay); try another relay"
             )
         return f"{strip_p2p(direct[0])}/p2p/{relay.peer_id}/p2p-circuit/p2p/{own_peer_id}"
+
+
+class RelayingTransport(Protocol):
+    """What ``RelayKeeper`` needs of a transport (``Libp2pTransport``, or ``CompositeTransport`` delegating to it)."""
+
+    circuit_addrs: list[str]
+    listen_addrs: list[str]
+
+    async def use_relay(self, relay: PeerAddr, timeout: float = 15.0) -> str: ...
+
+
+class RelayKeeper:
+    """Keeps a daemon that others cannot dial reachable through some relay.
+
+    ``use`` reserves on a relay; ``run`` (a task) asks the relay every ``period`` seconds whether it is alive
+    (``probe``, e.g. a node-info call) and after two failures in a row drops the circuit address through it and
+    reserves on the first of ``candidates()`` (peers that may relay: initial peers, reachable servers) that accepts,
+    then awaits ``on_change()`` so that the new address is announced.
+    """
+
+    def __init__(
+        self,
+        transport: RelayingTransport,
+        probe: Callable[[PeerAddr], Awaitable[object]],
+        candidates: Callable[[], Awaitable[list[PeerAddr]]],
+        on_change: Callable[[], Awaitable[object]],
+        period: float = RELAY_CHECK_PERIOD,
+    ) -> None:
+        self.transport = transport
+        self.probe = probe
+        self.candidates = candidates
+        self.on_change = on_change
+        self.period = period
+        self.relay: PeerAddr | None = None
+        self.circuit: str | None = None
+        self.replaced = 0  # relays replaced so far (for status and tests)
+
+    async def use(self, relay: PeerAddr) -> str:
+        """Reserve on ``relay``; its circuit address replaces the one through our previous relay."""
+        circuit = await self.transport.use_relay(relay)
+        self._drop(keep=circuit)
+        self.relay, self.circuit = relay, circuit
+        return circuit
+
+    def _drop(self, keep: str | None = None) -> None:
+        old = self.circuit
+        if old is not None and old != keep:
+            for addrs in (self.transport.circuit_addrs, self.transport.listen_addrs):
+                if old in addrs:
+                    addrs.remove(old)
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.period)
+            if self.relay is None:
+                await self.replace()
+                continue
+            try:
+                await self.probe(self.relay)
+                failures = 0
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure to answer counts
+                failures += 1
+                log.info("relay %s did not answer (%d): %s", self.relay.peer_id, failures, e)
+            if failures >= 2:
+                failures = 0
+                await self.replace()
+
+    async def replace(self) -> bool:
+        """Drop the circuit through the current relay and reserve on another candidate; whether one accepted."""
+        dead = self.relay.peer_id if self.relay is not None else None
+        self._drop()
+        self.relay = self.circuit = None
+        try:
+            candidates = await self.candidates()
+        except Exception as e:  # noqa: BLE001 - retried at the next check
+            log.warning("finding a new relay failed: %s", e)
+            candidates = []
+        for peer in candidates:
+            if peer.peer_id == dead:
+                continue
+            try:
+                circuit = await self.use(peer)
+            except Exception as e:  # noqa: BLE001 - it cannot relay for us: try the next one
+                log.info("peer %s cannot relay for us: %s", peer.peer_id, e)
+                continue
+            self.replaced += 1
+            log.warning("relay %s is gone; others reach this daemon through %s at %s now", dead, peer.peer_id, circuit)
+            await self.on_change()
+            return True
+        log.warning(
+            "relay %s is gone and no other peer can relay for us yet: others cannot reach this daemon until one does "
+            "(retrying every %.0f s); start petald with more --initial-peer addresses of reachable daemons",
+            dead,
+            self.period,
+        )
+        return False

@@ -1,9 +1,18 @@
-"""Forward and backward through a chain of remote spans: stateless calls for training, retried hop by hop.
+"""Forward and backward through a chain of remote spans for training, retried hop by hop.
 
 Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried elsewhere, and
-a large batch is split across the servers of the same span. Design choice: ``backward`` re-runs the forward along its
-chain to get each hop's input instead of keeping activations from an earlier ``forward`` call, so a training client
-needs no server-side or daemon-side state between the two calls (it costs one extra forward per hop except the last).
+a large batch is split across the servers of the same span.
+
+Activation reuse: ``forward_kept`` asks every hop to keep its forward's graph (``keep``; the server's
+`ActivationStore`) and returns a `KeptChain`: the hops, each hop's input and the id its server keeps the graph under.
+``backward`` given that chain (``kept``) runs no forward at all: each hop, last first, gets the gradient, its
+activation id and its input, and the server runs only autograd on the kept graph, so forward+backward costs one
+forward and one backward per hop, as local autograd does. Without a chain (a stateless caller, or one that does not
+fit the call: another input or block range), ``backward`` re-runs the forward along a new chain to get each hop's
+input, and each server recomputes its forward with grad (one extra forward per hop except the last, two on the
+server). Either way losing state costs time, never a wrong result: a server that no longer holds a graph (evicted,
+expired, restarted) recomputes from the input sent along, and a hop that fails is banned and its blocks run again
+elsewhere by recomputation.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 from petal.daemon.routing.chains import Hop, no_route_error, split_batch, throughput_chain
 from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
 from petal.daemon.routing.remote import RemoteSpan
-from petal.daemon.routing.router import Router
+from petal.daemon.routing.router import Router, no_adapter_error
 from petal.daemon.routing.swarm import ServerInfo, SwarmView
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora
@@ -41,20 +50,24 @@ class _Call:
     split_min_rows: int
     failures: list[BaseException] = field(default_factory=list)
     lora: Lora | None = None  # client-owned LoRA weights; each hop gets its own blocks' share
+    adapter: str | None = None  # a server-hosted adapter: only servers hosting it, each request names it
+    keep: bool = False  # ask each hop to keep its forward's graph for the backward (no batch split then)
 
     def candidates(self) -> list[ServerInfo]:
-        return self.router.candidates(self.view, self.allowed, self.blocked)
+        return self.router.candidates(self.view, self.allowed, self.blocked, self.adapter)
 
     def next_hop(self, a: int, b: int) -> Hop:
         """A throughput-weighted server for block ``a`` onwards (up to ``b``)."""
         chain = throughput_chain(self.candidates(), a, a + 1, self.router.rng)
         if chain is None:
+            if self.adapter is not None and not self.candidates():
+                raise no_adapter_error(self.view.model, self.adapter)
             raise no_route_error(self.view.model, a, b, self.candidates(), list(self.view.servers.values()))
         server = chain[0].server
         return Hop(server, a, min(server.end, b))
 
     def span(self, hop: Hop) -> RemoteSpan:
-        return self.router.span(self.view, hop, self.codec)
+        return self.router.span(self.view, hop, self.codec, self.adapter)
 
     def failed(self, hop: Hop, error: BaseException, what: str) -> None:
         if not is_server_fault(error):
@@ -65,13 +78,16 @@ class _Call:
             raise gave_up(what, len(self.failures), error) from error
 
 
-async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
-    """One hop's forward; a large batch is split across the servers that cover exactly this hop."""
+async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """One hop's forward and, asked to keep, the server's id of its kept graph; a large batch is split across the
+    servers that cover exactly this hop (never one asked to keep)."""
     prompts = slice_prompts(call.prompts, call.offset, hop)
+    if call.keep:
+        return await call.span(hop).forward_keep(x, call.mask, prompts, timeout=call.timeout, lora=call.lora)
     batch = x.shape[0]
     peers = [s for s in call.candidates() if s.covers(hop.start, hop.end)]
     if batch < 2 * call.split_min_rows or len(peers) < 2:
-        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout, lora=call.lora)
+        return await call.span(hop).forward(x, call.mask, prompts, timeout=call.timeout, lora=call.lora), None
     parts = split_batch(batch, [hop.server] + [s for s in peers if s.peer_id != hop.peer_id], call.split_min_rows)
 
     async def part(server: ServerInfo, lo: int, hi: int) -> torch.Tensor:
@@ -91,28 +107,67 @@ async def _forward_hop(call: _Call, hop: Hop, x: torch.Tensor) -> torch.Tensor:
     outputs = [r for r in results if not isinstance(r, BaseException)]
     if len(outputs) < len(results):
         raise _Retry()
-    return torch.cat(outputs, dim=0)
+    return torch.cat(outputs, dim=0), None
 
 
 class _Retry(Exception):
     """A split hop lost a part: its servers are already banned and counted; choose again."""
 
 
+@dataclass(frozen=True)
+class KeptHop:
+    """One hop of a kept forward: the server, its input, and the id it keeps the graph under (None: not kept)."""
+
+    hop: Hop
+    hidden: torch.Tensor
+    activation: str | None = None
+
+
+@dataclass(frozen=True)
+class KeptChain:
+    """What ``forward_kept`` leaves for the backward: the call it was (to check a backward is the same one) and its
+    hops in order."""
+
+    model: str
+    start: int
+    end: int
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    hops: tuple[KeptHop, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.hidden.numel() * h.hidden.element_size() for h in self.hops)
+
+    def fits(self, model: str, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether a backward of these arguments is this forward's (same model, blocks, input and mask)."""
+        return (
+            (model, start, end) == (self.model, self.start, self.end)
+            and _same(hidden, self.hidden)
+            and (mask is None) == (self.mask is None)
+            and (mask is None or _same(mask, self.mask))
+        )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
 async def _forward_trace(
     call: _Call, a: int, b: int, x: torch.Tensor, *, last: bool = True
-) -> tuple[torch.Tensor | None, list[tuple[Hop, torch.Tensor]]]:
-    """Run [a, b) hop by hop; returns the output and each hop with its input.
+) -> tuple[torch.Tensor | None, list[KeptHop]]:
+    """Run [a, b) hop by hop; returns the output and each hop with its input (and its kept graph's id).
 
     With ``last=False`` the final hop is chosen but not run (backward only needs its input); output is then None.
     """
-    trace: list[tuple[Hop, torch.Tensor]] = []
+    trace: list[KeptHop] = []
     while a < b:
         hop = call.next_hop(a, b)
         if not last and hop.end == b:
-            trace.append((hop, x))
+            trace.append(KeptHop(hop, x))
             return None, trace
         try:
-            out = await _forward_hop(call, hop, x)
+            out, activation = await _forward_hop(call, hop, x)
         except _Retry:
             continue
         except Exception as e:
@@ -120,7 +175,9 @@ async def _forward_trace(
                 raise  # the request itself is wrong: another server would refuse it too
             call.failed(hop, e, f"forward of blocks {hop.start}..{hop.end} of {call.view.model}")
             continue
-        if x.shape[0] < 2 * call.split_min_rows and call.router.spot.wants():  # trust: spotcheck.py (unsplit hops)
+        # the references would run without the server-hosted adapter or the client's LoRA: an honest server would fail
+        checkable = call.adapter is None and call.lora is None
+        if checkable and x.shape[0] < 2 * call.split_min_rows and call.router.spot.wants():  # trust: spotcheck.py
             wrong = await call.router.spot.check_hop(
                 call.view,
                 hop,
@@ -138,7 +195,7 @@ async def _forward_trace(
                 if len(call.failures) > call.max_retries:
                     raise gave_up(f"forward of blocks {hop.start}..{hop.end}", len(call.failures), wrong) from wrong
                 continue
-        trace.append((hop, x))
+        trace.append(KeptHop(hop, x, activation))
         x, a = out, hop.end
     return x, trace
 
@@ -158,11 +215,24 @@ async def _backward_range(
     a hop retried elsewhere overwrites nothing it did not compute).
     """
     _, trace = await _forward_trace(call, a, b, x, last=False)
-    for hop, inp in reversed(trace):
+    return await _backward_hops(call, trace, grad, grad_prompts, grad_lora)
+
+
+async def _backward_hops(
+    call: _Call,
+    hops: list[KeptHop],
+    grad: torch.Tensor,
+    grad_prompts: torch.Tensor | None,
+    grad_lora: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The backward of ``hops`` (a chain, in order), last first; a hop that fails runs again elsewhere by
+    recomputation (`_backward_range`)."""
+    for kept in reversed(hops):
+        hop, inp = kept.hop, kept.hidden
         prompts = slice_prompts(call.prompts, call.offset, hop)
         try:
             grad, gp, gl = await call.span(hop).backward(
-                inp, grad, call.mask, prompts, timeout=call.timeout, lora=call.lora
+                inp, grad, call.mask, prompts, timeout=call.timeout, lora=call.lora, activation=kept.activation
             )
         except Exception as e:
             if not is_server_fault(e):
@@ -227,6 +297,8 @@ async def _prepare_call(
         kwargs.get("timeout", 60.0),
         kwargs.get("split_min_rows", 8),
         lora=lora,
+        adapter=kwargs.get("adapter"),
+        keep=kwargs.get("keep", False),
     )
     return call, end
 
@@ -247,14 +319,16 @@ async def forward(
     timeout: float = 60.0,
     split_min_rows: int = 8,
     lora: Lora | None = None,
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
 
     Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
     elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
-    ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call.
+    ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call;
+    ``adapter`` names a server-hosted adapter (only servers hosting it are used).
     """
-    call, end = await _prepare_call(
+    out, _ = await _forward(
         router,
         model,
         hidden,
@@ -270,11 +344,43 @@ async def forward(
             timeout=timeout,
             split_min_rows=split_min_rows,
             lora=lora,
+            adapter=adapter,
         ),
     )
-    out, _ = await _forward_trace(call, start, end, hidden.detach())
-    assert out is not None
     return out
+
+
+async def forward_kept(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    prompts: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, KeptChain]:
+    """``forward`` (same arguments, no batch split) with every hop asked to keep its graph: the output and the
+    chain to give ``backward`` as ``kept``, which then runs no forward again (see the module doc)."""
+    return await _forward(router, model, hidden, mask, prompts, start, end, {**kwargs, "keep": True})
+
+
+async def _forward(
+    router: Router,
+    model: str,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompts: torch.Tensor | None,
+    start: int,
+    end: int | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, KeptChain]:
+    call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, kwargs)
+    hidden = hidden.detach()
+    out, trace = await _forward_trace(call, start, end, hidden)
+    assert out is not None
+    return out, KeptChain(model, start, end, hidden, mask, tuple(trace))
 
 
 async def backward(
@@ -293,10 +399,14 @@ async def backward(
     max_retries: int = DEFAULT_MAX_RETRIES,
     timeout: float = 60.0,
     lora: Lora | None = None,
+    adapter: str | None = None,
+    kept: KeptChain | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
     """Gradients w.r.t. ``hidden`` (the input of block ``start``), ``prompts`` and ``lora``'s weights, given ``grad``
-    w.r.t. the output of block ``end - 1``. Re-runs the forward along the chosen chain to get each hop's input (see
-    module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has ``lora``'s keys.
+    w.r.t. the output of block ``end - 1``. ``kept``: the chain of this call's ``forward_kept``: its hops' kept
+    graphs are reused; without it (or when it is another call's) the forward is re-run along a chain to get each
+    hop's input (see module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has
+    ``lora``'s keys.
     """
     call, end = await _prepare_call(
         router,
@@ -314,6 +424,7 @@ async def backward(
             timeout=timeout,
             split_min_rows=1 << 30,
             lora=lora,
+            adapter=adapter,
         ),
     )
     if tuple(grad.shape) != tuple(hidden.shape):
@@ -322,7 +433,10 @@ async def backward(
         )
     grad_prompts = None if prompts is None else torch.zeros_like(prompts)
     grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
-    grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
+    if kept is not None and kept.fits(model, start, end, hidden, mask):
+        grad_in = await _backward_hops(call, list(kept.hops), grad.detach(), grad_prompts, grad_lora)
+    else:
+        grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
     if lora is not None:
         assert grad_lora is not None
         missing = sorted(set(lora.weights) - set(grad_lora))

@@ -76,14 +76,22 @@ def min_latency_chain(
     end: int,
     latency: Mapping[str, float] | Callable[[ServerInfo], float],
     compute_time: Callable[[ServerInfo], float] = ServerInfo.block_time,
+    link: Link | None = None,
 ) -> list[Hop] | None:
     """The chain covering [start, end) with the least total (latency + blocks x compute time), by Dijkstra.
 
     Nodes are block boundaries; for every server and every [a, b) inside its span there is an edge a -> b of cost
     ``latency(server) + (b - a) * compute_time(server)``. Ties go to fewer hops. Returns None if no chain exists.
+
+    With ``link`` (server-to-server round trips, for sessions whose servers push to each other), a step costs
+    ``latency(first) / 2 + sum of link(hop, next hop) + latency(last) / 2`` plus compute: the client sends to the
+    first hop, each hop pushes to the next, the last answers the client. A pair ``link`` does not know costs
+    ``(latency(a) + latency(b)) / 2``, so without any known link this is the same total as without ``link``.
     """
     if not start < end:
         raise ValueError(f"empty block range [{start}, {end})")
+    if link is not None:
+        return _pushed_chain(servers, start, end, latency, compute_time, link)
     if callable(latency):
         lat = latency
     else:
@@ -93,7 +101,7 @@ def min_latency_chain(
             return table.get(s.peer_id, DEFAULT_LATENCY)
 
     usable = [s for s in servers if s.start < end and s.end > start]
-    costs = {s.peer_id: (max(0.0, lat(s)), max(0.0, compute_time(s))) for s in usable}
+    costs = {s: (max(0.0, lat(s)), max(0.0, compute_time(s))) for s in usable}  # per span: a peer may host several
     best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
     back: dict[int, tuple[int, ServerInfo]] = {}
     heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
@@ -106,7 +114,7 @@ def min_latency_chain(
         for s in usable:
             if not s.start <= a < s.end:
                 continue
-            fixed, per_block = costs[s.peer_id]
+            fixed, per_block = costs[s]
             for b in range(a + 1, min(s.end, end) + 1):
                 key = (cost + fixed + (b - a) * per_block, hops + 1)
                 if key < best.get(b, (math.inf, 0)):
@@ -121,6 +129,74 @@ def min_latency_chain(
         a, s = back[b]
         chain.append(Hop(s, a, b))
         b = a
+    return chain[::-1]
+
+
+Link = Callable[[ServerInfo, ServerInfo], float | None]
+"""Seconds of the round trip from one server to the next in a chain, None when not measured."""
+
+
+def _pushed_chain(
+    servers: Iterable[ServerInfo],
+    start: int,
+    end: int,
+    latency: Mapping[str, float] | Callable[[ServerInfo], float],
+    compute_time: Callable[[ServerInfo], float],
+    link: Link,
+) -> list[Hop] | None:
+    """``min_latency_chain`` with server-to-server links: Dijkstra over (boundary, server that ends there).
+
+    Hops switch only at boundaries where some span starts or ends (or at ``start``/``end``): every cost is linear in
+    a switch point, so an optimal chain exists with switches at those points, and the graph stays small.
+    """
+    lat = latency if callable(latency) else (lambda s, t=latency: t.get(s.peer_id, DEFAULT_LATENCY))
+    usable = [s for s in servers if s.start < end and s.end > start]
+    half = {s.peer_id: max(0.0, lat(s)) / 2 for s in usable}
+    per_block = {s.peer_id: max(0.0, compute_time(s)) for s in usable}
+    points = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
+    by_id = {s.peer_id: s for s in usable}
+
+    def hop_cost(prev: ServerInfo | None, s: ServerInfo) -> float:
+        if prev is None:
+            return half[s.peer_id]
+        known = link(prev, s)
+        return max(0.0, known) if known is not None else half[prev.peer_id] + half[s.peer_id]
+
+    Node = tuple[int, str]  # (boundary, peer id of the hop that ends there; "" at start)
+    best: dict[Node, tuple[float, int]] = {(start, ""): (0.0, 0)}
+    back: dict[Node, Node] = {}
+    heap: list[tuple[float, int, int, str]] = [(0.0, 0, start, "")]
+    done: Node | None = None
+    while heap:
+        cost, hops, a, prev_id = heapq.heappop(heap)
+        node = (a, prev_id)
+        if (cost, hops) > best.get(node, (math.inf, 0)):
+            continue
+        if a == end:
+            done = node
+            break
+        prev = by_id.get(prev_id)
+        for s in usable:
+            if not s.start <= a < s.end or s.peer_id == prev_id:
+                continue
+            enter = cost + hop_cost(prev, s)
+            for b in points:
+                if b <= a or b > s.end:
+                    continue
+                total = enter + (b - a) * per_block[s.peer_id] + (half[s.peer_id] if b == end else 0.0)
+                key, nxt = (total, hops + 1), (b, s.peer_id)
+                if key < best.get(nxt, (math.inf, 0)):
+                    best[nxt] = key
+                    back[nxt] = node
+                    heapq.heappush(heap, (total, hops + 1, b, s.peer_id))
+    if done is None:
+        return None
+    chain: list[Hop] = []
+    node = done
+    while node[0] != start:
+        prev_node = back[node]
+        chain.append(Hop(by_id[node[1]], prev_node[0], node[0]))
+        node = prev_node
     return chain[::-1]
 
 

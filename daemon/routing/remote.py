@@ -29,6 +29,7 @@ import torch
 
 from petal.daemon import trace
 from petal.daemon.net.transport import MAX_FRAME, PeerAddr, Stream, StreamClosed, Transport
+from petal.protocol.adapters import ADAPTER_FIELD
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.lora import Lora, decode_lora_grads, encode_lora
 from petal.protocol.messages import (
@@ -131,6 +132,7 @@ class RemoteSpan:
         end: int,
         codec: str = DEFAULT_CODEC,
         max_reply_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        adapter: str | None = None,
     ) -> None:
         if not 0 <= start < end:
             raise ValueError(f"span [{start}, {end}) is empty or negative")
@@ -142,18 +144,22 @@ class RemoteSpan:
         self.end = end
         self.codec = codec
         self.max_reply_bytes = max_reply_bytes
+        self.adapter = adapter  # a server-hosted adapter every request names (petal.protocol.adapters); None: base
 
     def __repr__(self) -> str:
         return f"RemoteSpan({self.model}[{self.start}:{self.end}] @ {self.peer.peer_id[-8:]})"
 
     def _header(self) -> dict[str, Any]:
-        return {
+        header = {
             "model": self.model,
             "fingerprint": self.fingerprint,
             "start": self.start,
             "end": self.end,
             "codec": self.codec,
         }
+        if self.adapter is not None:
+            header[ADAPTER_FIELD] = self.adapter
+        return header
 
     async def info(self, timeout: float = 10.0) -> InfoReply:
         """The server's `info` (span, limits, throughput, cache tokens left, versions)."""
@@ -178,12 +184,29 @@ class RemoteSpan:
 
         `lora` may hold weights for any blocks: only those of this span are sent.
         """
+        out, _ = await self.forward_keep(hidden, mask, prompts, timeout, lora, keep=False)
+        return out
+
+    async def forward_keep(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        timeout: float = 60.0,
+        lora: Lora | None = None,
+        *,
+        keep: bool = True,
+    ) -> tuple[torch.Tensor, str | None]:
+        """`forward`, asking the server to keep this forward's graph for a backward: (output, the id it is kept
+        under, or None when the server did not keep it: a backward then recomputes)."""
         request = {
             **self._header(),
             "hidden": _enc(hidden, self.codec),
             "mask": _enc_mask(mask),
             "prompts": _enc(prompts, self.codec),
         }
+        if keep:
+            request["keep"] = True
         _, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
@@ -194,7 +217,7 @@ class RemoteSpan:
             out = decode_reply_tensor(reply.hidden, "hidden", self.max_reply_bytes, shape=tuple(hidden.shape))
         except WireError as e:
             raise _malformed(self, raw, e) from None
-        return out.to(hidden.dtype)
+        return out.to(hidden.dtype), reply.activation
 
     async def backward(
         self,
@@ -204,10 +227,12 @@ class RemoteSpan:
         prompts: torch.Tensor | None = None,
         timeout: float = 60.0,
         lora: Lora | None = None,
+        activation: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """Gradients w.r.t. the span's input `hidden`, `prompts` and this span's `lora` weights, given `grad` w.r.t.
         its output. The LoRA gradients (None when no weight of `lora` falls in this span) have exactly the sent keys
-        and shapes.
+        and shapes. `activation`: the id of this input's kept forward (`forward_keep`): the server reuses its graph,
+        or recomputes from `hidden` when it is gone.
         """
         request = {
             **self._header(),
@@ -216,6 +241,8 @@ class RemoteSpan:
             "mask": _enc_mask(mask),
             "prompts": _enc(prompts, self.codec),
         }
+        if activation is not None:
+            request["activation"] = activation
         sub, wire_lora = self._lora(lora)
         if wire_lora is not None:
             request["lora"] = wire_lora
@@ -245,19 +272,24 @@ class RemoteSpan:
         return grad_in, grad_prompts, grad_lora
 
     async def open_inference(
-        self, max_length: int, batch: int, timeout: float = 30.0, push: bool = False
+        self, max_length: int, batch: int, timeout: float = 30.0, push: bool = False, lora: Lora | None = None
     ) -> RemoteInference:
         """Open a session holding a KV cache of `max_length` tokens for `batch` sequences on the server.
 
         With `push` the server also accepts this session's inputs pushed by the previous hop; whether it does is
-        `RemoteInference.accepts_push` (False for servers that predate push). Raises PetalError "busy" if the server
-        cannot reserve the cache within its allocation timeout.
+        `RemoteInference.accepts_push` (False for servers that predate push). `lora` may hold weights for any blocks:
+        this span's share is sent once, here, and applied by the server to every step. Raises PetalError "busy" if
+        the server cannot reserve the cache within its allocation timeout.
         """
+        sub, wire_lora = self._lora(lora)
         stream = await self.transport.open_stream(self.peer, INFERENCE_PROTOCOL, timeout=timeout)
         try:
             request: dict[str, Any] = {**self._header(), "max_length": max_length, "batch": batch}
             if push:
                 request["push"] = True
+            if wire_lora is not None:
+                request["lora"] = wire_lora
+                check_request_size(request, f"inference open of {self!r}")
             await stream.send(request)
             try:
                 raw = await stream.recv(timeout=timeout)
@@ -267,6 +299,11 @@ class RemoteSpan:
                 reply = OpenReply.from_wire(raw)
             except WireError as e:
                 raise _malformed(self, raw, e) from None
+            if sub is not None and not reply.lora:
+                raise PetalError(
+                    "bad_reply",
+                    f"{self!r} did not confirm the session's LoRA weights (outdated?); trying another server",
+                )
         except BaseException:
             await stream.reset()
             raise
@@ -323,14 +360,16 @@ class RemoteInference:
         position: int | None = None,
         prompts: torch.Tensor | None = None,
         timeout: float = 60.0,
+        reorder: list[int] | None = None,
     ) -> torch.Tensor:
         """Run `t` new tokens `hidden` `[B, t, H]` at cache `position` (default: the end of the cache).
 
-        A `position` below the current one truncates the server's cache first (history replay). `mask` is
-        `[B, position + t]`. Returns the output `[B, t, H]` in `hidden`'s dtype.
+        A `position` below the current one truncates the server's cache first (history replay); `reorder` then
+        makes cache row i a copy of row `reorder[i]` (beam search). `mask` is `[B, position + t]`. Returns the output
+        `[B, t, H]` in `hidden`'s dtype.
         """
         async with self._lock:
-            await self.send_step(hidden, mask, position, prompts)
+            await self.send_step(hidden, mask, position, prompts, reorder=reorder)
             reply = await self.recv_step(tuple(hidden.shape), hidden.dtype, timeout)
             if reply.hidden is None:
                 raise PetalError("internal", f"{self.span!r} skipped a step that carried its input")
@@ -347,9 +386,11 @@ class RemoteInference:
         tokens: int | None = None,
         push_from: str | None = None,
         push_to: dict[str, Any] | None = None,
+        reorder: list[int] | None = None,
     ) -> None:
         """Send one step message. `hidden=None` with `push_from` (the previous hop's peer id), `step` and `tokens`:
         take the input from that peer's push. `push_to` (another session's `push_target()`): push the output there.
+        `reorder`: permute the cache's rows first (see `step`).
         """
         if self.closed:
             raise PetalError("bad_request", f"the inference session on {self.span!r} is closed; open a new one")
@@ -365,6 +406,8 @@ class RemoteInference:
             message.update(push_from=push_from, tokens=tokens)
         if push_to is not None:
             message["push_to"] = push_to
+        if reorder is not None:
+            message["reorder"] = list(reorder)
         check_request_size(message, f"inference step on {self.span!r}")
         try:
             await self.stream.send(message)

@@ -99,6 +99,15 @@ LocalShape = Callable[[str], Awaitable[ModelShape | None]]
 """The shape of this daemon's own copy of a model (None without one): what DHT records are checked against."""
 
 
+def no_adapter_error(model: str, adapter: str) -> PetalError:
+    """No usable server of ``model`` hosts the server-side ``adapter`` a request names."""
+    return PetalError(
+        "not_found",
+        f"no server of {model} hosts adapter {adapter!r}; check its name in `petalctl swarm -m {model}`, "
+        f"or start one with petald --serve {model} --adapter {adapter}=DIR",
+    )
+
+
 class Router:
     """Route choice for one daemon: swarm views per model, latency probes (EWMA), bans.
 
@@ -283,9 +292,10 @@ class Router:
         if todo:
             await asyncio.gather(*(self.probe(model, s) for s in todo))
 
-    def span(self, view: SwarmView, hop: Hop, codec: str | None = None) -> RemoteSpan:
+    def span(self, view: SwarmView, hop: Hop, codec: str | None = None, adapter: str | None = None) -> RemoteSpan:
         """The client of ``hop`` (a sub-range of a server's span) of ``view``'s model, with the hop's wire codec
-        (``codec`` if given, else the daemon's; ``auto`` resolved by the link, see ``codec_for``).
+        (``codec`` if given, else the daemon's; ``auto`` resolved by the link, see ``codec_for``); ``adapter``: the
+        server-hosted adapter its requests name.
 
         A hop on a link ``auto`` has not measured yet (forward/backward route without probes) starts lossless and
         gets probed in the background, so later calls use what the measure says.
@@ -307,6 +317,7 @@ class Router:
             hop.start,
             hop.end,
             self.codec_for(server, codec),
+            adapter=adapter,
         )
 
     async def _measure_later(self, model: str, server: ServerInfo) -> None:
@@ -319,9 +330,15 @@ class Router:
             self._measuring.pop(server.peer_id, None)
 
     def candidates(
-        self, view: SwarmView, allowed: Iterable[str] | None = None, blocked: Iterable[str] | None = None
+        self,
+        view: SwarmView,
+        allowed: Iterable[str] | None = None,
+        blocked: Iterable[str] | None = None,
+        adapter: str | None = None,
     ) -> list[ServerInfo]:
-        return select_servers(view.servers.values(), self.bans, allowed, blocked)
+        """The servers a request may use; with `adapter`, only those hosting that server-side adapter."""
+        usable = select_servers(view.servers.values(), self.bans, allowed, blocked)
+        return usable if adapter is None else [s for s in usable if adapter in s.adapters]
 
     def _check_range(self, view: SwarmView, start: int, end: int | None) -> tuple[int, int]:
         n = view.num_blocks or 0
@@ -338,16 +355,20 @@ class Router:
         *,
         allowed: Iterable[str] | None = None,
         blocked: Iterable[str] | None = None,
+        adapter: str | None = None,
     ) -> list[Hop]:
-        """The minimum-latency chain for [start, end) (the whole model by default), probing servers first."""
+        """The minimum-latency chain for [start, end) (the whole model by default), probing servers first; with
+        `adapter`, through servers hosting that adapter only."""
 
         async def pick(usable: list[ServerInfo], a: int, b: int) -> list[Hop] | None:
             usable = [s for s in usable if s.start < b and s.end > a]
             await self.probe_all(model, usable)
             self._read_reports_later(model, usable)
-            return min_latency_chain([s for s in usable if not self.is_banned(s.peer_id)], a, b, self.route_latency)
+            usable = [s for s in usable if not self.is_banned(s.peer_id)]
+            link = self.route_link if any(s.next_pings for s in usable) else None
+            return min_latency_chain(usable, a, b, self.route_latency, link=link)
 
-        return await self._route(model, start, end, allowed, blocked, pick)
+        return await self._route(model, start, end, allowed, blocked, pick, adapter)
 
     async def throughput_chain(
         self,
@@ -357,13 +378,15 @@ class Router:
         *,
         allowed: Iterable[str] | None = None,
         blocked: Iterable[str] | None = None,
+        adapter: str | None = None,
     ) -> list[Hop]:
-        """A throughput-weighted random chain for [start, end) (forward/backward)."""
+        """A throughput-weighted random chain for [start, end) (forward/backward); with `adapter`, through servers
+        hosting that adapter only."""
 
         async def pick(usable: list[ServerInfo], a: int, b: int) -> list[Hop] | None:
             return throughput_chain(usable, a, b, self.rng)
 
-        return await self._route(model, start, end, allowed, blocked, pick)
+        return await self._route(model, start, end, allowed, blocked, pick, adapter)
 
     async def _route(
         self,
@@ -373,18 +396,21 @@ class Router:
         allowed: Iterable[str] | None,
         blocked: Iterable[str] | None,
         pick: Callable[[list[ServerInfo], int, int], Awaitable[list[Hop] | None]],
+        adapter: str | None = None,
     ) -> list[Hop]:
         """Ask `pick` for a chain over the usable servers; once more after a fresh DHT read (servers may have
         joined since the last refresh); else a clear error naming what the swarm has."""
         view = await self.view(model)
         start, end = self._check_range(view, start, end)
         for attempt in range(2):
-            usable = self.candidates(view, allowed, blocked)
+            usable = self.candidates(view, allowed, blocked, adapter)
             chain = await pick(usable, start, end)
             if chain is not None:
                 return chain
             if attempt == 0:
                 view = await self.view(model, fresh=True)
+        if adapter is not None and not usable:
+            raise no_adapter_error(model, adapter)
         raise no_route_error(model, start, end, usable, list(view.servers.values()))
 
     def route_latency(self, server: ServerInfo) -> float:
@@ -392,6 +418,15 @@ class Router:
         ``REPORT_PENALTY`` seconds per distinct signer (up to ``MAX_REPORT_PENALTIES``) of mismatch reports about it."""
         reports = min(self.reported.get(server.peer_id, 0), MAX_REPORT_PENALTIES)
         return self.latency.get(server.peer_id, DEFAULT_LATENCY) + REPORT_PENALTY * reports
+
+    def route_link(self, server: ServerInfo, nxt: ServerInfo) -> float | None:
+        """The round trip a route choice counts from ``server`` to ``nxt`` when one pushes to the other: what
+        ``server`` announced it measured (its ``next_pings``), plus ``nxt``'s report penalty; None if not announced.
+        """
+        rtt = server.ping_to(nxt.peer_id)
+        if rtt is None:
+            return None
+        return rtt + REPORT_PENALTY * min(self.reported.get(nxt.peer_id, 0), MAX_REPORT_PENALTIES)
 
     def _read_reports_later(self, model: str, servers: list[ServerInfo]) -> None:
         """Re-read the mismatch reports about ``servers`` in the background, at most every ``period`` per model."""

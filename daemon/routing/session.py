@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,8 @@ from petal.daemon.routing.remote import RemoteInference
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.swarm import SwarmView
 from petal.protocol.errors import PetalError
-from petal.protocol.messages import DEFAULT_MAX_TENSOR_BYTES
+from petal.protocol.lora import Lora
+from petal.protocol.messages import DEFAULT_MAX_TENSOR_BYTES, check_reorder
 
 log = logging.getLogger("petal.session")
 
@@ -46,6 +47,7 @@ class _Link:
     awaiting: bool = False
     fed: bool = False
     pushes: bool = False
+    reorder: bool = False  # this step's reorder is still to be applied by this hop's server (its history has it)
 
     def replay_input(self) -> torch.Tensor | None:
         return torch.cat(self.history, dim=1) if self.history else None
@@ -55,6 +57,16 @@ class _Link:
         while self.history and sum(h.shape[1] for h in self.history) > tokens:
             self.history.pop()
 
+    def cut(self, tokens: int) -> None:
+        """Keep exactly the first ``tokens`` positions of the history (cutting inside a step's input if need be)."""
+        kept, total = [], 0
+        for h in self.history:
+            if total >= tokens:
+                break
+            kept.append(h[:, : tokens - total])
+            total += kept[-1].shape[1]
+        self.history = kept
+
 
 class InferenceSession:
     """A stateful generation session over blocks [start, end) of ``model`` (all of them by default).
@@ -62,7 +74,9 @@ class InferenceSession:
     ``step(hidden, mask)`` takes ``[batch, t, hidden]`` for the next t tokens and returns the chain's output.
     ``mask`` is ``[batch, tokens so far + t]`` (1 = real, 0 = left padding), as for the servers. ``prompts``
     (``[end - start, batch, P, hidden]``) are deep prompts, applied by the servers to the first P positions.
-    ``codec``: the wire codec of every hop (None: the router's; ``auto`` picks per hop, see ``Router.codec_for``).
+    ``lora``: client-owned LoRA weights (any blocks of [start, end)); each hop gets its blocks' share once, at open
+    (replacement hops too), and applies it to every step. ``codec``: the wire codec of every hop (None: the router's;
+    ``auto`` picks per hop, see ``Router.codec_for``).
     Use as ``async with``; ``close`` frees the servers' caches.
     """
 
@@ -83,6 +97,8 @@ class InferenceSession:
         step_timeout: float = 60.0,
         open_timeout: float = 30.0,
         push: bool = True,
+        lora: Lora | None = None,
+        adapter: str | None = None,
     ) -> None:
         if max_length < 1 or batch < 1:
             raise PetalError("bad_request", f"max_length and batch must be positive, got {max_length} and {batch}")
@@ -93,6 +109,8 @@ class InferenceSession:
         self.start = start
         self.end = end
         self.prompts = prompts
+        self.lora = lora
+        self.adapter = adapter  # a server-hosted adapter: the chain uses only servers hosting it
         self.codec = codec
         self.allowed = None if allowed is None else list(allowed)
         self.blocked = list(blocked or ())
@@ -104,6 +122,7 @@ class InferenceSession:
         self._view: SwarmView | None = None
         self._links: list[_Link] = []
         self._last_mask: torch.Tensor | None = None
+        self._reorder: list[int] | None = None  # the current step's reorder (beam search), sent to hops not done yet
         self._opened = False
         self._closed = False
         self._lock = asyncio.Lock()
@@ -130,6 +149,13 @@ class InferenceSession:
             raise PetalError(
                 "wrong_shape",
                 f"prompts cover {self.prompts.shape[0]} blocks but the session runs {end - self.start}",
+            )
+        outside = [] if self.lora is None else [b for b in self.lora.blocks if not self.start <= b < end]
+        if outside:
+            raise PetalError(
+                "bad_request",
+                f"lora has weights for block(s) {outside[:5]} outside the session's blocks [{self.start}, {end}); "
+                "send only the weights of the blocks the session runs",
             )
         await self._skip_servers_too_small(self._view, self.start, end)
         failures: list[BaseException] = []
@@ -166,17 +192,19 @@ class InferenceSession:
         """
         assert self._view is not None
         while True:
-            chain = await self.router.inference_chain(self.model, a, b, allowed=self.allowed, blocked=self.blocked)
+            chain = await self.router.inference_chain(
+                self.model, a, b, allowed=self.allowed, blocked=self.blocked, adapter=self.adapter
+            )
             links: list[_Link] = []
             hop = chain[0]
             try:
                 x = replay
                 for hop in chain:
-                    span = self.router.span(self._view, hop, self.codec)
+                    span = self.router.span(self._view, hop, self.codec, self.adapter)
                     link = _Link(
                         hop,
                         await span.open_inference(
-                            self.max_length, self.batch, timeout=self.open_timeout, push=self.push
+                            self.max_length, self.batch, timeout=self.open_timeout, push=self.push, lora=self.lora
                         ),
                     )
                     links.append(link)
@@ -211,9 +239,18 @@ class InferenceSession:
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the next ``t`` tokens through the chain; fails over transparently when a server dies."""
+    async def step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, reorder: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Run the next ``t`` tokens through the chain; fails over transparently when a server dies.
+
+        ``reorder`` (``batch`` row indices, beam search): before this step, row i of the session becomes a copy of
+        row ``reorder[i]`` (the servers gather their caches' rows; this session its history, mask and prompts, so a
+        failover replays the new order). If the step then fails, the reorder has still happened: retry without it.
+        """
         check_hidden(hidden, self.batch)
+        checked = check_reorder(reorder, self.batch, "session step")
+        reorder = None if checked is None else list(checked)
         t = hidden.shape[1]
         if self.position + t > self.max_length:
             raise PetalError(
@@ -232,6 +269,8 @@ class InferenceSession:
             await self.open()
             failures: list[BaseException] = []
             await self._repair(failures)
+            if reorder is not None:
+                self._reordered(reorder)
             x = hidden.detach().clone()
             try:
                 if self.push and any(self._pushes(i) for i in range(len(self._links) - 1)):
@@ -242,13 +281,47 @@ class InferenceSession:
             except BaseException:
                 for link in self._links:  # hops before the failure recorded this step's input; the caches roll back
                     link.trim(self.position)  # on the next step (its position truncates them)
+                    if link.reorder:  # its server may or may not have reordered: rebuilt from history next step
+                        await _close_links([link])
                 raise
+            finally:
+                self._reorder = None
             self.position += t
             self._last_mask = None if mask is None else mask.detach().clone()
             for link in self._links:
                 self.router.bans.succeeded(link.hop.peer_id)
             trace.mark("c.step_done")
             return x
+
+    async def rollback(self, position: int) -> None:
+        """Forget every position from ``position`` on (speculative decoding: drafted tokens that were rejected). The
+        servers truncate their caches with the next step, which is sent at ``position``; the history kept for
+        failover is cut to match."""
+        async with self._lock:
+            if not 0 <= position <= self.position:
+                raise PetalError(
+                    "bad_request", f"cannot roll back to position {position}: the session holds {self.position} tokens"
+                )
+            self.position = position
+            for link in self._links:
+                link.cut(position)
+            if self._last_mask is not None:
+                self._last_mask = self._last_mask[:, :position]
+
+    def _reordered(self, reorder: list[int]) -> None:
+        """Apply ``reorder`` to everything this session keeps per row; every hop's server is still to do it."""
+        index = torch.tensor(reorder)
+        for link in self._links:
+            link.history = [h.index_select(0, index) for h in link.history]
+            link.reorder = True
+        if self._last_mask is not None:
+            self._last_mask = self._last_mask.index_select(0, index)
+        if self.prompts is not None and self.prompts.shape[1] == self.batch > 1:
+            self.prompts = self.prompts.index_select(1, index)
+        self._reorder = reorder
+
+    def _reorder_for(self, link: _Link) -> list[int] | None:
+        return self._reorder if link.reorder else None
 
     def _prompts(self, link: _Link) -> torch.Tensor | None:
         if self.prompts is None or self.position >= self.prompts.shape[2]:
@@ -282,7 +355,12 @@ class InferenceSession:
             link = self._links[i]
             try:
                 out = await link.remote.step(
-                    x, mask=mask, position=self.position, prompts=self._prompts(link), timeout=self.step_timeout
+                    x,
+                    mask=mask,
+                    position=self.position,
+                    prompts=self._prompts(link),
+                    timeout=self.step_timeout,
+                    reorder=self._reorder_for(link),
                 )
             except Exception as e:
                 if not is_server_fault(e):
@@ -291,6 +369,7 @@ class InferenceSession:
                 await self._replace(i, failures)
                 continue  # the same input, now to the replacement's first hop
             link.history.append(x)
+            link.reorder = False
             x = out
             i += 1
         return x
@@ -314,7 +393,9 @@ class InferenceSession:
         if link.remote.closed:
             raise StreamClosed(f"the inference stream to {link.hop.peer_id} is closed")
         target = push_to(i)
-        await link.remote.send_step(x, mask, self.position, self._prompts(link), step=step, push_to=target)
+        await link.remote.send_step(
+            x, mask, self.position, self._prompts(link), step=step, push_to=target, reorder=self._reorder_for(link)
+        )
         link.sent, link.pushes = True, target is not None
         j = i + 1
         while links[j - 1].pushes:
@@ -330,6 +411,7 @@ class InferenceSession:
                     tokens=t,
                     push_from=links[j - 1].hop.peer_id,
                     push_to=target,
+                    reorder=self._reorder_for(nxt),
                 )
             except (TransportError, TimeoutError, OSError) as e:  # found dead when its turn comes
                 log.info("could not send step %d to %s: %s", step, nxt.hop.peer_id, e)
@@ -364,7 +446,15 @@ class InferenceSession:
                     await self._send_run(i, x, mask, step)
                 elif link.awaiting and not link.fed:  # no push came: send the input ourselves
                     target = nxt.remote.push_target() if link.pushes and nxt is not None else None
-                    await link.remote.send_step(x, mask, self.position, self._prompts(link), step=step, push_to=target)
+                    await link.remote.send_step(
+                        x,
+                        mask,
+                        self.position,
+                        self._prompts(link),
+                        step=step,
+                        push_to=target,
+                        reorder=self._reorder_for(link),  # applied once by the server, whichever message runs
+                    )
                     try:
                         await link.remote.recv_step(shape, x.dtype, self.step_timeout)  # the waiting message's answer
                     except PetalError as e:
@@ -379,6 +469,7 @@ class InferenceSession:
                 await self._replace(i, failures)
                 continue  # the same input, now to the replacement's first hop
             link.history.append(x)
+            link.reorder = False
             if link.pushes and nxt is not None:
                 if reply.pushed:
                     nxt.fed = True
@@ -402,7 +493,10 @@ class InferenceSession:
     ) -> torch.Tensor:
         """Re-run a random fraction of this step's hops elsewhere and compare (``router.spot``). A hop found wrong is
         banned; it and the hops after it (their caches hold its output) are replaced with their history replayed, and
-        the step runs again: the caller only gets output that passed."""
+        the step runs again: the caller only gets output that passed. Sessions with LoRA are not checked (the
+        references would run without it), nor are sessions with a server-hosted adapter."""
+        if self.lora is not None or self.adapter is not None:
+            return out
         while True:
             assert self._view is not None
             outs = [link.history[-1] for link in self._links[1:]] + [out]

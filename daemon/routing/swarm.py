@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import PeerAddr
 from petal.protocol.errors import PetalError
-from petal.protocol.records import MODELS_KEY, OFFLINE, ModelRecord, ServerRecord, block_key
+from petal.protocol.records import MODELS_KEY, OFFLINE, ModelRecord, ServerRecord, block_key, parse_models
 
 log = logging.getLogger("petal.router")
 
@@ -38,6 +38,8 @@ class ServerInfo:
     public_name: str = ""  # what its operator calls it (petald --public-name), for people only
     dtype: str = ""
     version: int = 0  # the protocol version it announced
+    next_pings: tuple[tuple[str, float], ...] = ()  # round trips (ms) it measured to next-span servers, by id suffix
+    adapters: tuple[str, ...] = ()  # server-hosted LoRA adapters a request may name (petald --adapter)
 
     @classmethod
     def from_record(cls, record: ServerRecord) -> ServerInfo:
@@ -55,11 +57,20 @@ class ServerInfo:
             public_name=record.public_name,
             dtype=record.dtype,
             version=record.version,
+            next_pings=record.next_pings,
+            adapters=record.adapters,
         )
 
     @property
     def peer(self) -> PeerAddr:
         return PeerAddr(self.peer_id, self.direct + self.addrs)
+
+    def ping_to(self, peer_id: str) -> float | None:
+        """Seconds of the round trip this server announced to ``peer_id`` (a next-span server), None if not."""
+        for suffix, ms in self.next_pings:
+            if peer_id.endswith(suffix):
+                return ms / 1000
+        return None
 
     def covers(self, a: int, b: int) -> bool:
         """Whether this server can run blocks [a, b) (any sub-range of its span)."""
@@ -79,9 +90,11 @@ def group_servers(
 
     Values are read as ``ServerRecord``s; malformed ones are skipped. A server announces the same value under every
     block of its span, so one entry per peer suffices; if its entries disagree (it is moving), the span seen most
-    often wins. Dropped: entries of another fingerprint (a different model under the same name) or of none (weights
-    unnamed) when ``fingerprint`` is given, so a chain never mixes weights; offline ones; spans that end past the
-    model's ``num_blocks`` (they disagree with the model's shape).
+    often wins over spans overlapping it, while disjoint spans are kept as several servers (a daemon may host several
+    spans of one model: the first is keyed by its peer id, the others by ``peer_id#start``). Dropped: entries of
+    another fingerprint (a different model under the same name) or of none (weights unnamed) when ``fingerprint`` is
+    given, so a chain never mixes weights; offline ones; spans that end past the model's ``num_blocks`` (they disagree
+    with the model's shape).
     """
     seen: dict[str, dict[ServerInfo, int]] = {}
     for peer_id, value in entries:
@@ -95,7 +108,15 @@ def group_servers(
         info = ServerInfo.from_record(record)
         votes = seen.setdefault(peer_id, {})
         votes[info] = votes.get(info, 0) + 1
-    return {peer: max(votes, key=lambda i: votes[i]) for peer, votes in seen.items()}
+    grouped: dict[str, ServerInfo] = {}
+    for peer, votes in seen.items():
+        kept: list[ServerInfo] = []
+        for info in sorted(votes, key=lambda i: (-votes[i], i.start)):
+            if all(info.end <= k.start or k.end <= info.start for k in kept):
+                kept.append(info)
+        for n, info in enumerate(kept):
+            grouped[peer if n == 0 else f"{peer}#{info.start}"] = info
+    return grouped
 
 
 def describe_swarm(servers: Iterable[ServerInfo]) -> str:
@@ -110,8 +131,7 @@ def describe_swarm(servers: Iterable[ServerInfo]) -> str:
 
 def announced_models(values: Iterable[object]) -> list[ModelRecord]:
     """The usable (well-formed, not offline) model records among MODELS_KEY values."""
-    records = (ModelRecord.parse(v) for v in values)
-    return [r for r in records if r is not None and r.state != OFFLINE]
+    return [r for v in values for r in parse_models(v) if r.state != OFFLINE]
 
 
 @dataclass(frozen=True)
@@ -170,9 +190,8 @@ class SwarmView:
             signers: dict[tuple[str, int], set[str]] = {}
             families: dict[tuple[str, int], str] = {}
             names: set[str] = set()
-            for e in entries:
-                m = ModelRecord.parse(e.value)
-                if m is None or m.state == OFFLINE:
+            for e, m in ((entry, m) for entry in entries for m in parse_models(entry.value)):
+                if m.state == OFFLINE:
                     continue
                 names.add(m.name)
                 if m.name != self.model:

@@ -18,17 +18,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from petal.daemon import trace
 from petal.daemon.dht.interface import SwarmDHT
-from petal.daemon.net.transport import Stream, StreamClosed, Transport
-from petal.daemon.serving.compute import SpanCompute
+from petal.daemon.net.transport import PeerAddr, Stream, Transport
+from petal.daemon.serving.activations import MIN_DEFAULT_BUDGET, ActivationStore
+from petal.daemon.serving.adapters import AdapterCompute
+from petal.daemon.serving.compute import KeptForward, SpanCompute
+from petal.daemon.serving.dispatch import FIRST_MESSAGE_TIMEOUT, BlockDispatcher, dispatcher_for
 from petal.daemon.serving.errors import ErrorReply
 from petal.daemon.serving.inference import InferenceSession
 from petal.daemon.serving.kv_pool import KVPool
@@ -36,6 +40,7 @@ from petal.daemon.serving.push import NextHops, Pusher, PushInbox
 from petal.daemon.serving.settings import DEFAULT_CACHE_TOKENS_PER_BLOCK, DEFAULT_SETTINGS, DTYPES, ServeSettings
 from petal.daemon.serving.worker import TRAINING, Jobs
 from petal.protocol import PROTOCOL_VERSION
+from petal.protocol.adapters import request_adapter
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import (
     BACKWARD_PROTOCOL,
@@ -43,7 +48,6 @@ from petal.protocol.messages import (
     FORWARD_PROTOCOL,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
-    PUSH_PROTOCOL,
     ForwardRequest,
     PushRequest,
     ServedSpan,
@@ -53,21 +57,38 @@ from petal.protocol.messages import (
     parse_open,
     parse_push,
 )
-from petal.protocol.records import MODELS_KEY, ModelRecord, ServerRecord, block_key
+from petal.protocol.records import (
+    MAX_NEXT_PINGS,
+    MODELS_KEY,
+    OFFLINE,
+    ModelRecord,
+    RecordError,
+    ServerRecord,
+    block_key,
+    check_announcement,
+)
 from petal.protocol.replies import BackwardReply, ForwardReply, InfoReply, PushAck
 from petal.protocol.tensors import decode_tensor
 
 if TYPE_CHECKING:
     from petal.kernels.span import Span
+    from petal.protocol.lora import Lora
 
 log = logging.getLogger("petal.server")
 
-FIRST_MESSAGE_TIMEOUT = 30.0  # a caller that opens a stream must say what it wants within this
+NEXT_PING_SCHEDULE = (1.0, 4.0, 10.0, 30.0)
+"""Seconds between rounds of next pings (then the last, repeated): soon after start, when the next span's servers
+are often still joining, then rarely."""
+NEXT_PING_TIMEOUT = 5.0
+NEXT_PING_CHANGE = 0.2
+"""A round re-announces only when the set of next servers changed or a round trip moved by more than this share."""
 
 Announce = Callable[[str, dict[str, Any]], Awaitable[object]]
 """Publish a value under a DHT key and keep it alive (the node re-announces it until withdrawn)."""
 Withdraw = Callable[[str], Awaitable[object]]
 """Stop announcing under a DHT key."""
+UNREAD = object()
+"""A handler's `msg` when the first message is still on the stream (the handler was registered on its own)."""
 
 
 class Reply(Protocol):
@@ -94,6 +115,7 @@ class BlockServer:
         withdraw: Withdraw | None = None,
         throughput: float = 0.0,
         dht: SwarmDHT | None = None,
+        adapters: dict[str, Lora | None] | None = None,
     ) -> None:
         self.span = span
         self.model = model
@@ -108,6 +130,9 @@ class BlockServer:
         self.dtype = DTYPES[settings.dtype]
         self.device = torch.device(settings.device)
         self.compute = SpanCompute(span, self.dtype, self.device, lie=settings.test_lie)
+        # server-hosted adapters (petald --adapter): name -> compute with it added (None: no weights on this span)
+        self.adapters = frozenset(adapters or {})
+        self._adapted = {n: AdapterCompute(self.compute, a) for n, a in (adapters or {}).items() if a is not None}
         self.served = ServedSpan(
             model=model,
             fingerprint=fingerprint,
@@ -120,6 +145,10 @@ class BlockServer:
         kv_heads, head_dim = span.family.kv_shape(span.config)
         budget = settings.max_cache_tokens or DEFAULT_CACHE_TOKENS_PER_BLOCK * len(span.blocks)
         self.pool = KVPool(budget, kv_heads, head_dim, self.dtype, self.device, peer_share=settings.peer_share)
+        kept_budget = settings.activation_budget
+        kept_budget = max(self.pool.nbytes // 4, MIN_DEFAULT_BUDGET) if kept_budget is None else kept_budget
+        self.activations = ActivationStore(kept_budget, peer_share=settings.peer_share)
+        self.recomputed = 0  # backwards that named a kept forward no longer here (evicted, expired): recomputed
         self.jobs = Jobs(settings.max_queue, settings.request_timeout, name=f"petal-compute-{span.start}-{span.end}")
         self.sessions = 0
         self._refresher: asyncio.Task[None] | None = None
@@ -131,6 +160,17 @@ class BlockServer:
         self._state = "online"  # what the refresh loop re-announces: "online", or "draining" once leaving
         self._reclaimer: asyncio.Task[None] | None = None
         self.next_hops = NextHops(dht, model, fingerprint)
+        self._dht = dht
+        self.next_pings: dict[str, float] = {}  # next-span peer -> round trip ms, announced as the record's "np"
+        self._pinger: asyncio.Task[None] | None = None
+        self._np_too_big = False
+        self.dispatcher: BlockDispatcher = dispatcher_for(transport)  # shared by every server on this transport
+        self._protocols: dict[str, Callable[[Stream, object], Awaitable[None]]] = {
+            INFO_PROTOCOL: self._handle_info,
+            FORWARD_PROTOCOL: self._handle_forward,
+            BACKWARD_PROTOCOL: self._handle_backward,
+            INFERENCE_PROTOCOL: self._handle_inference,
+        }
 
     # lifecycle
 
@@ -140,15 +180,13 @@ class BlockServer:
 
     async def start(self) -> None:
         self.jobs.start()
-        self.transport.set_handler(INFO_PROTOCOL, self._handle_info)
-        self.transport.set_handler(FORWARD_PROTOCOL, self._handle_forward)
-        self.transport.set_handler(BACKWARD_PROTOCOL, self._handle_backward)
-        self.transport.set_handler(INFERENCE_PROTOCOL, self._handle_inference)
-        self.transport.set_handler(PUSH_PROTOCOL, self._handle_push)
+        self.dispatcher.add(self)  # the block protocols' handlers route this span's requests here
         await self.publish("online")
         self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="block-server-reclaim")
         if self._announce is not None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="block-server-refresh")
+            if self._dht is not None and self.span.end < self.num_blocks:
+                self._pinger = asyncio.create_task(self._next_ping_loop(), name="block-server-next-pings")
         log.info(
             "serving %s blocks [%d, %d) (%s, %s, quant %s): %.0f tokens/s, KV budget %d token-blocks (%.1f MiB)",
             self.model,
@@ -167,7 +205,8 @@ class BlockServer:
         if not self.jobs.open:
             return
         self.jobs.close()
-        for task in (self._refresher, self._reclaimer):
+        self.dispatcher.remove(self)
+        for task in (self._refresher, self._reclaimer, self._pinger):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -178,6 +217,7 @@ class BlockServer:
                 except Exception as e:  # noqa: BLE001 - the entry expires on its own
                     log.info("could not withdraw %s: %s", key, e)
         await self.jobs.stop()
+        self.activations.clear()
 
     @property
     def draining(self) -> bool:
@@ -217,6 +257,7 @@ class BlockServer:
         while True:
             await asyncio.sleep(period)
             self._reclaim()
+            self.activations.sweep()
 
     def _reclaim(self) -> None:
         """While other peers wait for cache (or the server drains), close sessions idle for the grace, and sessions of
@@ -247,7 +288,7 @@ class BlockServer:
 
     def record(self, state: str) -> dict[str, Any]:
         """The value announced under every hosted block's key."""
-        return ServerRecord(
+        value = ServerRecord(
             addrs=tuple(self.transport.listen_addrs),
             start=self.span.start,
             end=self.span.end,
@@ -260,7 +301,71 @@ class BlockServer:
             fingerprint=self.fingerprint,
             direct=tuple(getattr(self.transport, "direct_addrs", ())),
             public_name=self.settings.public_name,
+            adapters=tuple(sorted(self.adapters)),
+            next_pings=tuple(self.next_pings.items()),
         ).to_value()
+        if "np" in value:
+            try:
+                check_announcement(block_key(self.model, self.span.end - 1), value)
+            except RecordError:  # many or long addresses (relay circuits) leave no room: routers fall back
+                if not self._np_too_big:
+                    log.info("next pings left out of %s's record: the addresses fill the DHT entry", self.model)
+                self._np_too_big = True
+                del value["np"]
+        return value
+
+    async def _next_ping_loop(self) -> None:
+        """Measure round trips to the servers of the next span and announce them (Petals' ``next_pings``): routers
+        use them for the hops this server pushes to, which a client cannot measure itself."""
+        for round_no in range(1 << 62):
+            await asyncio.sleep(NEXT_PING_SCHEDULE[min(round_no, len(NEXT_PING_SCHEDULE) - 1)])
+            try:
+                pings = await self.measure_next_pings()
+            except Exception as e:  # noqa: BLE001 - only a routing hint: the next round tries again
+                log.info("measuring round trips to the next servers failed: %s", e)
+                continue
+            old = self.next_pings
+            changed = pings.keys() != old.keys() or any(
+                abs(ms - old[p]) > NEXT_PING_CHANGE * max(old[p], 1.0) for p, ms in pings.items()
+            )
+            self.next_pings = pings
+            if changed:
+                shown = ", ".join(f"{p[-6:]} {ms:.0f} ms" for p, ms in pings.items()) or "none reachable"
+                log.info("round trips to the servers of block %d: %s", self.span.end, shown)
+                await self.republish()
+
+    async def measure_next_pings(self) -> dict[str, float]:
+        """Round trips (ms, the best of two ``info`` calls) to up to ``MAX_NEXT_PINGS`` servers of the next span
+        found in the DHT: the fastest of twice as many sampled at random."""
+        assert self._dht is not None
+        entries = await self._dht.get(block_key(self.model, self.span.end))
+        own = getattr(self.transport, "peer_id", None)
+        peers: dict[str, PeerAddr] = {}
+        for entry in entries:
+            record = ServerRecord.parse(entry.value, entry.peer_id)
+            if record is None or record.state == OFFLINE or entry.peer_id == own:
+                continue
+            if record.fingerprint not in (None, self.fingerprint) or not record.start <= self.span.end < record.end:
+                continue
+            peers[entry.peer_id] = PeerAddr(entry.peer_id, record.direct + record.addrs)
+        chosen = random.sample(sorted(peers), min(len(peers), 2 * MAX_NEXT_PINGS))
+
+        async def ping(peer: str) -> float | None:
+            best = None
+            for _ in range(2):  # the first call may include dialing; the best is the round trip
+                t0 = time.perf_counter()
+                try:
+                    await self.transport.call(peers[peer], INFO_PROTOCOL, {"model": self.model}, NEXT_PING_TIMEOUT)
+                except Exception as e:  # noqa: BLE001 - an unreachable next server is simply not listed
+                    log.debug("next ping to %s failed: %s", peer, e)
+                    return None
+                rtt = (time.perf_counter() - t0) * 1000
+                best = rtt if best is None else min(best, rtt)
+            return best
+
+        results = await asyncio.gather(*(ping(p) for p in chosen))
+        measured = sorted((ms, p) for p, ms in zip(chosen, results, strict=True) if ms is not None)
+        return {p: round(ms, 1) for ms, p in measured[:MAX_NEXT_PINGS]}
 
     @property
     def cache_tokens_left(self) -> int:
@@ -319,9 +424,25 @@ class BlockServer:
 
     # handlers
 
-    async def _reply(self, stream: Stream, work: Callable[[object], Awaitable[Reply]]) -> None:
+    async def handle(self, protocol: str, stream: Stream, msg: object) -> None:
+        """Serve a block stream whose first message `msg` the dispatcher read and routed here."""
+        await self._protocols[protocol](stream, msg)
+
+    def has_session(self, session: str) -> bool:
+        """Whether `session` is an open inference session here that takes pushes."""
+        return session in self._inboxes
+
+    @property
+    def push_idle_timeout(self) -> float:
+        return self.settings.idle_timeout
+
+    @staticmethod
+    async def _first(stream: Stream, msg: object) -> object:
+        return await stream.recv(timeout=FIRST_MESSAGE_TIMEOUT) if msg is UNREAD else msg
+
+    async def _reply(self, stream: Stream, work: Callable[[object], Awaitable[Reply]], msg: object = UNREAD) -> None:
         """One request, one reply (sent in its wire form); every failure becomes an error frame."""
-        msg = await stream.recv(timeout=FIRST_MESSAGE_TIMEOUT)
+        msg = await self._first(stream, msg)
         with ErrorReply(f"{stream.protocol_id} request") as out:
             out.reply = (await work(msg)).to_wire()
         await stream.send(out.reply)
@@ -333,35 +454,60 @@ class BlockServer:
         of spot checks), queued like a forward request, lossless."""
         req = ForwardRequest(start, end, hidden, mask, prompts, "none")
         reply = await self.jobs.run(TRAINING, self.compute.forward, req)
+        assert isinstance(reply, ForwardReply)  # not asked to keep
         return decode_tensor(reply.hidden).to(hidden.dtype)
 
-    async def _handle_info(self, stream: Stream) -> None:
+    def _compute_for(self, msg: object) -> SpanCompute:
+        """The compute of the hosted adapter a validated request names (`adapter`), or the base span's."""
+        name = request_adapter(msg, self.adapters) if isinstance(msg, dict) else None
+        adapted = None if name is None else self._adapted.get(name)
+        return self.compute if adapted is None else adapted  # type: ignore[return-value]  # same methods
+
+    async def _handle_info(self, stream: Stream, msg: object = UNREAD) -> None:
         async def work(msg: object) -> InfoReply:
             parse_info_request(msg, self.served)
             return self.info()
 
-        await self._reply(stream, work)
+        await self._reply(stream, work, msg)
 
-    async def _handle_forward(self, stream: Stream) -> None:
+    async def _handle_forward(self, stream: Stream, msg: object = UNREAD) -> None:
         async def work(msg: object) -> ForwardReply:
-            return await self.jobs.run(TRAINING, self.compute.forward, parse_forward(msg, self.served))
+            req = parse_forward(msg, self.served)
+            if req.keep and self.activations.budget == 0:
+                req = replace(req, keep=False)
+            out = await self.jobs.run(TRAINING, self._compute_for(msg).forward, req)
+            if isinstance(out, KeptForward):  # keep the graph for the backward (not kept if over the peer's share)
+                return replace(out.reply, activation=self.activations.put(stream.peer_id, out.kept))
+            return out
 
-        await self._reply(stream, work)
+        await self._reply(stream, work, msg)
 
-    async def _handle_backward(self, stream: Stream) -> None:
+    async def _handle_backward(self, stream: Stream, msg: object = UNREAD) -> None:
         async def work(msg: object) -> BackwardReply:
             req = parse_forward(msg, self.served, backward=True)
-            return await self.jobs.run(TRAINING, self.compute.backward, req)
+            if req.activation is not None:
+                shapes = [tuple(req.hidden.shape)] + ([] if req.prompts is None else [tuple(req.prompts.shape)])
+                lora = {} if req.lora is None else {k: tuple(t.shape) for k, t in req.lora.weights.items()}
+                kept = self.activations.take(
+                    stream.peer_id, req.activation, lambda k: k.matches(req.start, req.end, shapes, lora)
+                )
+                if kept is not None:
+                    return await self.jobs.run(TRAINING, self.compute.backward_kept, kept, req)
+                self.recomputed += 1  # gone (evicted, expired, another peer's) or another call's: run it again
+            return await self.jobs.run(TRAINING, self._compute_for(msg).backward, req)
 
-        await self._reply(stream, work)
+        await self._reply(stream, work, msg)
 
-    async def _handle_inference(self, stream: Stream) -> None:
+    async def _handle_inference(self, stream: Stream, msg: object = UNREAD) -> None:
         """Open (reserve a cache), then serve the stream as an `InferenceSession` until it ends."""
-        msg = await stream.recv(timeout=FIRST_MESSAGE_TIMEOUT)
+        msg = await self._first(stream, msg)
         try:
             if not self.jobs.open or self.draining:
                 raise PetalError("unavailable", "this server is shutting down; use another one")
             opened = parse_open(msg, self.served)
+            compute = self._compute_for(msg)
+            if opened.lora is not None:  # checked against the blocks and moved to the device once, for every step
+                opened = replace(opened, lora=self.compute.session_lora(opened.lora, opened.start, opened.end))
             blocks = opened.end - opened.start
             allocation = await self.pool.allocate(
                 blocks, opened.batch, opened.max_length, self.settings.alloc_timeout, owner=stream.peer_id
@@ -382,10 +528,12 @@ class BlockServer:
             session_id=session_id,
             served=self.served,
             settings=self.settings,
-            compute=self.compute,
+            compute=compute,
             jobs=self.jobs,
             pool=self.pool,
-            pusher=Pusher(self.transport, self._deliver, functools.partial(self.next_hops.resolve, opened.end)),
+            pusher=Pusher(
+                self.transport, self.dispatcher.deliver, functools.partial(self.next_hops.resolve, opened.end)
+            ),
             inbox=inbox,
         )
         if inbox is not None:
@@ -402,7 +550,7 @@ class BlockServer:
                 self._no_sessions.set()
             self._inboxes.pop(session_id, None)
 
-    def _deliver(self, sender: str, push: PushRequest) -> None:
+    def deliver(self, sender: str, push: PushRequest) -> None:
         """Hand a validated push to its session's inbox; raises PetalError for the pusher's error frame."""
         inbox = self._inboxes.get(push.session)
         if inbox is None:
@@ -413,15 +561,9 @@ class BlockServer:
             )
         inbox.put(sender, push.step, push.hidden)
 
-    async def _handle_push(self, stream: Stream) -> None:
-        """Pushes from one previous hop, one ack (`PushAck` or an error frame) each, until it closes."""
-        while True:
-            try:
-                msg = await stream.recv(timeout=self.settings.idle_timeout)
-            except (StreamClosed, TimeoutError):
-                return
-            trace.mark("push.in")
-            with ErrorReply(f"push from {stream.peer_id}") as out:
-                self._deliver(stream.peer_id, parse_push(msg, self.served))
-                out.reply = PushAck().to_wire()
-            await stream.send(out.reply)
+    def receive_push(self, sender: str, msg: object) -> dict[str, Any]:
+        """The ack (or error frame) of one push frame from `sender` (the dispatcher reads the push stream)."""
+        with ErrorReply(f"push from {sender}") as out:
+            self.deliver(sender, parse_push(msg, self.served))
+            out.reply = PushAck().to_wire()
+        return out.reply

@@ -65,6 +65,7 @@ class InferenceSession:
         self.pusher = pusher
         self.inbox = inbox
         self.blocks: list[nn.Module] = compute.blocks(opened.start, opened.end)
+        self._reordered_step: int | None = None  # the numbered step whose reorder was applied (applied only once)
         self._pending: object = None  # a client message read while waiting for a push
         self.opened_at = self.last_active = time.monotonic()  # last_active: when the last reply went out
         self.waiting_for_client = False  # between replies: waiting for the client's next message
@@ -98,7 +99,8 @@ class InferenceSession:
         """Acknowledge the open, then one reply per client message; frees the cache (once no job uses it)."""
         opened = self.opened
         try:
-            await self.stream.send(OpenReply(opened.max_length, self.session_id, opened.push).to_wire())
+            ack = OpenReply(opened.max_length, self.session_id, opened.push, lora=opened.lora is not None)
+            await self.stream.send(ack.to_wire())
             while (msg := await self._next_message()) is not None:
                 sent = False
                 with ErrorReply("inference step", noun="step", passing=(StreamClosed,)) as out:
@@ -157,6 +159,11 @@ class InferenceSession:
         """Queue the step's compute. Where the stream allows (`thread_sender`), the worker sends the result on itself:
         the reply to the client when the step pushes nowhere, else the push to the next hop (over a push stream
         already open); the output leaves this server without waking this task first (one hand-off per hop)."""
+        if step.reorder is not None and step.step is not None:
+            if step.step == self._reordered_step:  # the client resent a step already run: its rows are in order
+                step = replace(step, reorder=None)
+            else:
+                self._reordered_step = step.step
         send = None
         if step.push_to is None:
             send = self._send_reply if self._reply_sender is not None else None
@@ -170,7 +177,8 @@ class InferenceSession:
 
     def _compute(self, step: StepRequest, send: Callable[[StepReply], None] | None) -> tuple[StepReply, bool]:
         """Runs in the worker thread: the step's reply, sent on by `send` when given (True if so)."""
-        reply = self.compute.step(self.blocks, step, self.allocation.cache, self.opened.codec)
+        opened = self.opened
+        reply = self.compute.step(self.blocks, step, self.allocation.cache, opened.codec, opened.lora, opened.start)
         if send is None or self._abandoned:
             return reply, False
         send(reply)

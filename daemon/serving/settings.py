@@ -35,6 +35,9 @@ class ServeSettings:
     contended_idle_timeout: float = 10.0  # an idle session is closed after this while another peer waits (or draining)
     public_name: str = ""  # petald --public-name, carried in the server's DHT record
     drain_timeout: float = 30.0  # on SIGTERM or unserve: longest open sessions may run on before they are closed
+    # bytes of training activations kept between a forward and its backward; None: the larger of a quarter of the
+    # KV budget's bytes and activations.MIN_DEFAULT_BUDGET; 0: keep none (every backward recomputes)
+    activation_budget: int | None = None
     test_lie: float = 0.0  # TEST ONLY (petald --test-lie): relative noise added to every output; 0: honest
 
 
@@ -52,6 +55,7 @@ def settings_from_config(config: Config) -> ServeSettings:
         max_cache_tokens=config.max_cache_tokens,
         codec=config.codec,
         alloc_timeout=config.alloc_timeout,
+        activation_budget=None if config.activation_budget_mb is None else config.activation_budget_mb * 2**20,
         test_lie=config.test_lie,
         public_name=config.public_name or "",
     )

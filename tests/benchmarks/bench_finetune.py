@@ -1,16 +1,19 @@
 """Fine-tuning speed: forward+backward tokens/s through a swarm of real daemons vs the same training step locally.
 
 Starts three servers (the model's blocks split in three) and a client daemon under a temp dir, then times one
-training step (forward, loss, backward; no optimizer) of LoRA on q/v and of deep prompts, through the swarm and
-with transformers + PEFT in this process. Same threads, same inputs. Prints one line per case.
+training step (forward, loss, backward; no optimizer) of LoRA on q/v, of deep prompts and of input prompts, through
+the swarm (with the servers keeping the forward's activations for the backward, and without: recomputed) and with
+transformers + PEFT in this process, the three interleaved. Same threads, same inputs. Prints one line per case.
 
     .venv/bin/python tests/benchmarks/bench_finetune.py                 # tiny random 30-block Llama
     .venv/bin/python tests/benchmarks/bench_finetune.py --model DIR     # e.g. SmolLM2-135M's model dir
+    .venv/bin/python tests/benchmarks/bench_finetune.py --model DIR --batch 1 --tokens 128 --methods ptune --prompts 16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -28,14 +31,17 @@ from tests.support.daemons import Swarm
 from tests.support.tinymodels import tiny_llama
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: list[Callable[[], None]], repeats: int) -> list[float]:
+    """Median seconds of each function, run interleaved (one of each per round) after a warm-up."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -45,6 +51,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default="lora,deep_ptune", help="comma-separated: lora, deep_ptune, ptune")
+    ap.add_argument("--prompts", type=int, default=8, help="soft prompts of ptune and deep_ptune")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="petal-bf-", dir="/tmp"))
@@ -55,7 +63,9 @@ def main() -> None:
     else:
         path = root / "tiny-llama"
         tiny_llama(num_hidden_layers=30, hidden_size=32, intermediate_size=64).save_pretrained(path)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    local = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    )  # frozen, as served
     n = local.config.num_hidden_layers
     spans = [f"{n * i // 3}:{n * (i + 1) // 3}" for i in range(3)]
     swarm = Swarm(root)
@@ -73,32 +83,36 @@ def main() -> None:
             0, local.config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
         )
         tokens = x.numel()
-        for method in ("lora", "deep_ptune"):
+        for method in args.methods.split(","):
             remote = RemoteModelForCausalLM.from_pretrained(path, client.socket, codec="none")
             if method == "lora":
                 remote.enable_lora(rank=8, alpha=16)
             else:
-                remote.enable_ptune(8, deep=True)
+                remote.enable_ptune(args.prompts, deep=method == "deep_ptune")
 
-            def swarm_step(remote: RemoteModelForCausalLM = remote) -> None:
+            def swarm_step(keep: bool, remote: RemoteModelForCausalLM = remote) -> None:
+                remote.keep_activations = keep
                 remote(x, labels=x).loss.backward()
 
-            ref = _local_reference(local, method)
+            ref = _local_reference(local, method, args.prompts)
 
             def local_step(ref: Callable[[torch.Tensor], object] = ref) -> None:
                 ref(x)
 
-            s, loc = timed(swarm_step, args.repeats), timed(local_step, args.repeats)
-            print(
-                f"{method:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
-                f"{tokens / loc:8.1f} tokens/s ({loc * 1000:.0f} ms/step)   swarm/local {loc / s:.2f}"
+            kept, recomputed, loc = timed(
+                [lambda: swarm_step(True), lambda: swarm_step(False), local_step], args.repeats
             )
+            for name, s in (("kept", kept), ("recomputed", recomputed)):
+                print(
+                    f"{method:>10} {name:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
+                    f"{tokens / loc:8.1f} tokens/s ({loc * 1000:.0f} ms/step)   swarm/local {loc / s:.2f}"
+                )
     finally:
         swarm.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _local_reference(model, method: str):
+def _local_reference(model, method: str, n_prompts: int = 8):
     """One local training step of the same method: LoRA through PEFT, deep prompts through layer pre-hooks."""
     if method == "lora":
         import copy
@@ -112,14 +126,14 @@ def _local_reference(model, method: str):
 
         return step
     hidden = model.config.hidden_size
-    prompts = torch.zeros(8, hidden, requires_grad=True)
-    deep = torch.zeros(model.config.num_hidden_layers, 8, hidden, requires_grad=True)
+    prompts = torch.zeros(n_prompts, hidden, requires_grad=True)
+    deep = torch.zeros(model.config.num_hidden_layers, n_prompts, hidden, requires_grad=method == "deep_ptune")
     from tests.support.torchref import deep_prompts
 
     def step(x: torch.Tensor) -> None:
         emb = torch.cat([prompts[None].expand(x.shape[0], -1, -1), model.model.embed_tokens(x)], dim=1)
-        with deep_prompts(model, deep):
-            logits = model(inputs_embeds=emb).logits[:, 8:]
+        with deep_prompts(model, deep) if method == "deep_ptune" else contextlib.nullcontext():
+            logits = model(inputs_embeds=emb).logits[:, n_prompts:]
         torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
 
     return step

@@ -187,6 +187,8 @@ def to_msgpack_safe(obj: Any) -> Any:
 EXTRA_FIELDS = ["model", "prompt", "messages", "input_ids", "max_length", "batch", "start", "end", "codec"]
 EXTRA_FIELDS += ["allowed", "blocked", "lora", "blocks", "num_blocks", "max_new_tokens", "max_tokens"]
 GEN_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream", "chat", "n"]
+GEN_FIELDS += ["logprobs", "top_logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty"]
+GEN_FIELDS += ["stream_options", "input", "encoding_format"]
 
 
 def base_body(path: str, rng: random.Random) -> dict[str, Any]:
@@ -198,6 +200,8 @@ def base_body(path: str, rng: random.Random) -> dict[str, Any]:
         body = {"model": MODEL, "prompt": [1, 2], "max_tokens": tokens}
     elif path == "/v1/chat/completions":
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens}
+    elif path == "/v1/embeddings":
+        body = {"model": MODEL, "input": rng.choice([[1, 2], [[1], [2, 3]]])}
     elif path == "/v1/dht/{key}":
         body = {"value": {"a": 1}}
     elif path == "/v1/models/pull":

@@ -348,7 +348,7 @@ def test_a_body_over_the_limit_is_413_too_large(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("blocks", ["", "   ", ":", "0:", "x:y", "1:0", "0:999", "0:1:2", "-1:1"])
 def test_bad_blocks_in_serve_are_a_400(daemon: Daemon, blocks: str) -> None:
-    # A daemon hosts one span at a time; "tiny" is already served, so a valid span would be a 409.
+    # "tiny" is already served here, so a valid span would overlap it: a 409.
     r = post(daemon, "/v1/serve", {"model": MODEL, "blocks": blocks})
     assert_error(r, (400, 409))
     if blocks.strip() == "":

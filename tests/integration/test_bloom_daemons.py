@@ -26,6 +26,7 @@ from petal.daemon.routing.router import Router
 from petal.daemon.routing.session import InferenceSession
 from tests.support.daemons import Swarm, wait_for_route
 from tests.support.tinymodels import TINY_VOCAB, tiny_bloom
+from tests.support.torchref import assert_close, last_block_output
 
 MODEL = "tiny-bloom"
 BLOCKS = 30
@@ -90,21 +91,11 @@ async def router(swarm):
 
 def reference_out(model, embeds: torch.Tensor) -> torch.Tensor:
     """What leaves the last block (before ln_f), captured by a hook on a full transformers forward."""
-    seen: list[torch.Tensor] = []
-    hook = model.transformer.h[-1].register_forward_hook(
-        lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out)
-    )
-    try:
-        model(inputs_embeds=embeds)
-    finally:
-        hook.remove()
-    return seen[0]
+    return last_block_output(model, embeds, model.transformer.h)
 
 
 def close(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
-    diff, scale = (ours - ref).abs().max().item(), max(1.0, ref.abs().max().item())
-    print(f"\n{name}: max |diff| {diff:.3e} (max |ref| {scale:.2f})")
-    assert diff <= ATOL * scale, f"{name}: max |diff| {diff} > {ATOL} x {scale}"
+    assert_close(name, ours, ref, ATOL)
 
 
 def ids(batch: int, length: int, seed: int) -> torch.Tensor:

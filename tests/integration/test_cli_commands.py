@@ -122,8 +122,15 @@ def test_serve_then_unserve(swarm):
     assert f"serving {MODEL} blocks 0:3" in r.output and f"petalctl unserve {MODEL}" in r.output
     assert wait_for_servers(first, 3) == [(0, 3, "online"), (0, 3, "online"), (3, 6, "online")]
 
-    r = petalctl(spare, "serve", MODEL, "--blocks", "3:6")
-    assert r.exit_code == 1 and "unserve" in r.output, "one span per daemon: the error says how to go on"
+    r = petalctl(spare, "serve", MODEL, "--blocks", "2:4")
+    assert r.exit_code == 1 and "overlap" in r.output and "unserve" in r.output, "the error says how to go on"
+    r = petalctl(spare, "serve", MODEL, "--blocks", "3:6")  # a second, disjoint span beside the first
+    assert r.exit_code == 0, r.output
+    assert wait_for_servers(first, 4) == [(0, 3, "online"), (0, 3, "online"), (3, 6, "online"), (3, 6, "online")]
+    r = petalctl(spare, "unserve", MODEL)
+    assert r.exit_code == 1 and "--blocks 0:3" in r.output, "several spans: the error says how to name one"
+    r = petalctl(spare, "unserve", MODEL, "--blocks", "3:6")
+    assert r.exit_code == 0 and r.output.strip() == f"stopped serving {MODEL} blocks 3:6", r.output
 
     r = petalctl(spare, "unserve", MODEL)
     assert r.exit_code == 0 and r.output.strip() == f"stopped serving {MODEL} blocks 0:3", r.output

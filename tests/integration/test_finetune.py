@@ -172,9 +172,10 @@ def test_cli_finetune_then_generate_with_the_adapter(env, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    line = json.loads(result.output)
+    *pieces, line = [json.loads(text) for text in result.output.splitlines()]
     assert line["adapter"] == "lora"
     assert line["text"] == " ok!"  # learned completion, stopped at the end-of-sequence token
+    assert pieces and "".join(p["text"] for p in pieces) == line["text"]  # streamed as it was generated
 
 
 def test_cli_finetune_reports_bad_data(env, tmp_path):

@@ -31,6 +31,8 @@ class Daemon:
     notify: socket.socket | None = None
     notify_path: Path | None = None
     notifications: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # run under this, e.g. ["ip", "netns", "exec", NS] (netns.py)
+    listen: str = "/ip4/127.0.0.1/tcp/0"
 
     @property
     def client(self) -> Client:
@@ -53,6 +55,7 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(extra_env or {})}
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "petal.daemon",
@@ -61,7 +64,7 @@ class Daemon:
             "--socket",
             str(self.socket),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            self.listen,
             "--log-level",
             "info",
             *self.args,

@@ -7,6 +7,8 @@ that serves nothing (the tests talk to it over its socket, as a user would).
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +35,24 @@ def start_swarm(swarm: Swarm, model_dir: Path) -> Daemon:
         futures.append(pool.submit(lambda: swarm.make("c", "--initial-peer", addr, "--codec", "none").start()))
         daemons = [f.result() for f in futures]
     return daemons[-1]
+
+
+@contextmanager
+def tiny_llama_swarm(prefix: str, name: str = "tiny-llama") -> Iterator[tuple[Path, nn.Module, Path]]:
+    """A tiny random 30-block Llama saved as model dir ``name``, served by `start_swarm`: (model dir, the local
+    transformers model, the client daemon's socket); everything is stopped and removed on exit."""
+    from tests.support.tinymodels import tiny_llama
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: AF_UNIX paths are limited to 108 bytes
+    ref = tiny_llama(num_hidden_layers=30, hidden_size=32, intermediate_size=64)
+    ref.save_pretrained(root / name, safe_serialization=True)
+    swarm = Swarm(root)
+    try:
+        client = start_swarm(swarm, root / name)
+        yield root / name, ref, client.socket
+    finally:
+        swarm.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
@@ -76,3 +96,22 @@ def peft_llama(
     result = peft.load_state_dict({peft_key(k): v.detach() for k, v in weights.items()}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return peft
+
+
+def last_block_output(model: nn.Module, embeds: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
+    """What leaves the last of ``layers`` (before the final norm) in a full forward of ``model`` on ``embeds``: what
+    a chain of served spans over all blocks returns."""
+    seen: list[torch.Tensor] = []
+    hook = layers[-1].register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        model(inputs_embeds=embeds)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5) -> None:
+    """``max |ours - ref| <= atol * max(1, max |ref|)``, printing the figure."""
+    diff, scale = (ours - ref).abs().max().item(), max(1.0, ref.abs().max().item())
+    print(f"\n{name}: max |diff| {diff:.3e} (max |ref| {scale:.2f})")
+    assert diff <= atol * scale, f"{name}: max |diff| {diff} > {atol} x {scale}"

@@ -84,7 +84,7 @@ function renderMap(model, servers) {
 }
 
 function renderServers(servers) {
-  const cols = ["peer", "name", "state", "span", "version", "dtype / quant", "throughput", "link", "cache left", "reach", "RTT", "reports"];
+  const cols = ["peer", "name", "state", "span", "version", "dtype / quant", "adapters", "throughput", "link", "cache left", "reach", "RTT", "reports"];
   const table = el("table", {class: "servers", "data-role": "servers"});
   table.append(el("tr", {}, ...cols.map((c) => el("th", {text: c}))));
   for (const s of servers) {
@@ -98,6 +98,7 @@ function renderServers(servers) {
         el("td", {text: `[${s.start}, ${s.end})`}),
         el("td", {class: "num", text: String(s.version)}),
         el("td", {text: `${s.dtype} / ${s.quant}`}),
+        el("td", {"data-role": "adapters", text: s.adapters && s.adapters.length ? s.adapters.join(", ") : "–"}),
         el("td", {class: "num", text: `${num(s.throughput)} tok/s`}),
         el("td", {class: "num", text: s.link_mbit === null || s.link_mbit === undefined ? "–" : `${s.link_mbit} Mbit/s`}),
         el("td", {class: "num", text: String(s.cache_tokens_left)}),

@@ -91,13 +91,24 @@ async def test_serve_then_unserve(host, model_dir: Path) -> None:
     assert host.status()[0]["rebalancing"] is False
     assert await states(dht, name) == [None, "online", "online", None]
     assert ModelRecord.from_value((await dht.get(MODELS_KEY))[0].value).name == name
-    with pytest.raises(ServeError, match="already serves"):  # one span at a time
-        await host.serve(plan)
+    with pytest.raises(ServeError, match="overlap"):  # spans of one model are disjoint
+        await host.serve(await host.plan(str(model_dir), blocks="2:4"))
+    with pytest.raises(ServeError, match="needs fixed blocks"):  # a span that may move could land on the other
+        await host.serve(await host.plan(str(model_dir), num_blocks=1))
+
+    second = await host.serve(await host.plan(str(model_dir), blocks="3:4"))  # a second span of the same model
+    assert host.served() == [HostedSpan(name, 1, 3), HostedSpan(name, 3, 4)] and second is not server
+    assert await states(dht, name) == [None, "online", "online", "online"]
+    assert len(await dht.get(MODELS_KEY)) == 1  # one entry per signer, listing the model once
+    with pytest.raises(ServeError, match="several spans"):
+        await host.unserve(name)
+    assert await host.unserve(name, 3) == [HostedSpan(name, 3, 4)]
+    assert MODELS_KEY not in announcer.withdrawn  # blocks 1:3 still serve
 
     assert await host.unserve(name) == [HostedSpan(name, 1, 3)]
     assert host.served() == [] and await host.unserve(name) == []
-    assert sorted(announcer.withdrawn) == sorted([block_key(name, 1), block_key(name, 2), MODELS_KEY])
-    assert await states(dht, name) == [None, OFFLINE, OFFLINE, None]
+    assert sorted(announcer.withdrawn) == sorted([block_key(name, b) for b in (1, 2, 3)] + [MODELS_KEY])
+    assert await states(dht, name) == [None, OFFLINE, OFFLINE, OFFLINE]
 
 
 async def test_num_blocks_plan_rebalances_and_moves(host, model_dir: Path) -> None:
