@@ -56,7 +56,7 @@ class LocalModel(RemoteModelForCausalLM):
     def __init__(self, path: Path) -> None:
         info = open_model(path)
         super().__init__(info, load_client_parts(info), client=None)  # type: ignore[arg-type]
-        self.span: Span = load_span(info, 0, info.num_blocks)
+        self.span: Span = load_span(info, 0, info.num_blocks).requires_grad_(False)  # servers train no weights either
 
     def run_blocks(self, hidden, attention_mask, start, end, prompts=None):  # type: ignore[no-untyped-def]
         return self.span(hidden, attention_mask)
@@ -81,7 +81,7 @@ class Transformers:
     def __init__(self, path: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
 
 
 def decode_times(model: Any, ids: torch.Tensor, steps: int) -> list[float]:

@@ -24,8 +24,7 @@ from petal.daemon.routing.session import InferenceSession
 from petal.daemon.routing.swarm import ServerInfo
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import CODEC_CHOICES
-from tests.support.swarms import MODEL, LocalSwarm, N, embed, logits
-from tests.support.tinymodels import tiny_llama
+from tests.support.swarms import MODEL, N, embed, logits
 
 REMOTE = ("/ip4/192.0.2.7/tcp/31330/p2p/12D3KooWRemote",)
 LOCAL = ("/ip4/127.0.0.1/tcp/31330/p2p/12D3KooWLocal", "/ip6/::1/tcp/31330")
@@ -97,19 +96,6 @@ def test_daemon_option_defaults_to_auto_and_is_checked():
         Config(new_swarm=True, codec="q4").validate()  # checked on a client daemon too, not only a server
     with pytest.raises(ConfigError, match="slow_link_mbit"):
         Config(new_swarm=True, slow_link_mbit=0).validate()
-
-
-@pytest.fixture
-def model():
-    return tiny_llama(num_hidden_layers=N)
-
-
-@pytest.fixture
-async def swarm(model):
-    s = LocalSwarm(model)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def test_probe_measures_the_link(swarm):

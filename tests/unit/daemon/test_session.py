@@ -16,25 +16,11 @@ from petal.daemon.routing.session import InferenceSession
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from petal.protocol.messages import FORWARD_PROTOCOL
-from tests.support.swarms import MODEL, LocalSwarm, N, embed, logits
-from tests.support.tinymodels import tiny_llama
+from tests.support.swarms import MODEL, embed, logits
 
 Q8_REL_ERROR = 0.05
 """q8 on every hop: ||logits - reference|| / ||reference|| stays under this (measured 0.026 on this model: 6 q8 round
 trips)."""
-
-
-@pytest.fixture
-def model():
-    return tiny_llama(num_hidden_layers=N)
-
-
-@pytest.fixture
-async def swarm(model):
-    s = LocalSwarm(model)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def test_session_steps_match_transformers(swarm, model):

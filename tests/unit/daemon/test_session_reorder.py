@@ -22,11 +22,6 @@ _PEFT_KEY = re.compile(r".*\.layers\.(\d+)\.(.+)\.lora_(A|B)\.default\.weight$")
 
 
 @pytest.fixture
-def model():
-    return tiny_llama(num_hidden_layers=N)
-
-
-@pytest.fixture
 async def swarm(model):
     s = LocalSwarm(model)
     await s.start()

@@ -16,22 +16,8 @@ from petal.daemon.routing.session import InferenceSession
 from petal.daemon.serving.settings import ServeSettings
 from petal.protocol.errors import PetalError
 from tests.support.swarms import MODEL, LocalSwarm, N, embed
-from tests.support.tinymodels import tiny_llama
 
 from .test_session import generate
-
-
-@pytest.fixture
-def model():
-    return tiny_llama(num_hidden_layers=N)
-
-
-@pytest.fixture
-async def swarm(model):
-    s = LocalSwarm(model)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def test_a_long_history_is_replayed_in_pieces_with_identical_tokens(swarm, model, monkeypatch):

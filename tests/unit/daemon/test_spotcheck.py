@@ -23,8 +23,7 @@ from petal.daemon.routing.spotcheck import (
 from petal.daemon.routing.swarm import group_servers
 from petal.daemon.serving.settings import ServeSettings
 from petal.protocol.records import ServerRecord
-from tests.support.swarms import MODEL, LocalSwarm, N, embed
-from tests.support.tinymodels import tiny_llama
+from tests.support.swarms import MODEL, embed
 
 LIAR = ServeSettings(test_lie=0.5)
 
@@ -91,19 +90,6 @@ def test_rate_is_a_fraction():
 
 
 # --- in-process servers, one of them lying ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def model():
-    return tiny_llama(num_hidden_layers=N)
-
-
-@pytest.fixture
-async def swarm(model):
-    s = LocalSwarm(model)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def greedy(swarm, model, prompt, n) -> list[int]:
