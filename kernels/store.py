@@ -141,6 +141,37 @@ def open_model(path: str | Path) -> ModelInfo:
     )
 
 
+PULL_RECORD = "petal-source.json"
+"""What `petald pull ORG/NAME` fetched into a dir (daemon/hub.py writes it): a partial pull keeps every shard at full
+size with the tensors it did not fetch as holes, which read as zeros, so loading them must be refused here."""
+
+
+def check_held(info: ModelInfo, start: int = 0, end: int = 0, *, client: bool = False) -> None:
+    """Raise ModelStoreError when a partial Hub pull in `info.path` lacks blocks [start, end) or (with `client`) the
+    client parts, saying which `petald pull` fetches them; any other dir passes."""
+    try:
+        source = json.loads((info.path / PULL_RECORD).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(source, dict) or source.get("source") != "hub":
+        return
+    repo = source.get("repo", info.name)
+    if client and not source.get("client", True):
+        raise ModelStoreError(
+            f"{info.path} holds only served blocks, not the embeddings and head; fetch them with "
+            f"`petald pull {repo} --client-only`"
+        )
+    spans = source.get("blocks")
+    if end > start and isinstance(spans, list):
+        held = {b for span in spans if isinstance(span, list) and len(span) == 2 for b in range(span[0], span[1])}
+        missing = [b for b in range(start, end) if b not in held]
+        if missing:
+            raise ModelStoreError(
+                f"{info.path} does not hold blocks {missing[0]}..{missing[-1]}; fetch them with "
+                f"`petald pull {repo} --blocks {start}:{end}`"
+            )
+
+
 def load_span(
     info: ModelInfo,
     start: int,
@@ -158,6 +189,7 @@ def load_span(
         raise ModelStoreError(f"span [{start}, {end}) is not inside the model's {info.num_blocks} blocks")
     if quant not in ("none", "int8"):
         raise ModelStoreError(f"unknown quantization {quant!r}; use 'none' or 'int8'")
+    check_held(info, start, end)
     family = get_family(info.config)
     blocks = []
     for index in range(start, end):
@@ -179,6 +211,7 @@ def load_client_parts(
     info: ModelInfo, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> ClientPartsBase:
     """The family's `ClientParts` (embeddings, final norm, head; tied or not) filled from the checkpoint."""
+    check_held(info, client=True)
     family = get_family(info.config)
     with torch.device("meta"):
         parts = family.ClientParts(info.config)

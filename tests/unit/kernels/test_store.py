@@ -222,3 +222,19 @@ def test_pull_stages_are_reported_to_the_caller():
         with stage("converting"):
             pass
     assert heard == ["downloading", "converting"]
+
+
+def test_a_partial_hub_pull_refuses_what_it_did_not_fetch(save_model):
+    """A partial `petald pull` leaves unfetched tensors as holes that read as zeros: loading them must fail, saying
+    which pull fetches them (the torch client loads client parts through here too, not only the daemon)."""
+    path = save_model(tiny_llama(num_hidden_layers=4))
+    info = open_model(path)
+    load_span(info, 0, 4)  # no pull record: any dir passes
+    (path / store.PULL_RECORD).write_text(
+        json.dumps({"source": "hub", "repo": "org/tiny", "blocks": [[0, 2]], "client": False})
+    )
+    load_span(info, 0, 2)
+    with pytest.raises(ModelStoreError, match=r"does not hold blocks 2\.\.3.*petald pull org/tiny --blocks 1:4"):
+        load_span(info, 1, 4)
+    with pytest.raises(ModelStoreError, match="petald pull org/tiny --client-only"):
+        load_client_parts(info)
