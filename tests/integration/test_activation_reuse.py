@@ -39,7 +39,8 @@ def env():
     swarm = Swarm(root)
     try:
         client = start_swarm(swarm, root / MODEL)
-        servers = [d for d in swarm.daemons if d is not client]
+        # in chain order: start_swarm starts s1 and s2 in parallel, so swarm.daemons holds them in either order
+        servers = sorted((d for d in swarm.daemons if d is not client), key=lambda d: d.status()["serving"][0]["start"])
         yield root / MODEL, client, servers
     finally:
         swarm.close()
