@@ -312,10 +312,17 @@ def chat(
 @click.argument("model")
 @click.option("--blocks", help="Serve blocks A:B (0-based, end exclusive).")
 @click.option("--num-blocks", type=int, help="Serve this many blocks where the swarm's throughput is worst.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="Host a LoRA adapter (PEFT dir on the daemon's machine, NAME=DIR or DIR) on these blocks; repeatable.",
+)
 @click.pass_obj
-def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> None:
+def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None, adapters: tuple[str, ...]) -> None:
     """Make this daemon host blocks of MODEL (all of them unless --blocks or --num-blocks), showing the loading;
-    beside what it serves already (another model, or blocks of MODEL outside its spans)."""
+    beside what it serves already (another model, or blocks of MODEL outside its spans). Requests pick a hosted
+    adapter by name (`petalctl generate -m MODEL:NAME`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if blocks is not None and num_blocks is not None:
@@ -326,7 +333,7 @@ def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> N
     try:
         with Progress(*columns, console=Console(stderr=True), disable=ctx.as_json, transient=True) as progress:
             task = None
-            for event in ctx.client.serve(model, blocks=blocks, num_blocks=num_blocks):
+            for event in ctx.client.serve(model, blocks=blocks, num_blocks=num_blocks, adapters=adapters):
                 last = event
                 kind = event.get("event")
                 if ctx.as_json:
@@ -351,7 +358,9 @@ def serve(ctx: Ctx, model: str, blocks: str | None, num_blocks: int | None) -> N
     if not ctx.as_json:
         click.echo(
             f"serving {last['model']} blocks {last['start']}:{last['end']} "
-            f"({last.get('throughput', 0):.1f} tokens/s); `petalctl unserve {last['model']}` stops "
+            f"({last.get('throughput', 0):.1f} tokens/s"
+            + "".join(f"; adapter {name}: -m {last['model']}:{name}" for name in last.get("adapters") or [])
+            + f"); `petalctl unserve {last['model']}` stops "
             f"(with --blocks {last['start']}:{last['end']} if it serves several spans of it)"
         )
 

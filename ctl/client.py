@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -334,11 +334,17 @@ class Client:
     # serving
 
     def serve(
-        self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
+        self,
+        model: str,
+        *,
+        blocks: str | None = None,
+        num_blocks: int | None = None,
+        adapters: Sequence[str] = (),
     ) -> Iterator[dict[str, Any]]:
-        """Make the local daemon serve `model` (blocks "A:B", or `num_blocks` where the swarm needs them, or all);
-        yields progress events, the last being ``{"event": "serving", "start", "end", "throughput"}``."""
-        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
+        """Make the local daemon serve `model` (blocks "A:B", or `num_blocks` where the swarm needs them, or all),
+        hosting the LoRA `adapters` ("NAME=DIR" or "DIR" on the daemon's machine) on it; yields progress events, the
+        last being ``{"event": "serving", "start", "end", "throughput", "adapters"}``."""
+        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks, tuple(adapters)).to_body())
 
     def unserve(self, model: str, blocks: str | None = None) -> dict[str, Any]:
         """Stop serving `model` (its span `blocks` "A:B" when it serves several): ``{"model", "stopped": [...]}``."""
@@ -652,9 +658,14 @@ class AsyncClient:
         return stream
 
     def serve(
-        self, model: str, *, blocks: str | None = None, num_blocks: int | None = None
+        self,
+        model: str,
+        *,
+        blocks: str | None = None,
+        num_blocks: int | None = None,
+        adapters: Sequence[str] = (),
     ) -> AsyncIterator[dict[str, Any]]:
-        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks).to_body())
+        return self.stream("POST", "/v1/serve", ServeRequest(model, blocks, num_blocks, tuple(adapters)).to_body())
 
     async def unserve(self, model: str, blocks: str | None = None) -> dict[str, Any]:
         stopped: dict[str, Any] = await self.request("POST", "/v1/unserve", UnserveRequest(model, blocks).to_body())

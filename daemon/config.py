@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petal.protocol.adapters import ADAPTER_NAME_RE
+from petal.protocol.adapters import adapter_entries
 from petal.protocol.records import RecordError, check_public_name
 
 DEFAULT_PORT = 31330
@@ -200,14 +200,9 @@ class Config:
         return specs
 
     def adapter_dirs(self) -> list[tuple[str, Path]]:
-        """(name, PEFT dir) per `adapters` entry: "NAME=DIR", or "DIR" named after its last path part."""
-        out = []
-        for entry in self.adapters:
-            name, sep, path = entry.partition("=")
-            if not sep:
-                name, path = Path(entry).expanduser().name, entry
-            out.append((name, Path(path).expanduser()))
-        return out
+        """(name, PEFT dir) per `adapters` entry: "NAME=DIR", or "DIR" named after its last path part (checked in
+        `_validate_serving`)."""
+        return [(name, Path(path).expanduser()) for name, path in adapter_entries(self.adapters)]
 
     def direct_listen(self) -> str | None:
         """The direct data plane's "HOST:PORT", or None when it is off (see `direct`)."""
@@ -231,15 +226,10 @@ class Config:
                 parts = blocks.split(":")
                 if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
                     raise ConfigError(f"--blocks {blocks!r}: use START:END with START < END, e.g. 0:10")
-        names = [name for name, _ in self.adapter_dirs()]
-        for name in names:
-            if not ADAPTER_NAME_RE.fullmatch(name):
-                raise ConfigError(
-                    f"--adapter: name {name!r} must be 1 to 32 letters, digits and ._- (starting with a letter or "
-                    "digit); name it with NAME=DIR"
-                )
-        if len(set(names)) != len(names):
-            raise ConfigError(f"--adapter: names {sorted(names)} repeat; give each a NAME=DIR of its own")
+        try:
+            adapter_entries(self.adapters)
+        except ValueError as e:
+            raise ConfigError(f"--adapter: {e}") from None
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-blocks {self.num_blocks}: host at least one block")
         choices = {

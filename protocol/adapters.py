@@ -31,6 +31,31 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
+def adapter_entries(entries: object) -> list[tuple[str, str]]:
+    """(name, dir) per adapter entry "NAME=DIR", or "DIR" named after its last path part (``petald --adapter`` and
+    ``/v1/serve``'s ``adapters``); raises ValueError saying what to fix for a bad name, repeats, or too many."""
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ValueError(f'adapters must be a list of "NAME=DIR" strings, got {entries!r:.60}')
+    out = []
+    for entry in entries:
+        name, sep, path = entry.strip().partition("=")
+        if not sep:
+            path = entry.strip()
+            name = path.rstrip("/").rpartition("/")[2]
+        if not ADAPTER_NAME_RE.fullmatch(name):
+            raise ValueError(
+                f"adapter name {name!r:.60} must be 1 to 32 letters, digits and ._- (starting with a letter or digit); "
+                "name it with NAME=DIR"
+            )
+        out.append((name, path))
+    names = [name for name, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names {sorted(names)} repeat; give each a NAME=DIR of its own")
+    if len(out) > MAX_ADAPTERS:
+        raise ValueError(f"{len(out)} adapters: a server hosts at most {MAX_ADAPTERS}")
+    return out
+
+
 def request_adapter(msg: dict[str, Any], hosted: frozenset[str] | set[str]) -> str | None:
     """The adapter a block request names (None: the base model), checked against the ``hosted`` names."""
     name = msg.get(ADAPTER_FIELD)

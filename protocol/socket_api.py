@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from .adapters import adapter_entries
 from .errors import PetalError
 
 MSGPACK: Final = "application/x-msgpack"
@@ -284,11 +285,13 @@ def is_error(message: object) -> bool:
 
 @dataclass(frozen=True)
 class ServeRequest:
-    """POST /v1/serve: a span given as ``blocks`` "A:B", or ``num_blocks`` placed where the swarm needs them, or all."""
+    """POST /v1/serve: a span given as ``blocks`` "A:B", or ``num_blocks`` placed where the swarm needs them, or all;
+    ``adapters``: LoRA adapter dirs ("NAME=DIR" or "DIR", on the daemon's machine) to host on it, as ``--adapter``."""
 
     model: str
     blocks: str | None = None
     num_blocks: int | None = None
+    adapters: tuple[str, ...] = ()
 
     @classmethod
     def from_body(cls, body: Body) -> ServeRequest:
@@ -299,7 +302,12 @@ class ServeRequest:
         num_blocks = int_field(body, "num_blocks", None, 1)
         if blocks is not None and num_blocks is not None:
             raise bad_request('pass either "blocks": "A:B" or "num_blocks": N, not both')
-        return cls(model, blocks, num_blocks)
+        adapters = body.get("adapters", [])
+        try:
+            adapter_entries(adapters)
+        except ValueError as e:
+            raise bad_request(f'"adapters": {e}') from None
+        return cls(model, blocks, num_blocks, tuple(adapters))
 
     def to_body(self) -> dict[str, object]:
         body: dict[str, object] = {"model": self.model}
@@ -307,6 +315,8 @@ class ServeRequest:
             body["blocks"] = self.blocks
         if self.num_blocks is not None:
             body["num_blocks"] = self.num_blocks
+        if self.adapters:
+            body["adapters"] = list(self.adapters)
         return body
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from petal.daemon.api.bodies import read_json
 from petal.daemon.api.frontend import resolve_model
 from petal.daemon.serving.errors import ServeError
 from petal.daemon.serving.host import Host, HostedSpan
+from petal.protocol.adapters import adapter_entries
 from petal.protocol.errors import PetalError
 from petal.protocol.socket_api import NDJSON, ServeRequest, UnserveRequest
 
@@ -68,6 +70,7 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
             "conflict", f"{e} (this daemon serves {served}; `petalctl unserve MODEL --blocks A:B` stops one)"
         ) from None
 
+    adapters = [(name, Path(path)) for name, path in adapter_entries(list(body.adapters))]
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -77,7 +80,7 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
     async def load() -> None:
         # A task of its own: a client that hangs up mid-load does not leave a half-started server behind.
         try:
-            await host.serve(plan, progress)
+            await host.serve(plan, progress, adapters=adapters)
         except Exception as e:  # noqa: BLE001 - reported on the stream
             log.warning("serving %s failed: %s", plan.info.name, e)
             err = e if isinstance(e, PetalError) else PetalError("internal", f"loading failed: {type(e).__name__}: {e}")
@@ -97,6 +100,7 @@ async def post_serve(request: web.Request) -> web.StreamResponse:
         "num_blocks": plan.info.num_blocks,
         "start": plan.start,
         "end": plan.end,
+        "adapters": [name for name, _ in adapters],
     }
     await response.write((json.dumps(first) + "\n").encode())
     while event := await events.get():

@@ -46,7 +46,7 @@ def load_adapters(
     pairs = list(zip(range(span.start, span.end), span.blocks, strict=True))
     for name, path in dirs:
         try:
-            lora, _ = load_adapter(path)
+            lora, _ = load_adapter(path.expanduser())
         except (AdapterError, OSError) as e:
             raise ServeError(f"--adapter {name}={path}: {e}") from None
         sub = lora.for_blocks(span.start, span.end)

@@ -320,5 +320,5 @@ class Host:
             await server.republish()
         if progress is not None:
             event = {"event": "serving", "model": info.name, "start": start, "end": end}
-            progress({**event, "throughput": round(server.throughput, 3)})
+            progress({**event, "throughput": round(server.throughput, 3), "adapters": sorted(server.adapters)})
         return server

@@ -186,3 +186,28 @@ def test_unserve_one_span_of_several(daemon) -> None:
     serving = sorted((s["model"], s["start"], s["end"]) for s in daemon.status()["serving"])
     assert serving == [("a", 0, 3), ("b", 0, 6)]
     assert c.unserve("b")["stopped"] == [{"start": 0, "end": 6}]
+
+
+def test_serve_at_runtime_with_an_adapter(daemon, models) -> None:
+    """After the test above: `/v1/serve` with ``adapters`` hosts a PEFT dir on the span it loads (as `--adapter` does
+    at start); the server lists it and generation with it equals PEFT's. A bad entry is refused before loading."""
+    root, _, _, adapted = models
+    c = daemon.client
+    with pytest.raises(DaemonError, match="adapter name"):
+        list(c.serve(str(root / "a"), blocks="3:6", adapters=["bad name=/x"]))
+    assert c.unserve("a")["stopped"] == [{"start": 0, "end": 3}]
+    events = list(c.serve(str(root / "a"), adapters=[f"ad2={root / 'ad'}"]))
+    assert events[0]["adapters"] == ["ad2"] and events[-1]["event"] == "serving", events
+    assert events[-1]["adapters"] == ["ad2"]
+    prompt = ids(1, 5, seed=6)[0].tolist()
+    deadline = time.monotonic() + 60
+    while True:  # the new span's record reaches the router's view
+        try:
+            lines = list(c.generate(f"{root / 'a'}:ad2", input_ids=prompt, max_new_tokens=6))
+            break
+        except DaemonError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    tokens = lines[-1]["tokens"]
+    assert tokens and tokens == greedy(adapted, prompt, 6)[: len(tokens)], tokens
