@@ -26,6 +26,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
     "qwen3": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "falcon": ("query_key_value",),
     "bloom": ("query_key_value",),
 }
 

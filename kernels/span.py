@@ -2,10 +2,12 @@
 
 The span owns no cache: callers allocate a `KVCache` with `new_cache` (a server reserves its KV budget up front)
 and pass it to `step`. `forward` is the cache-free path used for training (gradients w.r.t. the span's input).
+`step_many` / `run_batched` run the steps of several caches as one batch (continuous batching on servers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,7 +48,11 @@ class Span(nn.Module):
         inner: nn.Module = getattr(model, model.base_model_prefix, model)
         layers = list(inner.get_submodule("layers" if hasattr(inner, "layers") else "h").children())
         family = get_family(model.config)
-        blocks = [_adopt(family.make_block, model.config, layers[i], i) for i in range(start, end)]
+        adopt = getattr(family, "adopt_layer", None)  # a family whose blocks differ in layout (Mixtral's experts)
+        if adopt is not None:
+            blocks = [adopt(model.config, layers[i], i) for i in range(start, end)]
+        else:
+            blocks = [_adopt(family.make_block, model.config, layers[i], i) for i in range(start, end)]
         return cls(model.config, blocks, start)
 
     @property
@@ -93,6 +99,26 @@ class Span(nn.Module):
             hidden = self._runner.run_block(block, hidden, prepared, None)
         return hidden
 
+    @torch.no_grad()
+    def step_many(
+        self,
+        hiddens: Sequence[torch.Tensor],
+        caches: Sequence[KVCache],
+        attention_masks: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """`step` of several independent calls (each with its own cache, e.g. concurrent sessions), run as one batch
+        where the family allows it (`run_batched`), else one by one; `t` may differ between calls."""
+        masks = list(attention_masks) if attention_masks is not None else [None] * len(hiddens)
+        if not batchable(self._runner, list(self.blocks)):
+            return [self.step(h, c, m) for h, c, m in zip(hiddens, caches, masks, strict=True)]
+        keys = []
+        for h, c, m in zip(hiddens, caches, masks, strict=True):
+            self._check_hidden(h)
+            if c.length + h.shape[1] > c.max_length or c.batch != h.shape[0] or c.num_layers != len(self.blocks):
+                raise PetalError("wrong_shape", "a cache does not fit its call: run the calls one by one to see which")
+            keys.append(self._key_mask(m, h.shape[0], c.length + h.shape[1], h.device))
+        return run_batched(self._runner, list(self.blocks), hiddens, keys, caches, hiddens[0].dtype)
+
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         """A cache for this span with room for `max_length` positions, allocated now."""
         kv_heads, head_dim = self.family.kv_shape(self.config)
@@ -130,6 +156,44 @@ class Span(nn.Module):
             hidden = self._runner.run_block(block, hidden, prepared, cache.layer(index))
         cache.advance(t)
         return hidden
+
+
+def batchable(runner: Any, blocks: Sequence[nn.Module]) -> bool:
+    """Whether `run_batched` can run these blocks as one batch (families without a batched path: one by one)."""
+    check = getattr(runner, "batchable", None)
+    return bool(check is not None and check(blocks))
+
+
+def run_batched(
+    runner: Any,
+    blocks: Sequence[nn.Module],
+    hiddens: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    caches: Sequence[KVCache],
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Continuous batching: several calls' `hiddens[i]` `[b_i, t_i, H]` through `blocks` as ONE batch, each attending
+    to its own `caches[i]` with its own key mask `masks[i]` `[b_i, caches[i].length + t_i]` (so its own positions and
+    padding); the token rows of all calls go through every linear layer, norm and MLP together. Each cache advances by
+    its `t_i`. The outputs equal the calls run alone (up to float rounding). Needs `batchable(runner, blocks)`."""
+    from .families.decoder import Segment
+
+    prepared = [runner.prepare(m, h.shape[1], dtype) for h, m in zip(hiddens, masks, strict=True)]
+    size = hiddens[0].shape[-1]
+    flat = torch.cat([h.reshape(1, -1, size) for h in hiddens], dim=1)
+    for index, block in enumerate(blocks):
+        segments = [
+            Segment(h.shape[0], h.shape[1], p, c.layer(index))
+            for h, p, c in zip(hiddens, prepared, caches, strict=True)
+        ]
+        flat = runner.run_block_segments(block, flat, segments)
+    outs = [
+        part.reshape(h.shape)
+        for part, h in zip(torch.split(flat[0], [h.shape[0] * h.shape[1] for h in hiddens]), hiddens, strict=True)
+    ]
+    for cache, h in zip(caches, hiddens, strict=True):
+        cache.advance(h.shape[1])
+    return outs
 
 
 def _adopt(make_block: Any, config: Any, layer: nn.Module, index: int) -> nn.Module:

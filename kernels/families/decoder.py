@@ -7,6 +7,11 @@ the same math (checked against transformers in tests/unit/kernels/test_families.
 preallocated `LayerSlot`, and a gated MLP. Submodules and parameters keep the checkpoint's names
 (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...), so loading, LoRA hooks and int8 need nothing special.
 
+Continuous batching (`forward_segments`, `BlockRunner.run_block_segments`): several calls' token rows, concatenated
+as `[1, N, H]`, go through the norms, projections and MLP once; attention runs per call (`Segment`: its rows, its
+`Prepared` positions and masks, its own cache slot), so calls of different cache lengths, padding and `t` share a
+batch. `kernels/span.py`'s `run_batched` drives it; `BlockRunner.batchable` refuses blocks a family changed.
+
 What differs between the families is only how config.json is read (biases, q/k norms, sliding windows, defaults):
 each family module has a `read_config(fields) -> DecoderConfig` and exposes `FAMILY = DecoderFamily(read_config)`,
 which is everything else from here.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +43,7 @@ __all__ = [
     "Prepared",
     "RMSNorm",
     "RopeConfig",
+    "Segment",
     "as_decoder_config",
     "block_prefix",
     "client_param_names",
@@ -282,6 +288,15 @@ class Prepared:
         return found
 
 
+class Segment(NamedTuple):
+    """One call's share of a continuous batch: its `batch` x `t` token rows, its `Prepared` and its cache slot."""
+
+    batch: int
+    t: int
+    prepared: Prepared
+    kv: LayerSlot | None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -315,9 +330,38 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, prepared: Prepared, kv: LayerSlot | None) -> torch.Tensor:
         batch, t, _ = x.shape
-        q = self.q_proj(x).view(batch, t, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, t, -1, self.head_dim)
-        v = self.v_proj(x).view(batch, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        projected: torch.Tensor = self.o_proj(self._attend(q, k, v, batch, t, prepared, kv))
+        return projected
+
+    def forward_segments(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """Continuous batching: `x` `[1, N, H]` holds the token rows of several calls one after the other; the
+        projections run once over all of them, attention per call (its own positions, masks and cache slot)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        outs, offset = [], 0
+        for seg in segments:
+            rows = slice(offset, offset + seg.batch * seg.t)
+            out = self._attend(q[0, rows], k[0, rows], v[0, rows], seg.batch, seg.t, seg.prepared, seg.kv)
+            outs.append(out.reshape(1, -1, out.shape[-1]))
+            offset = rows.stop
+        projected: torch.Tensor = self.o_proj(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
+        return projected
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: int,
+        t: int,
+        prepared: Prepared,
+        kv: LayerSlot | None,
+    ) -> torch.Tensor:
+        """Attention of one call's projected rows (`batch * t` of them, any leading shape): `[batch, t, heads *
+        head_dim]` before the output projection."""
+        q = q.reshape(batch, t, -1, self.head_dim)
+        k = k.reshape(batch, t, -1, self.head_dim)
+        v = v.reshape(batch, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per-head norms before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -333,9 +377,7 @@ class Attention(nn.Module):
             else:
                 k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        out = out.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, -1)
-        projected: torch.Tensor = self.o_proj(out)
-        return projected
+        return out.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, -1)
 
 
 class MLP(nn.Module):
@@ -367,6 +409,12 @@ class DecoderBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, prepared: Prepared, kv: LayerSlot | None = None) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), prepared, kv)
+        out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return out
+
+    def forward_segments(self, hidden: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """`forward` of several calls at once (see `Attention.forward_segments`): norms and MLP are per row."""
+        hidden = hidden + self.self_attn.forward_segments(self.input_layernorm(hidden), segments)
         out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return out
 
@@ -435,6 +483,27 @@ class BlockRunner:
     ) -> torch.Tensor:
         out: torch.Tensor = block(hidden, prepared, kv)
         return out
+
+    def batchable(self, blocks: Sequence[nn.Module]) -> bool:
+        """Whether `run_block_segments` may run these blocks: this runner's own `prepare`/`run_block` and blocks whose
+        `forward` is `DecoderBlock.forward` with this module's `Attention` (a family that changes either, e.g. a
+        subclass with another block, runs its calls one by one)."""
+        return (
+            type(self).prepare is BlockRunner.prepare
+            and type(self).run_block is BlockRunner.run_block
+            and all(
+                type(b).forward is DecoderBlock.forward
+                and isinstance(b, DecoderBlock)
+                and type(b.self_attn).forward is Attention.forward
+                and type(b.self_attn)._attend is Attention._attend
+                for b in blocks
+            )
+        )
+
+    def run_block_segments(self, block: nn.Module, hidden: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """One block over the rows of several calls (`hidden` `[1, N, H]`, `segments` in row order)."""
+        assert isinstance(block, DecoderBlock)
+        return block.forward_segments(hidden, segments)
 
 
 class DecoderFamily:

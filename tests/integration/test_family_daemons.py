@@ -1,10 +1,11 @@
-"""Mistral, Qwen2 and Qwen3 over real petald daemons equal transformers: forward, backward, session steps and greedy
-generation through a daemon's socket.
+"""Mistral, Qwen2, Qwen3, Gemma 2, Mixtral and Falcon over real petald daemons equal transformers: forward, backward,
+session steps and greedy generation through a daemon's socket.
 
 Per family, two daemons serve a tiny random 6-block model ([0,3) and [3,6), `--codec none`) with petal's own block
-code (kernels/families/decoder.py); the test asks the first daemon's socket, as a client program would. Sliding
-windows (4 tokens) are shorter than the sequences, so they matter. Llama has the same coverage in test_smollm2_e2e.py
-and test_session_daemons.py, BLOOM in test_bloom_daemons.py.
+code (kernels/families/decoder.py; Mixtral: mixtral.py; Falcon, the 40B layout: falcon.py; Gemma 2: gemma2.py, its
+greedy check skips the final soft-cap, which keeps the argmax); the test asks the first daemon's socket, as a client
+program would. Sliding windows (4 tokens) are shorter than the sequences, so they matter. Llama has the same coverage
+in test_smollm2_e2e.py and test_session_daemons.py, BLOOM in test_bloom_daemons.py.
 """
 
 from __future__ import annotations
@@ -18,11 +19,26 @@ import torch
 
 from petal.ctl.client import Client
 from tests.support.daemons import Swarm, wait_for_route
-from tests.support.tinymodels import TINY_VOCAB, tiny_mistral, tiny_qwen2, tiny_qwen3
+from tests.support.tinymodels import (
+    TINY_VOCAB,
+    tiny_falcon,
+    tiny_gemma2,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 BLOCKS = 6
 ATOL = 1e-5  # fp32 on both sides, codec none: only the op order differs
-BUILDERS = {"mistral": tiny_mistral, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
+BUILDERS = {
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "qwen3": tiny_qwen3,
+    "gemma2": tiny_gemma2,
+    "mixtral": tiny_mixtral,
+    "falcon": tiny_falcon,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -50,7 +66,8 @@ def served(request: pytest.FixtureRequest):
 def blocks_out(model: torch.nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     """What leaves the last block (before the final norm) in a transformers forward; differentiable."""
     seen: list[torch.Tensor] = []
-    hook = model.model.layers[-1].register_forward_hook(
+    inner = getattr(model, model.base_model_prefix)  # `.model`, or Falcon's `.transformer` (its blocks: `.h`)
+    hook = (inner.layers if hasattr(inner, "layers") else inner.h)[-1].register_forward_hook(
         lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out)
     )
     try:
@@ -73,7 +90,7 @@ def ids(batch: int, length: int, seed: int) -> torch.Tensor:
 def test_forward_backward_and_steps_equal_transformers(served) -> None:
     name, model, c = served
     c: Client
-    embeds = model.model.embed_tokens(ids(2, 10, seed=1)).detach()
+    embeds = model.get_input_embeddings()(ids(2, 10, seed=1)).detach()
     with torch.no_grad():
         ref = blocks_out(model, embeds)
     close(f"{name} forward", c.forward(name, embeds, codec="none"), ref)
@@ -98,8 +115,10 @@ def test_greedy_generation_equals_transformers_generate(served) -> None:
     with torch.no_grad(), c.open_session(name, max_length=5 + new, codec="none") as s:
         inputs = prompt
         for _ in range(new):
-            hidden = s.step(model.model.embed_tokens(inputs))
-            nxt = int(model.lm_head(model.model.norm(hidden[:, -1])).argmax(-1))
+            hidden = s.step(model.get_input_embeddings()(inputs))
+            inner = getattr(model, model.base_model_prefix)
+            norm = inner.norm if hasattr(inner, "norm") else inner.ln_f  # Falcon: ln_f
+            nxt = int(model.lm_head(norm(hidden[:, -1])).argmax(-1))
             tokens.append(nxt)
             inputs = torch.tensor([[nxt]])
     assert tokens == want[0, 5:].tolist()

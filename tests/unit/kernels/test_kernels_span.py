@@ -12,12 +12,23 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BloomConfig, BloomForCausalLM, LlamaForCausalLM
 
 from petal.kernels.families import SUPPORTED_FAMILIES, get_family
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
-from tests.support.tinymodels import tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
+from tests.support.tinymodels import (
+    tiny_falcon,
+    tiny_falcon_7b,
+    tiny_gemma2,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 # fp32 everywhere; the paths differ only in mask layout, op order and summation order. The tolerance is
 # relative to the reference's largest magnitude (activations here reach ~10): |diff| <= ATOL * max(1, max|ref|).
@@ -64,6 +75,11 @@ BUILDERS = {
     "qwen2": tiny_qwen2,  # q/k/v biases, sliding window 4 on layers 3..5
     "qwen3": tiny_qwen3,  # q/k norms, head_dim 32 != 64 / 4 heads, q/k/v/o biases
     "bloom": _bloom,
+    "mixtral": tiny_mixtral,  # 4 experts, top-2, sliding window 4 on every layer
+    "falcon": tiny_falcon,  # new_decoder_architecture: 2 grouped kv heads, ln_attn + ln_mlp, no biases
+    "falcon-7b": tiny_falcon_7b,  # multi-query, one input_layernorm, parallel attention + MLP, biases, untied head
+    "gemma2": tiny_gemma2,  # Gemma norms, soft-caps 5 / 3, window 4 on even layers, head_dim 32, scaled embeddings
+    "gemma3": tiny_gemma3,  # + q/k norms, a rope per layer type (linear-scaled global), no soft-caps
 }
 
 
@@ -115,7 +131,7 @@ def reference_block_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> 
 
 
 def test_unknown_family_lists_supported() -> None:
-    with pytest.raises(ValueError, match="bloom, llama"):
+    with pytest.raises(ValueError, match="petal supports " + ", ".join(SUPPORTED_FAMILIES)):
         get_family(type("Cfg", (), {"model_type": "gpt2"})())
 
 
@@ -148,10 +164,11 @@ def test_client_parts_match_model(model: torch.nn.Module) -> None:
     assert set(names.values()) <= set(model.state_dict())
 
 
-def test_blocks_load_from_checkpoint_names(model: torch.nn.Module) -> None:
-    """make_block under meta + tensors named block_prefix(i) + param reproduces the model's blocks."""
+def test_blocks_load_from_checkpoint_names(model: torch.nn.Module, save_model) -> None:
+    """make_block under meta + tensors named block_prefix(i) + param reproduces the model's blocks. The names are
+    those save_pretrained writes (Mixtral: per-expert w1/w2/w3, not transformers 5's in-memory fused experts)."""
     family = get_family(model.config)
-    state = model.state_dict()
+    state = load_file(save_model(model) / "model.safetensors")
     blocks = []
     for i in (2, 3, 4):
         with torch.device("meta"):
@@ -202,7 +219,10 @@ def test_history_replay_after_truncate(model: torch.nn.Module) -> None:
     tail = span.step(x[:, 4:], cache)
     cache.reset()
     again = span.step(x, cache)
-    maxdiff("replay after truncate", model, tail, first[:, 4:], 0.0)
+    # Replaying 4 of 8 tokens multiplies matrices of another height, which BLAS may sum in another order (oneDNN/MKL
+    # on Intel CPUs do for 4 vs 8 rows; AMD's did not), and Mixtral's experts see other token counts too: close, not
+    # bit for bit. The full replay after a reset has the same shapes as the first run: exact.
+    maxdiff("replay after truncate", model, tail, first[:, 4:], ATOL)
     maxdiff("replay after reset", model, again, first, 0.0)
 
 

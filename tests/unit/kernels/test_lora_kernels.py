@@ -20,7 +20,18 @@ from petal.kernels.lora import apply_lora, check_lora, linear_layers, lora_targe
 from petal.kernels.span import Span
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora
-from tests.support.tinymodels import tiny_bloom, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
+from tests.support.tinymodels import (
+    tiny_bloom,
+    tiny_falcon,
+    tiny_falcon_7b,
+    tiny_gemma2,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 TOL = 1e-5
 INT8_TOL = 0.03  # int8 weights + bf16 activations vs the fp32 dequantized reference (measured 2e-3..1e-2)
@@ -75,12 +86,47 @@ CASES = {
         )
         for name, make in (("mistral", tiny_mistral), ("qwen2", tiny_qwen2), ("qwen3", tiny_qwen3))
     },
+    # Mixtral: the attention of the Llama-likes around a mixture of experts (transformers 5 fuses its experts into
+    # 3-D tensors PEFT cannot target by name, so the LoRA here is on the attention)
+    "mixtral": (
+        tiny_mixtral,
+        ["q_proj", "v_proj", "o_proj"],
+        lambda m: m.model.layers,
+        lambda m, x: x,
+        lambda m, h: m.lm_head(m.model.norm(h)),
+    ),
+    # Falcon, both layouts: fused query_key_value (grouped / multi-query), LayerNorm, GELU MLP (biases on 7b)
+    **{
+        name: (
+            make,
+            ["query_key_value", "dense", "dense_4h_to_h"],
+            lambda m: m.transformer.h,
+            lambda m, x: x,
+            lambda m, h: m.lm_head(m.transformer.ln_f(h)),
+        )
+        for name, make in (("falcon", tiny_falcon), ("falcon-7b", tiny_falcon_7b))
+    },
     "bloom": (
         tiny_bloom,
         ["query_key_value"],
         lambda m: m.transformer.h,
         lambda m, x: m.transformer.word_embeddings_layernorm(x),
         lambda m, h: m.lm_head(m.transformer.ln_f(h)),
+    ),
+    # Gemma 2: its own block (sandwich norms, soft-capped attention); the head soft-caps the logits as transformers
+    "gemma2": (
+        tiny_gemma2,
+        ["q_proj", "o_proj", "up_proj", "down_proj"],
+        lambda m: m.model.layers,
+        lambda m, x: x,
+        lambda m, h: 3.0 * torch.tanh(m.lm_head(m.model.norm(h)) / 3.0),  # tiny_gemma2's final_logit_softcapping
+    ),
+    "gemma3": (
+        tiny_gemma3,
+        ["q_proj", "k_proj", "gate_proj"],
+        lambda m: m.model.layers,
+        lambda m, x: x,
+        lambda m, h: m.lm_head(m.model.norm(h)),
     ),
 }
 
