@@ -131,6 +131,9 @@ class Config:
     activation_budget_mb: int | None = None
     max_batch: int = 8
     max_length: int = 4096  # longest inference session (tokens) and forward sequence
+    # continuous batching: token rows (batch x tokens, summed) of concurrent sessions' steps, or of forward/backward
+    # calls, one server batch may hold; 0 or 1: off (every request runs alone)
+    max_batch_tokens: int = 1024
     # wire codec of this daemon's requests and the servers' replies to them: auto | none | float16 | bfloat16 | q8;
     # auto: none (exact) per hop, q8 where the link to that server was measured below slow_link_mbit
     codec: str = "auto"
@@ -251,6 +254,8 @@ class Config:
             raise ConfigError("activation_budget_mb must be >= 0 (0: keep no activations)")
         if self.alloc_timeout < 0:
             raise ConfigError("alloc_timeout must be >= 0 seconds")
+        if self.max_batch_tokens < 0:
+            raise ConfigError("max_batch_tokens must be >= 0 (0 or 1: no batching; default 1024)")
 
 
 _PATH_FIELDS = {"state_dir", "socket"}

@@ -69,6 +69,11 @@ EPILOG = (
 )
 @click.option("--max-batch", type=int, help="Largest batch a request may carry [8].")
 @click.option("--max-length", type=int, help="Longest inference session / forward sequence in tokens [4096].")
+@click.option(
+    "--max-batch-tokens",
+    type=int,
+    help="Continuous batching: token rows of concurrent requests one server batch may hold; 0 or 1: off [1024].",
+)
 @click.option("--rebalance-period", type=float, help="With --num-blocks: seconds between checks whether to move [60].")
 @click.option(
     "--codec",

@@ -195,6 +195,16 @@ def render_node(out: Exposition, status: dict[str, Any]) -> None:
         ("petal_hosted_sessions_open", "gauge", "sessions", "Inference sessions open on a hosted span."),
         ("petal_hosted_inference_steps_total", "counter", "inference_steps", "Inference steps a hosted span took."),
         ("petal_hosted_training_calls_total", "counter", "training_calls", "Forward/backward calls a span took."),
+        ("petal_hosted_step_batches_total", "counter", "step_batches", "Batches of >1 inference step a span ran."),
+        (
+            "petal_hosted_step_batched_total",
+            "counter",
+            "step_batched_jobs",
+            "Inference steps run inside those batches.",
+        ),
+        ("petal_hosted_step_largest_batch", "gauge", "step_largest_batch", "Most inference steps in one batch."),
+        ("petal_hosted_training_batches_total", "counter", "training_batches", "Batches of >1 forward/backward call."),
+        ("petal_hosted_training_batched_total", "counter", "training_batched_jobs", "Calls run inside those batches."),
     )
     for name, kind, field, help_text in hosted:
         out.family(name, kind, help_text)

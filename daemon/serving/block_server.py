@@ -31,6 +31,7 @@ from petal.daemon.dht.interface import SwarmDHT
 from petal.daemon.net.transport import PeerAddr, Stream, Transport
 from petal.daemon.serving.activations import MIN_DEFAULT_BUDGET, ActivationStore
 from petal.daemon.serving.adapters import AdapterCompute
+from petal.daemon.serving.batching import forward_batch
 from petal.daemon.serving.compute import KeptForward, SpanCompute
 from petal.daemon.serving.dispatch import FIRST_MESSAGE_TIMEOUT, BlockDispatcher, dispatcher_for
 from petal.daemon.serving.errors import ErrorReply
@@ -149,7 +150,12 @@ class BlockServer:
         kept_budget = max(self.pool.nbytes // 4, MIN_DEFAULT_BUDGET) if kept_budget is None else kept_budget
         self.activations = ActivationStore(kept_budget, peer_share=settings.peer_share)
         self.recomputed = 0  # backwards that named a kept forward no longer here (evicted, expired): recomputed
-        self.jobs = Jobs(settings.max_queue, settings.request_timeout, name=f"petal-compute-{span.start}-{span.end}")
+        self.jobs = Jobs(
+            settings.max_queue,
+            settings.request_timeout,
+            name=f"petal-compute-{span.start}-{span.end}",
+            max_batch_tokens=settings.max_batch_tokens,
+        )
         self.sessions = 0
         self._refresher: asyncio.Task[None] | None = None
         self._published_cache = -1
@@ -475,7 +481,9 @@ class BlockServer:
             req = parse_forward(msg, self.served)
             if req.keep and self.activations.budget == 0:
                 req = replace(req, keep=False)
-            out = await self.jobs.run(TRAINING, self._compute_for(msg).forward, req)
+            compute = self._compute_for(msg)
+            batch = forward_batch(compute, req, backward=False)  # may run concatenated with other forwards
+            out = await self.jobs.run(TRAINING, compute.forward, req, batch=batch)
             if isinstance(out, KeptForward):  # keep the graph for the backward (not kept if over the peer's share)
                 return replace(out.reply, activation=self.activations.put(stream.peer_id, out.kept))
             return out
@@ -494,7 +502,9 @@ class BlockServer:
                 if kept is not None:
                     return await self.jobs.run(TRAINING, self.compute.backward_kept, kept, req)
                 self.recomputed += 1  # gone (evicted, expired, another peer's) or another call's: run it again
-            return await self.jobs.run(TRAINING, self._compute_for(msg).backward, req)
+            compute = self._compute_for(msg)
+            batch = forward_batch(compute, req, backward=True)
+            return await self.jobs.run(TRAINING, compute.backward, req, batch=batch)
 
         await self._reply(stream, work, msg)
 

@@ -1,13 +1,15 @@
 """The math of serving, run on the compute thread: a span's blocks over one request's tensors (`SpanCompute`).
 
 No I/O and no asyncio here: requests arrive validated (`petal.protocol.messages`), replies leave as the typed
-messages of `petal.protocol.replies` with their tensors encoded (one builder per RPC: `forward`, `backward`, `step`).
+messages of `petal.protocol.replies` with their tensors encoded (one builder per RPC: `forward`, `backward`, `step`;
+`forward_many`, `backward_many` and `step_many` build several requests' replies from one batched run, batching.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from petal.daemon import trace
 from petal.daemon.serving.activations import Kept, saved_bytes
 from petal.kernels.cache import KVCache
 from petal.kernels.lora import apply_lora, check_lora
+from petal.kernels.span import batchable, run_batched
 from petal.protocol.lora import Lora, encode_lora_grads
 from petal.protocol.messages import ForwardRequest, StepRequest
 from petal.protocol.replies import BackwardReply, ForwardReply, StepReply
@@ -23,6 +26,8 @@ from petal.protocol.tensors import encode_tensor
 
 if TYPE_CHECKING:
     from petal.kernels.span import Span
+
+R = TypeVar("R")
 
 
 class SpanCompute:
@@ -165,6 +170,118 @@ class SpanCompute:
         reply = StepReply(cache.length, encode_tensor(out, codec))
         trace.mark("compute.end")
         return reply
+
+    # continuous batching (petal.daemon.serving.batching): several requests' tensors through the blocks at once
+
+    def batchable(self, blocks: list[nn.Module]) -> bool:
+        """Whether inference steps over these blocks can run batched (`step_many`): a family with a batched path."""
+        return not self.lie and batchable(self.runner, blocks)
+
+    def step_many(
+        self, items: Sequence[tuple[list[nn.Module], StepRequest, KVCache, str]]
+    ) -> list[StepReply | BaseException]:
+        """`step` of several sessions over the same blocks (no LoRA, no deep prompts) as ONE batched forward: every
+        linear layer, norm and MLP over all token rows, attention per session against its own cache. One outcome per
+        item: its reply, or the error that step alone raises (a failed batch is run again one step at a time)."""
+        outcomes: list[StepReply | BaseException | None] = [None] * len(items)
+        ready: list[int] = []
+        for i, (_, step, cache, _) in enumerate(items):
+            try:
+                assert step.hidden is not None and step.prompts is None
+                if step.position < cache.length:
+                    cache.truncate(step.position)
+                if step.reorder is not None:
+                    cache.reorder(step.reorder)
+                if cache.length + step.hidden.shape[1] > cache.max_length:
+                    raise ValueError(f"cache overflow: {cache.length} + {step.hidden.shape[1]} > {cache.max_length}")
+                ready.append(i)
+            except Exception as e:  # noqa: BLE001 - that step's own error, as when it runs alone
+                outcomes[i] = e
+        if ready:
+            trace.mark("compute.start")
+            try:
+                with torch.no_grad():
+                    outs = self._run_steps([items[i] for i in ready])
+            except Exception:  # noqa: BLE001 - whose step broke the batch: each runs alone (its reorder is applied)
+                for i in ready:
+                    blocks, step, cache, codec = items[i]
+                    plain = step if step.reorder is None else replace(step, reorder=None)
+                    outcomes[i] = _outcome(self.step, blocks, plain, cache, codec)
+            else:
+                for i, out in zip(ready, outs, strict=True):
+                    cache, codec = items[i][2], items[i][3]
+                    outcomes[i] = _outcome(lambda o, c=cache, k=codec: StepReply(c.length, encode_tensor(o, k)), out)
+            trace.mark("compute.end")
+        return [o if o is not None else RuntimeError("step not run") for o in outcomes]
+
+    def _run_steps(self, items: Sequence[tuple[list[nn.Module], StepRequest, KVCache, str]]) -> list[torch.Tensor]:
+        hiddens, masks, caches = [], [], []
+        for _, step, cache, _ in items:
+            assert step.hidden is not None
+            hidden = step.hidden.to(self.device, self.dtype)
+            batch, t, _ = hidden.shape
+            mask = step.mask
+            if mask is None:
+                mask = torch.ones(batch, cache.length + t, dtype=torch.long)
+            hiddens.append(hidden)
+            masks.append(mask.to(self.device))
+            caches.append(cache)
+        return run_batched(self.runner, items[0][0], hiddens, masks, caches, self.dtype)
+
+    def forward_many(self, reqs: list[ForwardRequest]) -> list[ForwardReply | KeptForward | BaseException]:
+        """`forward` of several requests of the same blocks and length (no LoRA, no prompts, not kept), concatenated
+        along the batch; one reply per request (on a failure, each runs alone to tell whose it is)."""
+        try:
+            with torch.no_grad():
+                hidden, mask = self._concat(reqs)
+                out = self.run(self.blocks(reqs[0].start, reqs[0].end), hidden, mask, None, None, 0)
+        except Exception:  # noqa: BLE001
+            return [_outcome(self.forward, r) for r in reqs]
+        self.forwards += len(reqs)
+        parts = out.split([r.hidden.shape[0] for r in reqs])
+        return [
+            _outcome(lambda p, r: ForwardReply(encode_tensor(p, r.codec)), p, r)
+            for p, r in zip(parts, reqs, strict=True)
+        ]
+
+    def backward_many(self, reqs: list[ForwardRequest]) -> list[BackwardReply | BaseException]:
+        """`backward` (forward run again) of several requests of the same blocks and length, no LoRA and no prompts:
+        one forward and one backward over their concatenation; grads w.r.t. each request's input."""
+        try:
+            with torch.enable_grad():
+                hidden, mask = self._concat(reqs)
+                hidden.requires_grad_(True)
+                out = self.run(self.blocks(reqs[0].start, reqs[0].end), hidden, mask, None, None, 0)
+                grad = torch.cat([r.grad.to(self.device, self.dtype) for r in reqs if r.grad is not None])
+                (found,) = torch.autograd.grad(out, [hidden], grad_outputs=grad)
+        except Exception:  # noqa: BLE001
+            return [_outcome(self.backward, r) for r in reqs]
+        self.forwards += len(reqs)
+        parts = found.split([r.hidden.shape[0] for r in reqs])
+        return [
+            _outcome(lambda g, r: BackwardReply(encode_tensor(g, r.codec)), g, r)
+            for g, r in zip(parts, reqs, strict=True)
+        ]
+
+    def _concat(self, reqs: list[ForwardRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = torch.cat([r.hidden.to(self.device, self.dtype) for r in reqs])
+        if all(r.mask is None for r in reqs):
+            return hidden, None
+        masks = [
+            r.mask.to(self.device, torch.long)
+            if r.mask is not None
+            else torch.ones(r.hidden.shape[:2], dtype=torch.long, device=self.device)
+            for r in reqs
+        ]
+        return hidden, torch.cat(masks)
+
+
+def _outcome(fn: Callable[..., R], *args: object) -> R | BaseException:
+    """`fn(*args)`, or the exception it raised (one job's failure in a batch is that job's alone)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return e
 
 
 @dataclass(frozen=True)

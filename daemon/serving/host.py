@@ -184,6 +184,7 @@ class Host:
                 "training_calls": h.server.jobs.submitted[TRAINING],
                 "forward_runs": h.server.compute.forwards,  # span forwards, a recomputing backward's included
                 "backward_recomputed": h.server.recomputed,  # backwards whose kept forward was gone
+                **h.server.jobs.batch_stats(),  # continuous batching: batches of > 1 job so far
                 **h.server.activations.stats(),
             }
             for h in self._hosted

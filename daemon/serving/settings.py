@@ -13,6 +13,8 @@ from petal.daemon.config import Config
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CACHE_TOKENS_PER_BLOCK = 4096
+DEFAULT_MAX_BATCH_TOKENS = 1024
+"""petald --max-batch-tokens: token rows (batch x tokens, summed) one continuous batch may hold (batching.py)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ServeSettings:
     idle_timeout: float = 600.0  # an inference session with no step for this long is closed and its cache freed
     request_timeout: float = 300.0  # longest a forward/backward/step may queue + run
     max_queue: int = 64
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # continuous batching's token budget per batch; <= 1: off
     refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
     peer_share: float = 0.5  # most of the KV budget one peer may hold while other peers use or wait for it
     contended_idle_timeout: float = 10.0  # an idle session is closed after this while another peer waits (or draining)
@@ -52,6 +55,7 @@ def settings_from_config(config: Config) -> ServeSettings:
         quant=config.quant,
         max_batch=config.max_batch,
         max_length=config.max_length,
+        max_batch_tokens=config.max_batch_tokens,
         max_cache_tokens=config.max_cache_tokens,
         codec=config.codec,
         alloc_timeout=config.alloc_timeout,

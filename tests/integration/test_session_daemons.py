@@ -7,6 +7,7 @@ to the swarm, until the control API exposes sessions.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import time
@@ -87,6 +88,14 @@ async def test_sigkilled_server_changes_no_token(swarm, model_dir):
         prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(7))
         want, failovers = await generate(client, model, prompt)
         assert failovers == 0 and len(want) == NEW_TOKENS
+        # concurrent sessions (continuous batching on the servers, issue 12): each equals its generation alone
+        other = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(8))
+        want_other, _ = await generate(client, model, other)
+        together = await asyncio.gather(*(generate(client, model, p) for p in (prompt, other, prompt, other)))
+        assert [t for t, _ in together] == [want, want_other, want, want_other]
+        daemons = [first, *middle.values()]
+        batches = sum(s.get("step_batches", 0) for d in daemons for s in d.status().get("serving", []))
+        print(f"4 concurrent sessions: equal to each alone; {batches} batched steps on the first two hops' servers")
         killed = []
         replacement = []
 
