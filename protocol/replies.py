@@ -247,7 +247,8 @@ class StepReply:
     """One inference step's answer: the output and the cache length after it, or a skip.
 
     ``skipped``: the step waited for a push and the client's next message came first (``hidden`` is None).
-    ``pushed``: whether the output also reached the next hop (None when the step asked for no push).
+    ``pushed``: whether the output also went to the next hop (None when the step asked for no push); it is said once
+    the push is sent, before its ack: a `PushFailed` notice follows on the stream if the ack does not come.
     """
 
     position: int
@@ -275,6 +276,30 @@ class StepReply:
         check_reply(m, "hidden")
         pushed = m.get("pushed")
         return cls(position, _tensor(m, "hidden", "inference step"), pushed if isinstance(pushed, bool) else None)
+
+
+@dataclass(frozen=True)
+class PushFailed:
+    """A notice on an inference stream, between replies: the push of `step`'s output (its reply said ``pushed``) was
+    not acked by the next hop, so that hop still waits for the step's input and the client must send it itself."""
+
+    step: int
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"push_failed": self.step, "reason": self.reason}
+
+    @staticmethod
+    def is_notice(msg: object) -> bool:
+        return isinstance(msg, dict) and "push_failed" in msg
+
+    @classmethod
+    def from_wire(cls, msg: object) -> Self:
+        m = check_reply(msg, "push_failed")
+        step, reason = m["push_failed"], m.get("reason", "")
+        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(reason, str):
+            raise PetalError("internal", f"the server sent a malformed push_failed notice {msg!r:.80}")
+        return cls(step, reason[:500])
 
 
 @dataclass(frozen=True)

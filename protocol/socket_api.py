@@ -307,7 +307,8 @@ class ServeRequest:
             adapter_entries(adapters)
         except ValueError as e:
             raise bad_request(f'"adapters": {e}') from None
-        return cls(model, blocks, num_blocks, tuple(adapters))
+        assert isinstance(adapters, (list, tuple))  # adapter_entries checked: a list of strings
+        return cls(model, blocks, num_blocks, tuple(str(a) for a in adapters))
 
     def to_body(self) -> dict[str, object]:
         body: dict[str, object] = {"model": self.model}

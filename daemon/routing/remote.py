@@ -21,7 +21,9 @@ What callers (the router and sessions) must catch, and what it means for failove
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +47,15 @@ from petal.protocol.replies import (
     ForwardReply,
     InfoReply,
     OpenReply,
+    PushFailed,
     StepReply,
     decode_reply_tensor,
 )
 from petal.protocol.tensors import DTYPES, encode_tensor
 
 __all__ = ["RemoteInference", "RemoteSpan", "StepOutput"]
+
+log = logging.getLogger("petal.routing")
 
 
 FRAME_MARGIN = 1 << 20
@@ -346,6 +351,7 @@ class RemoteInference:
         self.closed = False
         self.outstanding = 0  # messages sent whose reply was not read yet
         self._lock = asyncio.Lock()
+        self._next: asyncio.Future[object] | None = None  # a read of the next frame already started (`next_frame`)
 
     def push_target(self) -> dict[str, Any]:
         """Where the previous hop pushes this session's inputs (the `push_to` field of its step message)."""
@@ -419,12 +425,59 @@ class RemoteInference:
             raise
         self.outstanding += 1
 
+    async def _recv(self, timeout: float) -> object:
+        """The next frame: from the read `next_frame` started, else from the stream."""
+        task = self._next
+        if task is None:
+            return await self.stream.recv(timeout=timeout)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise TimeoutError
+        self._next = None
+        return task.result()
+
+    def next_frame(self) -> asyncio.Future[object]:
+        """The read of this stream's next frame, started now if it was not (the next `recv_step` takes its result)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self.stream.recv())
+        return self._next
+
+    async def wait_reply_or_notice(self, previous: RemoteInference, step: int, timeout: float) -> PushFailed | None:
+        """Wait until this hop's next reply arrives (None: read it with `recv_step`), or until `previous`, the hop
+        that pushed this step's input here, says that push failed (its `PushFailed` notice, consumed: this hop still
+        waits for the input, send it). Raises TimeoutError when neither comes within `timeout`."""
+        own, deadline = self.next_frame(), time.monotonic() + timeout
+        watching: asyncio.Future[object] | None = previous.next_frame()
+        while not own.done():
+            waiting = {own} if watching is None else {own, watching}
+            left = deadline - time.monotonic()
+            done, _ = await asyncio.wait(waiting, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                await self._abort()
+                raise TimeoutError(f"inference step on {self.span!r} got no answer within {timeout}s")
+            if watching is not None and watching.done() and not own.done():
+                raw = None if watching.cancelled() or watching.exception() is not None else watching.result()
+                if PushFailed.is_notice(raw):
+                    previous._next = None
+                    try:
+                        notice = PushFailed.from_wire(raw)
+                    except PetalError:
+                        notice = PushFailed(step, "malformed notice")
+                    if notice.step == step:
+                        return notice
+                watching = None  # another frame (or the stream's end): left for the previous hop's next read
+        return None
+
     async def recv_step(
         self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, timeout: float = 60.0
     ) -> StepOutput:
-        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepOutput)."""
+        """The reply to the oldest unanswered message: its output `shape` in `dtype` (or a skip, see StepOutput).
+        `PushFailed` notices of steps already answered are skipped (the session learnt of them while waiting)."""
         try:
-            raw = await self.stream.recv(timeout=timeout)
+            raw = await self._recv(timeout)
+            while PushFailed.is_notice(raw):
+                log.info("%s: a push the session already recovered from failed: %r", self.span, raw)
+                raw = await self._recv(timeout)
             trace.mark("c.got")
         except TimeoutError:
             await self._abort()
@@ -446,8 +499,18 @@ class RemoteInference:
             raise _malformed(self.span, raw, e) from None
         return StepOutput(out.to(dtype), reply.pushed is True)
 
+    def _drop_read(self) -> None:
+        task, self._next = self._next, None
+        if task is not None:
+            if task.done():
+                if not task.cancelled():
+                    task.exception()  # retrieved: a closed stream's error is no news here
+            else:
+                task.cancel()
+
     async def _abort(self) -> None:
         self.closed = True
+        self._drop_read()
         await self.stream.reset()
 
     async def close(self) -> None:
@@ -455,6 +518,7 @@ class RemoteInference:
         if self.closed:
             return
         self.closed = True
+        self._drop_read()
         await self.stream.close()
 
     async def __aenter__(self) -> RemoteInference:

@@ -459,6 +459,15 @@ class InferenceSession:
                         await link.remote.recv_step(shape, x.dtype, self.step_timeout)  # the waiting message's answer
                     except PetalError as e:
                         log.debug("hop %s answered the superseded step %d with %s", link.hop.peer_id, step, e)
+                elif link.fed and i > 0:  # its input was pushed: unless the pusher says the push failed after all
+                    prev = self._links[i - 1]
+                    failed = await link.remote.wait_reply_or_notice(prev.remote, step, self.step_timeout)
+                    if failed is not None:
+                        log.info("%s: %s; sending its input from here on", prev.hop.peer_id, failed.reason)
+                        prev.no_push_to.add(link.hop.peer_id)
+                        link.fed = False
+                        self.pushes -= 1
+                        continue  # the branch above sends the input and reads both answers
                 reply = await link.remote.recv_step(shape, x.dtype, self.step_timeout)
                 if reply.hidden is None:
                     raise PetalError("internal", f"{link.hop.peer_id} skipped step {step} although it had its input")

@@ -3,7 +3,8 @@ that answers the client's steps until it closes, idles out, or a step times out.
 
 Every client message gets exactly one reply, in order. A step without `hidden` waits for its input by push (see
 `PushInbox`); if the client's next message arrives first, that step is answered `{"skipped": true}` and the client's
-message (its own copy of the input) is served instead, so the client always decides.
+message (its own copy of the input) is served instead, so the client always decides. A step that pushes its output
+replies once the push is sent; if the next hop then does not ack it, a `PushFailed` notice follows the reply.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from torch import nn
 
 from petal.daemon import trace
 from petal.daemon.net.transport import Stream, StreamClosed, ThreadSend, thread_sender
+from petal.daemon.serving.batching import step_batch
 from petal.daemon.serving.compute import SpanCompute
 from petal.daemon.serving.errors import ComputeTimeout, ErrorReply
 from petal.daemon.serving.kv_pool import Allocation, KVPool
-from petal.daemon.serving.push import Pusher, PushInbox
+from petal.daemon.serving.push import FAILED, WRITTEN, Pusher, PushInbox
 from petal.daemon.serving.settings import ServeSettings
 from petal.daemon.serving.worker import INFERENCE, Jobs
 from petal.protocol.errors import PetalError
-from petal.protocol.messages import OpenRequest, ServedSpan, StepRequest, error_reply, parse_step
-from petal.protocol.replies import OpenReply, StepReply
+from petal.protocol.messages import OpenRequest, PushTarget, ServedSpan, StepRequest, error_reply, parse_step
+from petal.protocol.replies import OpenReply, PushFailed, StepReply
 
 StepJob = concurrent.futures.Future[tuple[StepReply, bool]]
 """A step's compute: its reply, and whether the worker thread already sent it on (see `InferenceSession._compute`)."""
@@ -74,6 +76,7 @@ class InferenceSession:
         self._running: concurrent.futures.Future[Any] | None = None  # a timed-out job the thread still runs
         self._abandoned = False  # a step timed out: the worker must not send its late result
         self._reply_sender = thread_sender(stream)  # None: replies go out from this task (libp2p streams)
+        self._unacked: tuple[PushTarget, int] | None = None  # the push the last reply announced, its ack not yet read
 
     @property
     def cache_length(self) -> int:
@@ -115,6 +118,7 @@ class InferenceSession:
                 if not sent:
                     await self.stream.send(out.reply)
                 trace.mark("srv.replied")
+                await self._check_ack()
                 self.last_active = time.monotonic()
         except StreamClosed:
             return
@@ -171,14 +175,29 @@ class InferenceSession:
             push = self.pusher.thread_sender(step.push_to)
             if push is not None:
                 send = functools.partial(self._send_push, push, step.push_to.session, step.step)
-        job = self.jobs.submit(INFERENCE, self._compute, step, send)
+        opened = self.opened
+        batch = step_batch(  # continuous batching: this step may run in one forward with other sessions' steps
+            self.compute,
+            self.blocks,
+            step,
+            self.allocation.cache,
+            opened.codec,
+            functools.partial(self._compute, step, send),
+            lora=opened.lora,
+            first=opened.start,
+        )
+        job = self.jobs.submit(INFERENCE, self._compute, step, send, batch=batch)
         trace.mark("srv.submitted")
         return job
 
-    def _compute(self, step: StepRequest, send: Callable[[StepReply], None] | None) -> tuple[StepReply, bool]:
-        """Runs in the worker thread: the step's reply, sent on by `send` when given (True if so)."""
+    def _compute(
+        self, step: StepRequest, send: Callable[[StepReply], None] | None, reply: StepReply | None = None
+    ) -> tuple[StepReply, bool]:
+        """Runs in the worker thread: the step's reply (`reply` when a batch computed it already), sent on by `send`
+        when given (True if so)."""
         opened = self.opened
-        reply = self.compute.step(self.blocks, step, self.allocation.cache, opened.codec, opened.lora, opened.start)
+        if reply is None:
+            reply = self.compute.step(self.blocks, step, self.allocation.cache, opened.codec, opened.lora, opened.start)
         if send is None or self._abandoned:
             return reply, False
         send(reply)
@@ -219,10 +238,23 @@ class InferenceSession:
         if step.push_to is not None:
             assert step.step is not None
             assert reply.hidden is not None  # a computed step always has its output
-            pushed = await self.pusher.push(step.push_to, step.step, reply.hidden, sent=sent)
-            trace.mark("srv.push_acked")
-            return replace(reply, pushed=pushed), False
+            done = await self.pusher.send(step.push_to, step.step, reply.hidden, sent=sent)
+            if done == WRITTEN:  # its ack is read once the reply is out (`_check_ack`)
+                self._unacked = (step.push_to, step.step)
+            trace.mark("srv.pushed")
+            return replace(reply, pushed=done != FAILED), False
         return reply, sent
+
+    async def _check_ack(self) -> None:
+        """Read the ack of the push the last reply announced; if it does not come, tell the client (`PushFailed`)
+        so that it sends the next hop that step's input itself (the next hop is waiting for it)."""
+        if self._unacked is None:
+            return
+        target, step = self._unacked
+        self._unacked = None
+        reason = await self.pusher.acked(target, step)
+        if reason is not None:
+            await self.stream.send(PushFailed(step, reason).to_wire())
 
     async def _await_push(self, step: StepRequest) -> tuple[torch.Tensor | None, object, StepJob | None]:
         """The pushed input of `step` and its job, or (None, message, None) when the client's next message comes first.

@@ -32,6 +32,10 @@ from petal.protocol.tensors import decode_tensor
 
 log = logging.getLogger("petal.server")
 
+Sent = str
+ACKED, WRITTEN, FAILED = "acked", "written", "failed"
+"""What `Pusher.send` did with a push: delivered in-process, written on the stream (ack still to read), not sent."""
+
 PUSH_WINDOW = 4
 """Pushed inputs one session buffers ahead of the step that takes them; more are refused with "busy"."""
 PUSH_ACK_TIMEOUT = 10.0
@@ -196,40 +200,61 @@ class Pusher:
             return None
         return thread_sender(self._stream)
 
-    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any], *, sent: bool = False) -> bool:
-        """Send one step's encoded output (`sent`: the compute thread already did, see `thread_sender`); True once
-        the next hop acked it, False (logged) on any failure.
+    async def send(self, target: PushTarget, step: int, hidden: dict[str, Any], *, sent: bool = False) -> Sent:
+        """Send one step's encoded output (`sent`: the compute thread already did, see `thread_sender`): ACKED when
+        delivered in-process, WRITTEN when it went out on the stream (its ack is read by `acked`, in order), FAILED
+        (logged) when it could not go out.
 
-        The client learns the outcome from its reply's `pushed` and sends the next hop the input itself when False.
+        The session replies to its client once the push is written, before the ack: on a long link the ack is a
+        round trip the client would otherwise wait for. A push that then fails its ack is reported to the client
+        on the session's stream (`PushFailed`), and the client sends that hop its input itself.
         """
         try:
             if sent:
                 assert self._stream is not None
-                PushAck.from_wire(await self._stream.recv(timeout=PUSH_ACK_TIMEOUT))
-                return True
+                return WRITTEN
             if target.peer == self.transport.peer_id:
                 self._local(target.peer, PushRequest(target.session, step, decode_tensor(hidden)))
-                return True
+                return ACKED
             if self._stream is None or self._peer is None or self._peer.peer_id != target.peer:
                 await self.close()
                 peer = await self._resolve(target.peer) if self._resolve is not None else PeerAddr(target.peer)
                 if peer is None:
                     log.info("not pushing step %d to %s: it announces no span after this hop", step, target.peer)
-                    return False
+                    return FAILED
                 self._stream = await self.transport.open_stream(peer, PUSH_PROTOCOL, timeout=PUSH_ACK_TIMEOUT)
                 self._peer = peer
             await self._stream.send({"session": target.session, "step": step, "hidden": hidden})
+            return WRITTEN
+        except PetalError as e:  # the next hop refused the push
+            log.info("push of step %d to %s refused: %s", step, target.peer, e)
+            return FAILED
+        except (TransportError, TimeoutError, OSError) as e:
+            log.info("push of step %d to %s failed: %s", step, target.peer, e)
+            await self.close(reset=True)
+            return FAILED
+
+    async def acked(self, target: PushTarget, step: int) -> str | None:
+        """Read the ack of the push `send` WROTE last: None once the next hop acked it, else why not (logged)."""
+        try:
+            if self._stream is None:
+                raise TransportError("the push stream closed before the ack")
             PushAck.from_wire(await self._stream.recv(timeout=PUSH_ACK_TIMEOUT))
-            return True
+            return None
         except PetalError as e:  # the next hop refused the push (or sent a malformed ack: start over)
             log.info("push of step %d to %s refused: %s", step, target.peer, e)
             if e.code in ("bad_frame", "bad_tensor", "too_large"):
                 await self.close()
-            return False
+            return f"{target.peer} refused it: {e.message}"
         except (TransportError, TimeoutError, OSError) as e:
             log.info("push of step %d to %s failed: %s", step, target.peer, e)
             await self.close(reset=True)
-            return False
+            return f"no ack from {target.peer}: {e}"
+
+    async def push(self, target: PushTarget, step: int, hidden: dict[str, Any], *, sent: bool = False) -> bool:
+        """`send` and then `acked`: True once the next hop acked the push, False (logged) on any failure."""
+        done = await self.send(target, step, hidden, sent=sent)
+        return done == ACKED or (done == WRITTEN and await self.acked(target, step) is None)
 
     async def close(self, reset: bool = False) -> None:
         """Close (or with `reset`, abort) the stream to the next hop, if open; idempotent."""

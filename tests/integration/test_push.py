@@ -117,6 +117,39 @@ async def test_push_refused_falls_back_to_the_client(swarm, model):
     assert stopped == [set(), {last}, set()]
 
 
+async def test_push_sent_but_not_acked_is_reported_and_the_client_sends_the_input(swarm, model):
+    """A hop replies once its push is sent, before the ack (one round trip less on long links). When the next hop
+    then takes the push but never delivers or acks it, the pusher tells the client (a PushFailed notice); the client,
+    waiting for the next hop, sends that input itself: the same logits, no failover and no step timeout."""
+    for a, b in [(0, 2), (2, 4), (4, 6)]:
+        await swarm.add(a, b)
+    last = next(p for p, (srv, _, _) in swarm.servers.items() if srv.span.start == 4)
+    taken: list[object] = []
+
+    async def swallow(stream) -> None:  # reads pushes, acks none of them, delivers none
+        while True:
+            try:
+                taken.append(await stream.recv())
+            except Exception:  # noqa: BLE001 - the pusher gave up and reset the stream
+                return
+            await stream.send({"error": {"code": "busy", "message": "not now"}})
+
+    swarm.servers[last][1]._handlers[PUSH_PROTOCOL] = swallow
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    async with InferenceSession(swarm.router, MODEL, max_length=16, codec="none", push=True, step_timeout=30) as s:
+        with torch.no_grad():
+            out = [await s.step(embed(model, ids[:, :5]))]
+            for i in range(5, ids.shape[1]):
+                out.append(await s.step(embed(model, ids[:, i : i + 1])))
+        assert s.failovers == 0
+        stopped = [link.no_push_to for link in s._links]
+    torch.testing.assert_close(logits(model, torch.cat(out, dim=1)), want, atol=1e-4, rtol=0)
+    assert len(taken) == 1  # the first push reached the last hop's (broken) handler; the client stopped asking
+    assert stopped == [set(), {last}, set()]
+
+
 async def open_push_session(swarm, peer, start, end, *, push=True, batch=1):
     server = swarm.servers[peer][0]
     span = RemoteSpan(swarm.client_transport, PeerAddr(peer), MODEL, "FP", start, end, codec="none")
