@@ -59,6 +59,8 @@ def status(ctx: Ctx) -> None:
     if ctx.as_json:
         return _print_json(st)
     for key, value in st.items():
+        if key == "links" and isinstance(value, dict):  # peer -> {reach, addr}: "a1b2c3d4 upgraded", ...
+            value = [f"{peer[-8:]} {link.get('reach')}" for peer, link in value.items()] or "-"
         click.echo(f"{key:>12}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
 
 

@@ -362,6 +362,7 @@ class Node:
             "dht_peers": self._dht.routing_table_size() if self._dht else 0,
             "announced": sorted(self._announced),
             "reachable": self.reachable,
+            "links": self.transport.peer_links() if hasattr(self.transport, "peer_links") else {},
             "socket": str(self.config.socket),
             "public_name": self.config.public_name,
             "serving": self._host.status() if self._host else [],  # never makes a Host: torch stays unloaded

@@ -71,8 +71,12 @@ async def model_json(state: ApiState, model: SwarmModel) -> dict[str, Any]:
     except (OSError, TimeoutError, RuntimeError):
         reports = {}
     rows = []
+    # our live libp2p connections: a server that announced only a circuit may be "upgraded" to direct (DCUtR)
+    links: dict[str, dict[str, str]] = getattr(state.node.transport, "peer_links", dict)()
     for s in servers:
         row = s.to_json(router.is_banned)
+        if row["reach"] == "relayed" and links.get(s.peer_id, {}).get("reach") == "upgraded":
+            row["reach"] = "upgraded"  # announced only a circuit, but our connection to it is direct now
         row["reports"] = len({r.signer for r in reports.get(s.peer_id, [])})
         row["rtt_s"] = None if row["state"] == "offline" else router.latency.get(s.peer_id)  # not a stale one
         bandwidth = router.bandwidth(s.peer_id)

@@ -2,7 +2,8 @@
 and ``build_host``.
 
 py-libp2p is trio-native and runs in the transport's own thread; ``bridge.Bridge`` hands work across,
-``libp2p_stream.Libp2pStream`` is one stream, ``relay.Relay`` the circuit relay v2 wiring. This module owns the
+``libp2p_stream.Libp2pStream`` is one stream, ``relay.Relay`` the circuit relay v2 wiring, ``dcutr.DirectUpgrade``
+the upgrade of relayed connections to direct ones (DCUtR). This module owns the
 host's life (start, listen, stop), protocol handlers, and dialing: direct addresses first, then relay circuits.
 
 Security is Noise only and muxing yamux only (never mplex); one connection per peer, reused by every stream.
@@ -13,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,6 +23,7 @@ import trio
 from petal.daemon.identity import Identity
 from petal.daemon.net.addrs import is_circuit, is_direct_addr, parse_peer_id, strip_p2p
 from petal.daemon.net.bridge import Bridge
+from petal.daemon.net.dcutr import DirectUpgrade, peer_links
 from petal.daemon.net.libp2p_stream import Libp2pStream
 from petal.daemon.net.relay import DIRECT_FIRST_TIMEOUT, Relay, RelayError
 from petal.daemon.net.transport import (
@@ -91,12 +93,18 @@ class Libp2pTransport:
     """`Transport` over py-libp2p (TCP, Noise, yamux). Construct, `await start()`, use, `await stop()`."""
 
     def __init__(
-        self, identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), relay_service: bool = False
+        self,
+        identity: Identity,
+        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        relay_service: bool = False,
+        upgrade_relayed: bool = True,
     ) -> None:
         self.identity = identity
         self.relay_service = relay_service
+        self.upgrade_relayed = upgrade_relayed  # DCUtR on (off only where relayed connections must stay relayed)
         self.circuit_addrs: list[str] = []  # also appended to listen_addrs: what others dial through relays
         self._relay: Relay | None = None  # trio side, built with the host
+        self._upgrade: DirectUpgrade | None = None  # DCUtR: relayed connections become direct (trio side)
         self.peer_id = identity.peer_id
         self.listen_addrs: list[str] = []
         self._listen = tuple(listen)
@@ -178,10 +186,17 @@ class Libp2pTransport:
                 nursery.cancel_scope.cancel()
             await host.close()
 
-    def _run_relay(self, host: IHost) -> AbstractAsyncContextManager[object]:
-        """Circuit relay v2 on `host` (built once the host runs), running while the returned context is open."""
+    @asynccontextmanager
+    async def _run_relay(self, host: IHost) -> AsyncIterator[None]:
+        """Circuit relay v2 and DCUtR on `host` (built once the host runs), running while the context is open."""
         self._relay = Relay(host, self.relay_service)
-        return self._relay.running()
+        if not self.upgrade_relayed:
+            async with self._relay.running():
+                yield
+            return
+        self._upgrade = DirectUpgrade(host)
+        async with self._relay.running(), self._upgrade.running():
+            yield
 
     async def stop(self) -> None:
         """Cancel handlers, close every stream and connection, and join the trio thread."""
@@ -303,6 +318,8 @@ class Libp2pTransport:
         for circuit in circuits:
             try:
                 await relay.dial(circuit)
+                if self._upgrade is not None:
+                    self._upgrade.relayed_seen.add(peer.peer_id)
                 return
             except RelayError as e:
                 errors.append(str(e))
@@ -352,6 +369,17 @@ class Libp2pTransport:
         return await call_over(self, peer, protocol_id, request, timeout)
 
     # -- introspection -----------------------------------------------------------------------------------------
+
+    def peer_links(self) -> dict[str, dict[str, str]]:
+        """How we are connected to each peer: ``{"reach": "direct" | "upgraded" | "relayed", "addr": its address}``
+        ("upgraded": direct after first coming through a relay, by DCUtR). Read from the asyncio side: a snapshot
+        of the swarm's connection table."""
+        if self._host is None or self._thread is None:
+            return {}
+        try:
+            return self._upgrade.links() if self._upgrade is not None else peer_links(self._host, set())
+        except RuntimeError:  # the table changed while we read it: the next call gets a clean one
+            return {}
 
     def connection_count(self, peer_id: str) -> int:
         """How many connections we hold to `peer_id` (tests check the one-connection-per-peer rule)."""

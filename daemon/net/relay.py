@@ -13,10 +13,11 @@ that relay stops answering, drops the dead circuit address and reserves on anoth
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -61,6 +62,45 @@ for _name in ("libp2p.relay.circuit_v2.protocol", "libp2p.relay.circuit_v2.trans
     logging.getLogger(_name).addFilter(_RELAY_FILTER)
 
 
+_OWN_CIRCUIT: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar("petal_circuit", default=None)
+"""The two streams of the circuit whose relaying task this is (set per trio task by ``_fix_circuit_cleanup``)."""
+
+
+class _CircuitTable(dict[Any, Any]):
+    """libp2p 0.8.1's relay keeps its circuits in ``_active_relays`` keyed by peer, and a circuit that ends closes the
+    streams registered under its target's key: with two circuits to the same peer (two clients of one natted server),
+    the first to end closes the other's, which happens each time DCUtR retires a relayed connection. Inside a
+    relaying task this table answers with that task's own circuit, and forgets an entry only if it is that circuit."""
+
+    def __contains__(self, key: object) -> bool:
+        return _OWN_CIRCUIT.get() is not None or super().__contains__(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        own = _OWN_CIRCUIT.get()
+        return own if own is not None else super().__getitem__(key)
+
+    def __delitem__(self, key: Any) -> None:
+        own = _OWN_CIRCUIT.get()
+        if own is None:
+            super().__delitem__(key)
+            return
+        entry = super().get(key)
+        if entry is not None and {id(s) for s in entry if s is not None} <= {id(s) for s in own}:
+            super().__delitem__(key)
+
+
+def _fix_circuit_cleanup(proto: Any) -> None:
+    """Make each circuit's end close its own streams only (see ``_CircuitTable``)."""
+    proto._active_relays = _CircuitTable(proto._active_relays)
+    relay_data = proto._relay_data
+
+    async def own_relay_data(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        _OWN_CIRCUIT.set((src, dst))  # trio gives each task its own context: this task's circuit only
+        await relay_data(src, dst, *args, **kwargs)
+
+    proto._relay_data = own_relay_data
+
+
 class Relay:
     """libp2p's circuit relay v2 on one host: STOP always (we accept relayed connections), HOP (relaying for
     others) when ``relay_service`` is set. Build and use it in the transport's trio thread."""
@@ -74,6 +114,7 @@ class Relay:
         self._host = host
         limits = RelayLimits(**RELAY_LIMITS)
         self._proto = CircuitV2Protocol(host, limits=limits, allow_hop=relay_service)
+        _fix_circuit_cleanup(self._proto)
         # Role STOP only: with CLIENT, every dial through a relay would first reserve a slot there too.
         self._transport = CircuitV2Transport(host, self._proto, RelayConfig(roles=RelayRole.STOP, limits=limits))
 

@@ -53,7 +53,8 @@ async def measure(dialer: Libp2pTransport, peer: PeerAddr, runs: int, mb: int) -
 
 async def main(runs: int, mb: int) -> None:
     relay = Libp2pTransport(Identity.generate(), relay_service=True)
-    private, dialer = Libp2pTransport(Identity.generate()), Libp2pTransport(Identity.generate())
+    # DCUtR off: on loopback it would upgrade the relayed connection to a direct one mid-measurement
+    private, dialer = (Libp2pTransport(Identity.generate(), upgrade_relayed=False) for _ in range(2))
     private.set_handler(ECHO, echo)
     nodes = (relay, private, dialer)
     await asyncio.gather(*(t.start() for t in nodes))

@@ -198,6 +198,34 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def add_host_behind_own_nat(self, name: str) -> Host:
+        """A host alone behind its own masquerading NAT router (iptables only), on its own LAN 192.168.(78+K).0/24:
+        two such hosts are both NATed and cannot reach each other's LAN (what a true hole punch must get through).
+        The router is the public host ``_nat_<name>``. Linux masquerade keeps the source port where it can and lets in
+        what matches an existing mapping, so TCP simultaneous open through two of them can work."""
+        if shutil.which("iptables") is None:
+            raise NetnsUnavailable("iptables is not installed: apt-get install iptables")
+        k = sum(1 for h in self.hosts if h.startswith("_nat_"))
+        net = f"192.168.{78 + k}"
+        router = self.add_host(f"_nat_{name}")
+        router.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        router.sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{net}.0/24", "-o", "eth0", "-j", "MASQUERADE")
+        router.sh("iptables", "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+        # like most home routers, drop unsolicited connections to the router itself silently: a RST back would kill
+        # the other side's half of a simultaneous open that arrives before our own SYN has left
+        router.sh("iptables", "-A", "INPUT", "-i", "eth0", "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW", "-j",
+                  "DROP")  # fmt: skip
+        host = self._namespace(f"m{k}", f"{net}.2")
+        host.natted = True
+        self._veth(host, "eth0", router, "lan0")
+        router.sh("ip", "addr", "add", f"{net}.1/24", "dev", "lan0")
+        router.sh("ip", "link", "set", "lan0", "up")
+        host.sh("ip", "addr", "add", f"{net}.2/24", "dev", "eth0")
+        host.sh("ip", "link", "set", "eth0", "up")
+        host.sh("ip", "route", "add", "default", "via", f"{net}.1", "dev", "eth0")
+        self.hosts[name] = host
+        return host
+
     def _nat_rules(self, router: Host) -> None:
         if shutil.which("iptables"):
             router.sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{NAT_NET}.0/24", "-o", "eth0", "-j",
@@ -294,6 +322,21 @@ class Lab:
             return
         self.shape(a, b, delay_ms=rtt_ms / 2, **kw)
         self.shape(b, a, delay_ms=rtt_ms / 2, **kw)
+
+    def cut(self, natted: str, public: str) -> None:
+        """The NAT router resets every TCP connection between natted host ``natted`` and public host ``public`` (both
+        ways) and refuses new ones, as if its mapping went away and no new one could be made: their next segment gets
+        a RST, so both ends notice at once instead of waiting out TCP's timeouts. Other traffic is untouched."""
+        router, a, b = self._router, self.hosts[natted], self.hosts[public]
+        if router is None or not a.natted or b.natted:
+            raise ValueError(f"cut() needs a natted host and a public one: got {natted!r}, {public!r}")
+        for src, dst in ((a.ip, b.ip), (b.ip, a.ip)):
+            if shutil.which("iptables"):
+                router.sh("iptables", "-I", "FORWARD", "1", "-s", src, "-d", dst, "-p", "tcp", "-j", "REJECT",
+                          "--reject-with", "tcp-reset")  # fmt: skip
+            else:
+                router.sh("nft", "insert", "rule", "ip", "filter", "fwd", "ip", "saddr", src, "ip", "daddr", dst,
+                          "meta", "l4proto", "tcp", "reject", "with", "tcp", "reset")  # fmt: skip
 
     def ping_ms(self, src: str, dst: str, count: int = 5) -> float:
         """Average round trip of ``count`` pings from ``src`` to ``dst``, in ms."""
