@@ -190,6 +190,10 @@ def figures(args: argparse.Namespace, path: Path) -> None:
         hidden = int(info.config.hidden_size)
         init = torch.randn(args.prompts, hidden, generator=gen) * 0.02
         print(f"# model {info.name} ({n} blocks), {args.threads} thread(s), transport {args.transport}, load {load()}")
+        for model in setups.values():  # untimed warm-up of every set-up alike: first calls build kernels, caches
+            decode_times(model, prompt_ids, 2)
+            forward_s(model, fwd_ids)
+            train_s(model, train_ids, init)
         samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for r in range(args.rounds):
             order = list(setups.items())
@@ -199,7 +203,8 @@ def figures(args: argparse.Namespace, path: Path) -> None:
                 samples[(name, "decode")] += decode_times(model, prompt_ids, args.steps)
                 samples[(name, "forward")].append(forward_s(model, fwd_ids))
                 samples[(name, "train")].append(train_s(model, train_ids, init))
-            print(f"# round {r + 1}/{args.rounds} done, load {load()}", flush=True)
+            latest = {f"{name} {kind}": f"{v[-1]:.3f}" for (name, kind), v in samples.items() if kind != "decode"}
+            print(f"# round {r + 1}/{args.rounds} done, load {load()}, seconds {latest}", flush=True)
         report(samples, setups, args)
     finally:
         for s in swarms:
