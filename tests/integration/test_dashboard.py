@@ -49,15 +49,21 @@ def swarm():
     m.save_pretrained(root / "models" / MODEL, safe_serialization=True)
     s = Swarm(root)
     env = {"PETAL_MODELS_DIR": str(root / "models"), "OMP_NUM_THREADS": "1"}
-    port = free_port()
     servers: dict[str, Daemon] = {}
     try:
         for name, (blocks, public) in SPANS.items():
             join = ["--new-swarm"] if not servers else ["--initial-peer", servers["s0"].address]
             named = ["--public-name", public] if public else []
             servers[name] = s.make(name, *join, "--serve", MODEL, "--blocks", blocks, *named).start(extra_env=env)
-        client = s.make("c", "--initial-peer", servers["s0"].address, "--http", f"127.0.0.1:{port}")
-        client.start(extra_env=env)
+        for attempt in range(3):  # a free port can be taken by an outgoing connection before petald binds it
+            port = free_port()
+            client = s.make(f"c{attempt}", "--initial-peer", servers["s0"].address, "--http", f"127.0.0.1:{port}")
+            try:
+                client.start(extra_env=env)
+                break
+            except RuntimeError as e:
+                if "is in use" not in str(e) or attempt == 2:
+                    raise
         wait_for_route(client, MODEL, BLOCKS)
         yield servers, client, port
     finally:
