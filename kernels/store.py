@@ -69,6 +69,21 @@ FINGERPRINT_CONFIG_FIELDS: tuple[str, ...] = (
     "apply_residual_connection_post_layernorm",
     "n_head",
     "n_layer",
+    # fields that change what the same weights compute: windows, soft-caps and score scale (Mistral, Qwen, Gemma),
+    # expert routing (Mixtral), block layout (Falcon); absent from Llama configs: their fingerprints stay as they were
+    "sliding_window",
+    "layer_types",
+    "max_window_layers",
+    "use_sliding_window",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "parallel_attn",
+    "new_decoder_architecture",
+    "multi_query",
+    "alibi",
 )
 FINGERPRINT_SAMPLE_BYTES = 4096
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import petal.kernels.store as store
 from petal.daemon import pull
 from petal.kernels.store import ModelStoreError, load_client_parts, load_span, open_model
-from tests.support.tinymodels import tiny_bloom, tiny_llama
+from tests.support.tinymodels import tiny_bloom, tiny_gemma2, tiny_llama, tiny_mixtral
 
 # fp32 on both sides with identical weights and the same kernels: differences come only from op order.
 ATOL = 1e-5
@@ -109,6 +109,16 @@ def test_fingerprint_tracks_weights_and_architecture_not_layout(save_model):
     cfg = json.loads((renamed / "config.json").read_text())
     (renamed / "config.json").write_text(json.dumps({**cfg, "petal_name": "other"}))
     assert open_model(renamed).fingerprint == base
+
+
+def test_fingerprint_tracks_fields_that_change_what_the_same_weights_compute(save_model):
+    """Two Gemma 2 checkpoints with the same weights but another soft-cap, or two Mixtrals routing to another number
+    of experts, compute different outputs: a chain must not mix them, so their fingerprints differ."""
+    gemma = open_model(save_model(tiny_gemma2(seed=0), name="g")).fingerprint
+    assert open_model(save_model(tiny_gemma2(seed=0), name="g2")).fingerprint == gemma
+    assert open_model(save_model(tiny_gemma2(seed=0, attn_logit_softcapping=7.0), name="g3")).fingerprint != gemma
+    mixtral = open_model(save_model(tiny_mixtral(seed=0), name="m")).fingerprint
+    assert open_model(save_model(tiny_mixtral(seed=0, num_experts_per_tok=1), name="m2")).fingerprint != mixtral
 
 
 def test_missing_tensor_and_wrong_shape_are_clear_errors(save_model):
