@@ -171,7 +171,7 @@ def route(ctx: Ctx, model: str) -> None:
     if ctx.as_json:
         return _print_json(out)
     table = Table(title=f"route for {model}", title_justify="left")
-    for col in ("blocks", "server span", "peer", "name", "RTT ms", "tokens/s"):
+    for col in ("blocks", "server span", "peer", "name", "reach", "RTT ms", "tokens/s"):
         table.add_column(col, justify="right" if col in ("RTT ms", "tokens/s") else "left")
     for h in out["chain"]:
         table.add_row(
@@ -179,6 +179,7 @@ def route(ctx: Ctx, model: str) -> None:
             f"{h['server_span'][0]}:{h['server_span'][1]}",
             h["peer_id"][-8:],
             h.get("public_name") or "-",
+            (h.get("reach") or "-") + (" (TLS)" if h.get("tls") else ""),
             _ms(h["latency_s"]),
             f"{h['throughput']:.1f}",
         )

@@ -19,6 +19,7 @@ from petal.daemon.api.swarm_map import (
     MAX_MAP_BLOCKS,
     SwarmModel,
     block_states,
+    reach,
     scan_servers,
     short_id,
     swarm_models,
@@ -75,8 +76,7 @@ async def model_json(state: ApiState, model: SwarmModel) -> dict[str, Any]:
     links: dict[str, dict[str, str]] = getattr(state.node.transport, "peer_links", dict)()
     for s in servers:
         row = s.to_json(router.is_banned)
-        if row["reach"] == "relayed" and links.get(s.peer_id, {}).get("reach") == "upgraded":
-            row["reach"] = "upgraded"  # announced only a circuit, but our connection to it is direct now
+        row["reach"] = reach(s.relayed, links.get(s.peer_id))
         row["reports"] = len({r.signer for r in reports.get(s.peer_id, [])})
         row["rtt_s"] = None if row["state"] == "offline" else router.latency.get(s.peer_id)  # not a stale one
         bandwidth = router.bandwidth(s.peer_id)

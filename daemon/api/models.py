@@ -16,6 +16,7 @@ from petal.daemon.api.bodies import ndjson_line, read_json
 from petal.daemon.api.errors import stream_error
 from petal.daemon.api.frontend import resolve_model
 from petal.daemon.api.state import STATE_KEY, ApiState
+from petal.daemon.api.swarm_map import reach, relay_only
 from petal.daemon.pull import PullError, pull_model
 from petal.daemon.routing.chains import uncovered
 from petal.daemon.routing.swarm import ServerInfo, announced_models
@@ -107,6 +108,7 @@ async def get_route(request: web.Request) -> web.Response:
     if not model:
         raise PetalError("bad_request", "pass ?model=NAME")
     chain = await state.router.inference_chain(model)
+    links: dict[str, dict[str, str]] = getattr(state.node.transport, "peer_links", dict)()
     hops = [
         {
             "peer_id": h.peer_id,
@@ -116,6 +118,8 @@ async def get_route(request: web.Request) -> web.Response:
             "latency_s": state.router.latency.get(h.peer_id),
             "throughput": h.server.throughput,
             "public_name": h.server.public_name,
+            "reach": reach(relay_only(h.server.addrs + h.server.direct), links.get(h.peer_id)),
+            "tls": bool(h.server.direct),
         }
         for h in chain
     ]

@@ -7,7 +7,7 @@ round trips and route to it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -48,8 +48,7 @@ class MapServer:
     @property
     def relayed(self) -> bool:
         """Reached only through a circuit relay (it announced no address of its own)."""
-        addrs = self.record.addrs + self.record.direct
-        return bool(addrs) and all(RELAY_MARK in a for a in addrs)
+        return relay_only(self.record.addrs + self.record.direct)
 
     def state(self, unreachable: Callable[[str], bool] = lambda _: False) -> str:
         state = self.record.state
@@ -77,6 +76,20 @@ class MapServer:
             "adapters": list(r.adapters),
             "announced_at": self.issued_at,
         }
+
+
+def relay_only(addrs: Sequence[str]) -> bool:
+    """Whether a server's announced addresses are all circuits: it can be reached only through a relay."""
+    return bool(addrs) and all(RELAY_MARK in a for a in addrs)
+
+
+def reach(relayed: bool, link: Mapping[str, str] | None) -> str:
+    """How this daemon reaches a server: its live libp2p connection's reach when it has one (`link`, the daemon's
+    `peer_links()` entry: "direct", "relayed", or "upgraded": first relayed, then made direct by DCUtR), else what the
+    server's announced addresses allow ("relayed" when `relayed`: only circuits; else "direct")."""
+    if link is not None and link.get("reach") in ("direct", "relayed", "upgraded"):
+        return link["reach"]
+    return "relayed" if relayed else "direct"
 
 
 def short_id(peer_id: str) -> str:

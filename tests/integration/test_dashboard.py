@@ -219,6 +219,9 @@ def test_petalctl_swarm_and_route_print_the_same_facts(swarm):
     assert "alpha lab" in r.output and "healthy" in r.output and "route: " in r.output
     r = runner.invoke(cli, ["--socket", str(client.socket), "route", "-m", MODEL])
     assert r.exit_code == 0 and "RTT ms" in r.output and "0:6" in r.output, r.output
+    assert "direct (TLS)" in r.output, r.output  # loopback servers announce their own addresses and a TLS port
+    hops = client.client.request("GET", f"/v1/route?model={MODEL}")["chain"]
+    assert hops and all(h["reach"] == "direct" and h["tls"] is True for h in hops), hops
 
 
 def test_a_client_only_daemon_serves_the_page_and_metrics_without_loading_torch(swarm):

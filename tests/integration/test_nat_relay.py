@@ -112,6 +112,8 @@ def test_natted_server_serves_through_a_relay_that_is_replaced_when_it_dies(lab,
         assert links[1]["addr"].startswith(f"/ip4/{public_ip}/tcp/"), links
         torch.testing.assert_close(peer.client.forward(MODEL, hidden, codec="none"), want, atol=1e-4, rtol=0)
         assert peer.status()["links"][nat_id]["reach"] == "upgraded"  # the forward went over the direct connection
+        hops = peer.client.request("GET", f"/v1/route?model={MODEL}")["chain"]
+        assert [h["reach"] for h in hops if h["peer_id"] == nat_id] == ["upgraded"], hops  # `petalctl route` too
     steps = torch.randn(1, 6, HIDDEN)  # an inference session, s0 pushing to the natted server (relayed or upgraded)
     with client.client.open_session(MODEL, max_length=6, codec="none") as session:
         out = torch.cat([session.step(steps[:, :3]), session.step(steps[:, 3:4]), session.step(steps[:, 4:])], dim=1)
