@@ -134,6 +134,8 @@ class Config:
     # continuous batching: token rows (batch x tokens, summed) of concurrent sessions' steps, or of forward/backward
     # calls, one server batch may hold; 0 or 1: off (every request runs alone)
     max_batch_tokens: int = 1024
+    # a server with one open inference session runs its decode steps on the event loop (no thread hand-off per hop)
+    inline_steps: bool = True
     # wire codec of this daemon's requests and the servers' replies to them: auto | none | float16 | bfloat16 | q8;
     # auto: none (exact) per hop, q8 where the link to that server was measured below slow_link_mbit
     codec: str = "auto"

@@ -74,6 +74,11 @@ EPILOG = (
     type=int,
     help="Continuous batching: token rows of concurrent requests one server batch may hold; 0 or 1: off [1024].",
 )
+@click.option(
+    "--inline-steps/--no-inline-steps",
+    default=None,
+    help="With one open inference session, run its decode steps on the event loop, not the compute thread [on].",
+)
 @click.option("--rebalance-period", type=float, help="With --num-blocks: seconds between checks whether to move [60].")
 @click.option(
     "--codec",

@@ -205,6 +205,7 @@ def render_node(out: Exposition, status: dict[str, Any]) -> None:
         ("petal_hosted_step_largest_batch", "gauge", "step_largest_batch", "Most inference steps in one batch."),
         ("petal_hosted_training_batches_total", "counter", "training_batches", "Batches of >1 forward/backward call."),
         ("petal_hosted_training_batched_total", "counter", "training_batched_jobs", "Calls run inside those batches."),
+        ("petal_hosted_inline_steps_total", "counter", "inline_steps", "Inference steps run on the event loop."),
     )
     for name, kind, field, help_text in hosted:
         out.family(name, kind, help_text)

@@ -26,6 +26,7 @@ import functools
 import logging
 import ssl
 import struct
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -108,11 +109,17 @@ class DirectStream(StreamBase):
         await self._conn.send(self._sid, DATA, encode_frame(message, max_frame=MAX_FRAME))
 
     def thread_sender(self) -> Callable[[object], None]:
-        """See `petal.daemon.net.transport.thread_sender`: encode in the calling thread, write in one loop callback."""
+        """See `petal.daemon.net.transport.thread_sender`: encode in the calling thread, write in one loop callback
+        (or at once, when called on the loop's own thread: a step run inline)."""
         loop = asyncio.get_running_loop()
+        owner = threading.get_ident()
 
         def send(message: object) -> None:
-            loop.call_soon_threadsafe(self._post_frame, encode_frame(message, max_frame=MAX_FRAME))
+            frame = encode_frame(message, max_frame=MAX_FRAME)
+            if threading.get_ident() == owner:
+                self._post_frame(frame)
+            else:
+                loop.call_soon_threadsafe(self._post_frame, frame)
 
         return send
 

@@ -81,14 +81,15 @@ class Stream(Protocol):
 Handler = Callable[[Stream], Awaitable[None]]
 
 ThreadSend = Callable[[object], None]
-"""Sends one message on a stream from a thread other than the event loop's (see `thread_sender`)."""
+"""Sends one message on a stream from the compute thread, or from the loop's own thread (see `thread_sender`)."""
 
 
 def thread_sender(stream: Stream) -> ThreadSend | None:
     """A function that sends messages on `stream` from another thread (the compute worker), or None when this kind
     of stream cannot. Call on the event loop. The sending thread encodes the frame; the loop only writes it, in one
-    callback, so a result goes out without waking the task that waits for it. A message sent after the stream
-    ended is dropped (the stream's task sees the end itself)."""
+    callback, so a result goes out without waking the task that waits for it; called on the loop's thread itself
+    (a step run inline), it writes at once. A message sent after the stream ended is dropped (the stream's task sees
+    the end itself)."""
     make: Callable[[], ThreadSend] | None = getattr(stream, "thread_sender", None)
     return make() if make is not None else None
 

@@ -545,6 +545,7 @@ class BlockServer:
                 self.transport, self.dispatcher.deliver, functools.partial(self.next_hops.resolve, opened.end)
             ),
             inbox=inbox,
+            alone=lambda: len(self._live) == 1,
         )
         if inbox is not None:
             self._inboxes[session_id] = inbox

@@ -33,6 +33,10 @@ from petal.protocol.errors import PetalError
 from petal.protocol.messages import OpenRequest, PushTarget, ServedSpan, StepRequest, error_reply, parse_step
 from petal.protocol.replies import OpenReply, PushFailed, StepReply
 
+INLINE_MAX_TOKENS = 16
+"""Largest step (batch x tokens) the only open session may run on the event loop (`InferenceSession._submit`): a
+decode step or a short draft; a prompt's prefill goes to the compute thread, not blocking the loop that long."""
+
 StepJob = concurrent.futures.Future[tuple[StepReply, bool]]
 """A step's compute: its reply, and whether the worker thread already sent it on (see `InferenceSession._compute`)."""
 
@@ -54,6 +58,7 @@ class InferenceSession:
         pool: KVPool,
         pusher: Pusher,
         inbox: PushInbox | None,
+        alone: Callable[[], bool] = lambda: False,
     ) -> None:
         self.stream = stream
         self.opened = opened
@@ -66,6 +71,7 @@ class InferenceSession:
         self.pool = pool
         self.pusher = pusher
         self.inbox = inbox
+        self.alone = alone  # whether this is the server's only open session (its small steps may run inline)
         self.blocks: list[nn.Module] = compute.blocks(opened.start, opened.end)
         self._reordered_step: int | None = None  # the numbered step whose reorder was applied (applied only once)
         self._pending: object = None  # a client message read while waiting for a push
@@ -162,7 +168,11 @@ class InferenceSession:
     def _submit(self, step: StepRequest) -> StepJob:
         """Queue the step's compute. Where the stream allows (`thread_sender`), the worker sends the result on itself:
         the reply to the client when the step pushes nowhere, else the push to the next hop (over a push stream
-        already open); the output leaves this server without waking this task first (one hand-off per hop)."""
+        already open); the output leaves this server without waking this task first (one hand-off per hop).
+
+        The server's only open session runs a small step (<= `INLINE_MAX_TOKENS` rows) right here on the event loop
+        when the compute thread is idle (`settings.inline_steps`): no hand-off at all, the output written as soon as
+        it is computed. With other sessions open, steps go to the thread, where concurrent ones batch."""
         if step.reorder is not None and step.step is not None:
             if step.step == self._reordered_step:  # the client resent a step already run: its rows are in order
                 step = replace(step, reorder=None)
@@ -186,7 +196,13 @@ class InferenceSession:
             lora=opened.lora,
             first=opened.start,
         )
-        job = self.jobs.submit(INFERENCE, self._compute, step, send, batch=batch)
+        assert step.hidden is not None
+        inline = (
+            self.settings.inline_steps
+            and step.hidden.shape[0] * step.hidden.shape[1] <= INLINE_MAX_TOKENS
+            and self.alone()
+        )
+        job = self.jobs.submit(INFERENCE, self._compute, step, send, batch=batch, inline=inline)
         trace.mark("srv.submitted")
         return job
 

@@ -33,6 +33,7 @@ class ServeSettings:
     request_timeout: float = 300.0  # longest a forward/backward/step may queue + run
     max_queue: int = 64
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # continuous batching's token budget per batch; <= 1: off
+    inline_steps: bool = True  # the only open session's small steps run on the event loop (InferenceSession._submit)
     refresh_period: float = 30.0  # how often to re-announce when the free KV budget changed noticeably
     peer_share: float = 0.5  # most of the KV budget one peer may hold while other peers use or wait for it
     contended_idle_timeout: float = 10.0  # an idle session is closed after this while another peer waits (or draining)
@@ -56,6 +57,7 @@ def settings_from_config(config: Config) -> ServeSettings:
         max_batch=config.max_batch,
         max_length=config.max_length,
         max_batch_tokens=config.max_batch_tokens,
+        inline_steps=config.inline_steps,
         max_cache_tokens=config.max_cache_tokens,
         codec=config.codec,
         alloc_timeout=config.alloc_timeout,

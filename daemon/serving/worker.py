@@ -4,6 +4,11 @@ All of a server's compute runs in ONE thread fed by a bounded priority queue: in
 forward/backward work, and a full queue answers "busy" instead of piling up latency. torch releases the GIL, so the
 event loop (and the libp2p thread) stay responsive while blocks run. Jobs that may share a forward (concurrent
 sessions' steps over the same blocks, like forward calls) are taken together and run as one batch (`batching.py`).
+
+A small inference step may instead run on the caller's thread (`submit(..., inline=True)`, the event loop) when the
+worker is idle and nothing waits: no thread hand-off on the way in, none on the way out. The caller decides when
+that is worth blocking its loop (see `InferenceSession._submit`); the worker only guarantees that one job computes
+at a time.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class ComputeWorker:
         self.batches = [0, 0]  # batches of 2 jobs or more run, per priority
         self.batched = [0, 0]  # jobs run inside those batches, per priority
         self.largest = [0, 0]  # most jobs in one batch, per priority
+        self.inline = 0  # jobs run on the submitting thread (`run_inline`)
+        self._busy = False  # a job computes now (on the worker thread or inline)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = False
         self._thread.start()
@@ -75,11 +82,32 @@ class ComputeWorker:
             self._cond.notify()
         return future
 
+    def run_inline(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T] | None:
+        """`fn(*args)` run now on the calling thread, as a done future, if the worker is idle and no job waits;
+        else None (nothing run: submit it)."""
+        with self._cond:
+            if self._stopped or self._busy or self._heap:
+                return None
+            self._busy = True
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - delivered to the awaiting handler
+            future.set_exception(e)
+        finally:
+            with self._cond:
+                self._busy = False
+                self.inline += 1
+                self._cond.notify()
+        return future
+
     def _next(self) -> list[_Job]:
         """The next job, with the queued jobs that batch with it (see the class docstring)."""
         with self._cond:
-            while not self._heap:
+            while not self._heap or self._busy:
                 self._cond.wait()
+            self._busy = True
             job = heapq.heappop(self._heap)
             if job.batch is None or job.future is None or self.max_batch_tokens <= 1 or not self._heap:
                 return [job]
@@ -106,10 +134,14 @@ class ComputeWorker:
             if first.future is None or first.fn is None:
                 return
             running = [j for j in group if j.future is not None and j.future.set_running_or_notify_cancel()]
-            if len(running) == 1:
-                self._run_one(running[0])
-            elif running:
-                self._run_batch(running)
+            try:
+                if len(running) == 1:
+                    self._run_one(running[0])
+                elif running:
+                    self._run_batch(running)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     @staticmethod
     def _run_one(job: _Job) -> None:
@@ -189,15 +221,21 @@ class Jobs:
             stats[f"{kind}_batches"] = 0 if w is None else w.batches[priority]
             stats[f"{kind}_batched_jobs"] = 0 if w is None else w.batched[priority]
             stats[f"{kind}_largest_batch"] = 0 if w is None else w.largest[priority]
+        stats["inline_steps"] = 0 if w is None else w.inline
         return stats
 
     def submit(
-        self, priority: int, fn: Callable[..., T], *args: object, batch: Batch | None = None
+        self, priority: int, fn: Callable[..., T], *args: object, batch: Batch | None = None, inline: bool = False
     ) -> concurrent.futures.Future[T]:
         """Queue `fn(*args)` (with `batch`: it may run together with queued jobs of the same key, see
-        `petal.daemon.serving.batching`); raises PetalError "unavailable" when closed, "busy" when the queue is full."""
+        `petal.daemon.serving.batching`); raises PetalError "unavailable" when closed, "busy" when the queue is full.
+        With `inline`, it runs at once on this thread instead if the worker is idle and nothing waits (the future
+        comes back done)."""
         if not self._open or self._worker is None:
             raise _unavailable()
+        if inline and (done := self._worker.run_inline(fn, *args)) is not None:
+            self.submitted[priority] += 1
+            return done
         future = self._worker.submit(priority, fn, *args, batch=batch)
         self.submitted[priority] += 1
         time.sleep(0)  # let go of the GIL now, so the woken worker starts at once, not when this loop next idles
@@ -205,6 +243,8 @@ class Jobs:
 
     async def finish(self, future: concurrent.futures.Future[T]) -> T:
         """The job's result within `timeout`, or ComputeTimeout (holding the job if the thread still runs it)."""
+        if future.done():  # ran inline: no loop turn to carry the result over
+            return future.result()
         wrapped = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({wrapped}, timeout=self.timeout)
         if not done:

@@ -16,11 +16,12 @@ Workloads: decode (greedy, one token per step, the inference session streamed ov
 `--tokens` with `--prompts` trainable soft prompts (prompt tuning: loss.backward() through the swarm).
 
 `--budget` instead runs decode steps through 3 hops with PETAL_TRACE on in every daemon (petal.daemon.trace) and
-prints where the time of one step goes: every traced event's median offset from the step's start, and the gap
-from the event before it.
+prints where the time of one step goes: every traced event's median offset from the step's start, the gap from
+the row before it, and the median gap from the same process's event before it in the same step.
 
     .venv/bin/python tests/benchmarks/bench_fast_path.py [--model smollm2] [--transport direct|libp2p] [--rounds 5]
-    .venv/bin/python tests/benchmarks/bench_fast_path.py --budget [--steps 60]
+    .venv/bin/python tests/benchmarks/bench_fast_path.py --budget [--steps 60] [--server-arg=--no-inline-steps]
+    .venv/bin/python tests/benchmarks/bench_fast_path.py --also=--no-inline-steps   (A/B of a server flag)
 """
 
 from __future__ import annotations
@@ -144,12 +145,20 @@ def train_s(model: Any, ids: torch.Tensor, init: torch.Tensor) -> float:
 class Swarmed:
     """Serving daemons cut at `cuts` + a client daemon, and the Python client on its socket."""
 
-    def __init__(self, name: str, path: Path, cuts: list[tuple[int, int]], args: argparse.Namespace, env=None) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        cuts: list[tuple[int, int]],
+        args: argparse.Namespace,
+        env: dict[str, str] | None = None,
+        server_args: tuple[str, ...] = (),
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=f"pf-{name}-", dir="/tmp"))  # AF_UNIX paths <= 108 bytes
         self.swarm = Swarm(self.root)
         env = {"OMP_NUM_THREADS": str(args.threads), **(env or {})}
         extra: tuple[str, ...] = ("--direct", "127.0.0.1:0") if args.transport == "direct" else ()
-        serve = ("--serve", str(path), *extra)
+        serve = ("--serve", str(path), *extra, *server_args)
         try:
             boot = self.swarm.make("s0", "--new-swarm", *serve, "--blocks", f"{cuts[0][0]}:{cuts[0][1]}").start(env)
             for i, (a, b) in enumerate(cuts[1:], 1):
@@ -187,13 +196,17 @@ def figures(args: argparse.Namespace, path: Path) -> None:
         if args.hops:
             swarms.append(Swarmed("1hop", path, [(0, n)], args))
             setups["1 hop"] = swarms[-1].model
+        if args.also:
+            swarms.append(Swarmed("3also", path, thirds(n), args, server_args=(args.also,)))
+            setups[f"3 hops {args.also}"] = swarms[-1].model
         hidden = int(info.config.hidden_size)
         init = torch.randn(args.prompts, hidden, generator=gen) * 0.02
         print(f"# model {info.name} ({n} blocks), {args.threads} thread(s), transport {args.transport}, load {load()}")
         for model in setups.values():  # untimed warm-up of every set-up alike: first calls build kernels, caches
             decode_times(model, prompt_ids, 2)
-            forward_s(model, fwd_ids)
-            train_s(model, train_ids, init)
+            if not args.decode_only:
+                forward_s(model, fwd_ids)
+                train_s(model, train_ids, init)
         samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for r in range(args.rounds):
             order = list(setups.items())
@@ -201,9 +214,15 @@ def figures(args: argparse.Namespace, path: Path) -> None:
                 order.reverse()
             for name, model in order:
                 samples[(name, "decode")] += decode_times(model, prompt_ids, args.steps)
-                samples[(name, "forward")].append(forward_s(model, fwd_ids))
-                samples[(name, "train")].append(train_s(model, train_ids, init))
+                if not args.decode_only:
+                    samples[(name, "forward")].append(forward_s(model, fwd_ids))
+                    samples[(name, "train")].append(train_s(model, train_ids, init))
             latest = {f"{name} {kind}": f"{v[-1]:.3f}" for (name, kind), v in samples.items() if kind != "decode"}
+            latest |= {
+                f"{name} decode ms": f"{statistics.median(v[-args.steps :]) * 1e3:.2f}"
+                for (name, kind), v in samples.items()
+                if kind == "decode"
+            }
             print(f"# round {r + 1}/{args.rounds} done, load {load()}, seconds {latest}", flush=True)
         report(samples, setups, args)
     finally:
@@ -244,7 +263,8 @@ def budget(args: argparse.Namespace, path: Path) -> None:
     info = open_model(path)
     local = LocalModel(path)
     ids = torch.randint(0, int(info.config.vocab_size), (1, 8), generator=torch.Generator().manual_seed(0))
-    swarm = Swarmed("budget", path, thirds(info.num_blocks), args, env={trace.ENV: str(trace_dir)})
+    extra = (args.server_arg,) if args.server_arg else ()
+    swarm = Swarmed("budget", path, thirds(info.num_blocks), args, env={trace.ENV: str(trace_dir)}, server_args=extra)
     windows: list[tuple[int, int, dict[str, int]]] = []
     try:
         model = swarm.model
@@ -271,27 +291,34 @@ def budget(args: argparse.Namespace, path: Path) -> None:
             ns, event = line.split(" ", 1)
             events[who].append((int(ns), event))
     offsets: dict[str, list[float]] = collections.defaultdict(list)
+    own_gaps: dict[str, list[float]] = collections.defaultdict(list)  # from the same process's event before it
     for t0, t3, own in windows[args.steps // 10 :]:  # the first steps warm up
         for label, ns in own.items():
             offsets[label].append((ns - t0) / 1e6)
         for who, evs in events.items():
             seen: collections.Counter[str] = collections.Counter()
+            before: int | None = None
             for ns, event in sorted(evs):
                 if t0 <= ns <= t3:
                     label = f"{who}:{event}#{seen[event]}"
                     seen[event] += 1
                     offsets[label].append((ns - t0) / 1e6)
+                    if before is not None:
+                        own_gaps[label].append((ns - before) / 1e6)
+                    before = ns
     full = len(windows[args.steps // 10 :])
     rows = sorted(
         ((statistics.median(v), k, len(v)) for k, v in offsets.items() if len(v) >= full * 0.9), key=lambda r: r[0]
     )
     print(f"# per-step budget: {full} decode steps through 3 hops ({args.transport}), load {load()}")
     print(f"# local (same blocks + client parts in one process): {local_ms:.2f} ms/step")
-    print("| event (process:event#occurrence in the step) | median ms from step start | gap ms |")
-    print("|---|---:|---:|")
+    print("| event (process:event#occurrence in the step) | median ms from step start | gap ms | gap in process ms |")
+    print("|---|---:|---:|---:|")
     prev = 0.0
     for med, label, _ in rows:
-        print(f"| {label} | {med:.2f} | {med - prev:+.2f} |")
+        gaps = own_gaps.get(label)
+        own_gap = f"{statistics.median(gaps):.2f}" if gaps else ""
+        print(f"| {label} | {med:.2f} | {med - prev:+.2f} | {own_gap} |")
         prev = med
     shutil.rmtree(trace_dir, ignore_errors=True)
 
@@ -307,7 +334,12 @@ def main() -> None:
     ap.add_argument("--fwd-batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16, help="soft prompts trained in the fwd+bwd workload")
     ap.add_argument("--hops", action="store_true", help="also a 1-hop swarm, for the cost per extra hop")
+    ap.add_argument("--decode-only", action="store_true", help="time decode steps only (no forward, no fwd+bwd)")
     ap.add_argument("--budget", action="store_true", help="trace decode steps through 3 hops instead")
+    ap.add_argument(
+        "--also", metavar="ARG", help="also 3 hops whose servers run with this petald flag (e.g. --no-inline-steps)"
+    )
+    ap.add_argument("--server-arg", metavar="ARG", help="with --budget: a petald flag for the three servers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_model_dir(args.model)

@@ -103,6 +103,8 @@ def test_all_defaults_generate_equals_transformers(swarm, greedy_ids):
     assert last["done"] and len(want_ids) == NEW_TOKENS
     assert last["tokens"] == want_ids
     assert last["text"] == tokenizer.decode(want_ids, skip_special_tokens=True)
+    # by default a server's only session runs its decode steps on the event loop (--inline-steps): this path too
+    assert sum(s.get("inline_steps", 0) for s in swarm.status()["serving"]) >= NEW_TOKENS // 2
     # the comparison has teeth: q8 on every hop (asked for) drifts from transformers within these tokens
     q8 = petalctl(swarm.socket, "--json", "generate", "-m", MODEL, prompt, "--max-new-tokens", str(NEW_TOKENS),
                   "--codec", "q8")  # fmt: skip
