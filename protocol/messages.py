@@ -37,7 +37,7 @@ import torch
 
 from petal.protocol.errors import PetalError, WireError
 from petal.protocol.lora import Lora, parse_lora
-from petal.protocol.tensors import decode_tensor
+from petal.protocol.tensors import all_finite, decode_tensor
 
 INFO_PROTOCOL: Final = "/petal/block/info/1"
 FORWARD_PROTOCOL: Final = "/petal/block/forward/1"
@@ -267,8 +267,8 @@ def _check_hidden(hidden: torch.Tensor, served: ServedSpan, name: str = "hidden"
         raise PetalError("wrong_shape", f"{name}: batch {batch} is outside [1, max_batch={served.max_batch}]")
     if t < 1:
         raise PetalError("wrong_shape", f"{name} has no tokens; send at least one")
-    if not bool(torch.isfinite(hidden).all()):
-        raise WireError("bad_tensor", f"{name} contains NaN or infinite values")
+    if not all_finite(hidden):
+        raise WireError("bad_tensor", f"{name} contains NaN or infinite values (or values too large to sum)")
     return batch, t
 
 
@@ -307,8 +307,8 @@ def _check_prompts(
         )
     if max_prompt is not None and shape[2] > max_prompt:
         raise PetalError("wrong_shape", f"prompts are {shape[2]} tokens long but only {max_prompt} tokens were sent")
-    if not bool(torch.isfinite(prompts).all()):
-        raise WireError("bad_tensor", "prompts contain NaN or infinite values")
+    if not all_finite(prompts):
+        raise WireError("bad_tensor", "prompts contain NaN or infinite values (or values too large to sum)")
     return prompts
 
 

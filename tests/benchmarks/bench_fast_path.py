@@ -203,9 +203,11 @@ def figures(args: argparse.Namespace, path: Path) -> None:
         init = torch.randn(args.prompts, hidden, generator=gen) * 0.02
         print(f"# model {info.name} ({n} blocks), {args.threads} thread(s), transport {args.transport}, load {load()}")
         for model in setups.values():  # untimed warm-up of every set-up alike: first calls build kernels, caches
-            decode_times(model, prompt_ids, 2)
-            if not args.decode_only:
+            if "decode" in args.only:
+                decode_times(model, prompt_ids, 2)
+            if "forward" in args.only:
                 forward_s(model, fwd_ids)
+            if "train" in args.only:
                 train_s(model, train_ids, init)
         samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for r in range(args.rounds):
@@ -213,9 +215,11 @@ def figures(args: argparse.Namespace, path: Path) -> None:
             if r % 2:
                 order.reverse()
             for name, model in order:
-                samples[(name, "decode")] += decode_times(model, prompt_ids, args.steps)
-                if not args.decode_only:
+                if "decode" in args.only:
+                    samples[(name, "decode")] += decode_times(model, prompt_ids, args.steps)
+                if "forward" in args.only:
                     samples[(name, "forward")].append(forward_s(model, fwd_ids))
+                if "train" in args.only:
                     samples[(name, "train")].append(train_s(model, train_ids, init))
             latest = {f"{name} {kind}": f"{v[-1]:.3f}" for (name, kind), v in samples.items() if kind != "decode"}
             latest |= {
@@ -246,6 +250,8 @@ def report(samples: dict[tuple[str, str], list[float]], setups: dict[str, Any], 
         med = {name: statistics.median(samples[(name, key)]) for name in names}
         cells = [f"{rate(med[name]):.2f}" for name in names]
         print(f"| {label} | " + " | ".join(cells) + f" | {med['local'] / med['3 hops']:.3f} |")
+    if not samples.get(("local", "decode")):
+        return
     dec = {name: statistics.median(samples[(name, "decode")]) * 1e3 for name in names}
     line = "decode ms/step (median): " + ", ".join(f"{k} {v:.2f}" for k, v in dec.items())
     if "1 hop" in dec:
@@ -334,7 +340,13 @@ def main() -> None:
     ap.add_argument("--fwd-batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16, help="soft prompts trained in the fwd+bwd workload")
     ap.add_argument("--hops", action="store_true", help="also a 1-hop swarm, for the cost per extra hop")
-    ap.add_argument("--decode-only", action="store_true", help="time decode steps only (no forward, no fwd+bwd)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["decode", "forward", "train"],
+        default=["decode", "forward", "train"],
+        help="the workloads to time [all three]",
+    )
     ap.add_argument("--budget", action="store_true", help="trace decode steps through 3 hops instead")
     ap.add_argument(
         "--also", metavar="ARG", help="also 3 hops whose servers run with this petald flag (e.g. --no-inline-steps)"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from petal.protocol import quant
 from petal.protocol.errors import WireError
 from petal.protocol.frames import pack_message, unpack_message
-from petal.protocol.tensors import CODECS, DTYPES, FLOAT_DTYPES, decode_tensor, encode_tensor
+from petal.protocol.tensors import CODECS, DTYPES, FLOAT_DTYPES, all_finite, decode_tensor, encode_tensor
 
 shapes = st.lists(st.integers(0, 7), min_size=0, max_size=4)
 
@@ -242,3 +242,23 @@ def test_garbage_raises_only_wire_error(obj):
     except WireError:
         return
     assert isinstance(t, torch.Tensor) and t.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_any_nan_or_infinity(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 33, 64).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0, 0), (3, 32, 63), (2, 17, 5)):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)
+    both = x.clone()
+    both[0, 0, 0], both[1, 1, 1] = float("inf"), float("-inf")  # their sum is NaN: still caught
+    assert not all_finite(both)
+
+
+
+def test_all_finite_refuses_sums_that_overflow() -> None:
+    assert not all_finite(torch.full((2, 2, 2), 3e38))  # finite values whose float32 sum overflows (documented)
+    assert all_finite(torch.full((2, 2, 2), 3e38, dtype=torch.float64))
