@@ -113,6 +113,9 @@ class Router:
 
     ``transport`` is the node's libp2p transport (for ``info`` probes and remote spans), ``dht`` its DHT.
     ``local_shape``: the shape of the local copy of a model, if this daemon has one (see ``SwarmView``).
+    Views are refreshed every ``period`` seconds in the background; one older than ``max_age`` is still used, while a
+    refresh runs, up to ``max_stale`` (default ``period``): a call waits for the DHT only when its view is older than
+    both (tests that must see every change at once pass ``max_age=0, max_stale=0``).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Router:
         *,
         period: float = 30.0,
         max_age: float = 10.0,
+        max_stale: float | None = None,
         probe_timeout: float = 3.0,
         codec: str = AUTO_CODEC,
         slow_link_mbit: float = SLOW_LINK_MBIT,
@@ -136,6 +140,7 @@ class Router:
         self.dht = dht
         self.period = period
         self.max_age = max_age
+        self.max_stale = period if max_stale is None else max_stale
         self.probe_timeout = probe_timeout
         if codec not in CODEC_CHOICES:
             raise ValueError(f"codec {codec!r}: use one of {', '.join(CODEC_CHOICES)}")
@@ -159,7 +164,9 @@ class Router:
         self._reading: dict[str, asyncio.Task[None]] = {}
 
     async def view(self, model: str, *, fresh: bool = False) -> SwarmView:
-        """The model's swarm view, refreshed if older than ``max_age`` (or at once with ``fresh``).
+        """The model's swarm view: as it is while younger than ``max_age``; older, as it is while a refresh runs in
+        the background (up to ``max_stale``, by default the background refresh's period, so a call does not wait for
+        the DHT); refreshed first when older than both, or at once with ``fresh`` (after a failure).
 
         A view is kept (and refreshed in the background) only once a refresh found the model, so names the swarm
         does not serve leave nothing behind; at most ``max_views`` are kept, the least recently used leave first.
@@ -180,8 +187,10 @@ class Router:
                 await old.stop()
             return view
         self._views.move_to_end(model)
-        if fresh or view.stale(self.max_age):
+        if fresh or view.stale(max(self.max_age, self.max_stale)):
             await view.refresh()
+        elif view.stale(self.max_age):
+            view.refresh_soon()
         return view
 
     @property

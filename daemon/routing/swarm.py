@@ -177,6 +177,7 @@ class SwarmView:
         self.period = period
         self.updated_at: float | None = None  # monotonic time of the last successful refresh
         self._task: asyncio.Task[None] | None = None
+        self._soon: asyncio.Task[None] | None = None  # a refresh started by `refresh_soon`, while it runs
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
@@ -255,6 +256,17 @@ class SwarmView:
     def stale(self, max_age: float) -> bool:
         return self.updated_at is None or time.monotonic() - self.updated_at > max_age
 
+    def refresh_soon(self) -> None:
+        """Start a refresh in the background unless one started this way still runs (a failure keeps the view)."""
+        if self._soon is None or self._soon.done():
+            self._soon = asyncio.create_task(self._refresh_quietly(), name=f"swarm-view-refresh-{self.model}")
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as e:  # noqa: BLE001 - a failed refresh keeps the old view; the next one retries
+            log.info("refreshing the swarm view of %s failed: %s", self.model, e)
+
     def start(self) -> None:
         """Refresh every ``period`` seconds in the background until ``stop``."""
         if self._task is None:
@@ -263,13 +275,11 @@ class SwarmView:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.period)
-            try:
-                await self.refresh()
-            except Exception as e:  # noqa: BLE001 - a failed refresh keeps the old view; the next one retries
-                log.info("refreshing the swarm view of %s failed: %s", self.model, e)
+            await self._refresh_quietly()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._soon):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._soon = None

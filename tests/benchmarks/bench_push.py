@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         counted = Counted(transport)
         dht = DHT(ident, host="127.0.0.1", port=0)
         await dht.start([("127.0.0.1", boot.status()["dht_port"])])
-        router = Router(transport, dht, max_age=0.0)
+        router = Router(transport, dht, max_age=0.0, max_stale=0.0)
         push_frame = len(
             encode_frame(
                 {"session": "0" * 32, "step": 1 << 20, "hidden": encode_tensor(torch.randn(1, 1, hidden), args.codec)}

@@ -72,7 +72,7 @@ async def router(swarm):
     await transport.start()
     dht = DHT(identity, host="127.0.0.1", port=0)
     await dht.start([("127.0.0.1", swarm.status()["dht_port"])])
-    r = Router(transport, dht, max_age=0.0, codec="none")
+    r = Router(transport, dht, max_age=0.0, max_stale=0.0, codec="none")
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -72,7 +72,7 @@ async def router(swarm):
     await transport.start()
     dht = DHT(identity, host="127.0.0.1", port=0)
     await dht.start([("127.0.0.1", dht_port)])
-    r = Router(transport, dht, max_age=0.0)
+    r = Router(transport, dht, max_age=0.0, max_stale=0.0)
     yield r
     await r.close()
     await dht.stop()

@@ -42,7 +42,7 @@ class LocalSwarm:
     async def start(self) -> None:
         await self.client_dht.start()
         await self.client_transport.start()
-        self.router = Router(self.client_transport, self.client_dht, max_age=0.0, probe_timeout=2.0)
+        self.router = Router(self.client_transport, self.client_dht, max_age=0.0, max_stale=0.0, probe_timeout=2.0)
 
     async def add(
         self, start: int, end: int, throughput: float = 100.0, settings: ServeSettings = DEFAULT_SETTINGS
@@ -101,7 +101,7 @@ class Client:
         await self.transport.start()
         self.dht = DHT(self.identity, host="127.0.0.1", port=0)
         await self.dht.start([("127.0.0.1", boot_dht_port)])
-        self.router = Router(self.transport, self.dht, max_age=0.0)
+        self.router = Router(self.transport, self.dht, max_age=0.0, max_stale=0.0)
         return self
 
     async def stop(self) -> None:

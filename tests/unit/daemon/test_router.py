@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -251,3 +252,56 @@ async def test_one_empty_dht_read_is_retried_but_a_model_that_left_is_not_found(
     with pytest.raises(PetalError) as e:
         await view.refresh()
     assert e.value.code == "not_found"
+
+
+class _GatedDHT(_ForgetfulDHT):
+    """Counts reads; while `open` is clear, reads wait for it (a slow DHT)."""
+
+    def __init__(self, entries: dict[str, list]) -> None:
+        super().__init__(entries)
+        self.reads = 0
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def get(self, key: str) -> list:
+        self.reads += 1
+        await self.open.wait()
+        return await super().get(key)
+
+
+async def test_a_stale_view_is_served_while_it_refreshes_in_the_background():
+    from petal.daemon.routing.router import Router
+    from petal.protocol.records import Entry
+
+    now = time.time()
+    record = ServerRecord((), 0, 2, "online", 5.0, 64, "float32", 1, fingerprint="FP").to_value()
+    dht = _GatedDHT(
+        {
+            MODELS_KEY: [Entry("peerA", b"", ModelRecord("m", "FP", 2, "llama").to_value(), now, now + 60)],
+            block_key("m", 0): [Entry("peerA", b"", record, now, now + 60)],
+            block_key("m", 1): [Entry("peerA", b"", record, now, now + 60)],
+        }
+    )
+    router = Router(None, dht, period=30.0, max_age=0.05)  # type: ignore[arg-type]  # views read only the DHT
+    try:
+        view = await router.view("m")
+        reads, updated = dht.reads, view.updated_at
+        assert await router.view("m") is view and dht.reads == reads  # young: no read at all
+        await asyncio.sleep(0.1)
+        dht.open.clear()  # reads now hang: a call that waited for them would time out below
+        assert await asyncio.wait_for(router.view("m"), 1.0) is view  # stale: served as it is...
+        assert await asyncio.wait_for(router.view("m"), 1.0) is view
+        assert dht.reads == reads + 1  # ...while ONE refresh runs in the background
+        dht.open.set()
+        for _ in range(100):  # bounded: until the background refresh lands
+            if view.updated_at != updated:
+                break
+            await asyncio.sleep(0.01)
+        assert view.updated_at is not None and updated is not None and view.updated_at > updated
+        router.max_stale = 0.05  # older than max_stale: the call waits for its refresh
+        await asyncio.sleep(0.1)
+        reads = dht.reads
+        await router.view("m")
+        assert dht.reads > reads and not view.stale(0.05)
+    finally:
+        await router.close()

@@ -258,7 +258,6 @@ def test_all_finite_finds_any_nan_or_infinity(dtype: torch.dtype) -> None:
     assert not all_finite(both)
 
 
-
 def test_all_finite_refuses_sums_that_overflow() -> None:
     assert not all_finite(torch.full((2, 2, 2), 3e38))  # finite values whose float32 sum overflows (documented)
     assert all_finite(torch.full((2, 2, 2), 3e38, dtype=torch.float64))
