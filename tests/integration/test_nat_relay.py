@@ -61,9 +61,10 @@ def forward_when_routed(client, hidden: torch.Tensor, timeout: float = 90.0) -> 
             time.sleep(2.0)
 
 
-def wait_for_links(a, a_peer: str, b, b_peer: str, timeout: float = 30.0) -> tuple[dict, dict]:
+def wait_for_links(a, a_peer: str, b, b_peer: str, timeout: float = 90.0) -> tuple[dict, dict]:
     """How ``a`` is connected to ``b`` and ``b`` to ``a`` (status "links"), once both connections are "upgraded" from
-    relayed to direct, or whatever they are at ``timeout``."""
+    relayed to direct, or whatever they are at ``timeout`` (a CI run on 2 busy cores once took 26 s between the two
+    upgrades of this test: 30 s was too tight)."""
     deadline = time.monotonic() + timeout
     while True:
         links = a.status()["links"].get(a_peer, {}), b.status()["links"].get(b_peer, {})
