@@ -145,6 +145,9 @@ class Config:
     # trust (petal.daemon.routing.spotcheck): fraction of hops of this daemon's requests re-run on a second server
     # (or on its own blocks) and compared; 0 disables
     spot_check_rate: float = 0.01
+    # this daemon's forwards of several rows run as a pipeline of micro-batches of at least this many tokens, so a
+    # chain's servers compute at the same time (petal.daemon.routing.chains.pipeline_parts); 0: one batch, in turn
+    pipeline_min_tokens: int = 128
     # TEST ONLY: served spans add noise of this relative size to their output (a "lying" server for tests of spot
     # checks); refused unless PETAL_TEST_ONLY=1 is in the environment. 0: off (the default)
     test_lie: float = 0.0
@@ -256,6 +259,8 @@ class Config:
             raise ConfigError("activation_budget_mb must be >= 0 (0: keep no activations)")
         if self.alloc_timeout < 0:
             raise ConfigError("alloc_timeout must be >= 0 seconds")
+        if self.pipeline_min_tokens < 0:
+            raise ConfigError("pipeline_min_tokens must be >= 0 (0: no pipeline; default 128)")
         if self.max_batch_tokens < 0:
             raise ConfigError("max_batch_tokens must be >= 0 (0 or 1: no batching; default 1024)")
 

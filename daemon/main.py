@@ -91,6 +91,11 @@ EPILOG = (
     type=float,
     help="Fraction of hops re-run on a second server and compared, to catch wrong activations; 0: off [0.01].",
 )
+@click.option(
+    "--pipeline-min-tokens",
+    type=int,
+    help="Forwards of several rows run as a pipeline of micro-batches of at least this many tokens; 0: off [128].",
+)
 @click.option("--test-lie", type=float, hidden=True, help="TEST ONLY (needs PETAL_TEST_ONLY=1): add noise to output.")
 @click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")
 @click.option("--public-name", help="A short name shown beside this daemon's servers (dashboards, petalctl swarm).")

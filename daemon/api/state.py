@@ -91,6 +91,7 @@ class ApiState:
                 slow_link_mbit=self.node.config.slow_link_mbit,
                 local_shape=self.local_shape,
                 spot_check_rate=self.node.config.spot_check_rate,
+                pipeline_min_tokens=self.node.config.pipeline_min_tokens,
                 local_forward=self.local_forward,
             )
         return self._router

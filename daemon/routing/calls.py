@@ -18,13 +18,14 @@ elsewhere by recomputation.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from petal.daemon.routing.chains import Hop, no_route_error, split_batch, throughput_chain
+from petal.daemon.routing.chains import Hop, no_route_error, pipeline_parts, split_batch, throughput_chain
 from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
 from petal.daemon.routing.remote import RemoteSpan
 from petal.daemon.routing.router import Router, no_adapter_error
@@ -52,6 +53,7 @@ class _Call:
     lora: Lora | None = None  # client-owned LoRA weights; each hop gets its own blocks' share
     adapter: str | None = None  # a server-hosted adapter: only servers hosting it, each request names it
     keep: bool = False  # ask each hop to keep its forward's graph for the backward (no batch split then)
+    pipeline_min_tokens: int = 0  # 0: no pipeline (see chains.pipeline_parts)
 
     def candidates(self) -> list[ServerInfo]:
         return self.router.candidates(self.view, self.allowed, self.blocked, self.adapter)
@@ -153,16 +155,56 @@ def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     return b is not None and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
+class _Progress:
+    """How far one micro-batch of a pipelined forward has got: the block its chain has run up to. The micro-batch
+    behind it runs a hop only once this one has run past that hop's blocks, so each server gets them one at a time,
+    in order (queued together, a server would batch them, and the chain would compute in turn again)."""
+
+    def __init__(self) -> None:
+        self.reached = 0
+        self._moved = asyncio.Event()
+
+    def advance(self, block: int | float) -> None:
+        self.reached = max(self.reached, block)  # type: ignore[assignment]
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def wait(self, block: int) -> None:
+        while self.reached < block:
+            await self._moved.wait()
+
+
 async def _forward_trace(
-    call: _Call, a: int, b: int, x: torch.Tensor, *, last: bool = True
+    call: _Call,
+    a: int,
+    b: int,
+    x: torch.Tensor,
+    *,
+    last: bool = True,
+    behind: _Progress | None = None,
+    progress: _Progress | None = None,
 ) -> tuple[torch.Tensor | None, list[KeptHop]]:
     """Run [a, b) hop by hop; returns the output and each hop with its input (and its kept graph's id).
 
     With ``last=False`` the final hop is chosen but not run (backward only needs its input); output is then None.
+    In a pipeline, each hop first waits until the micro-batch ahead (``behind``) has run past it, and this one's
+    ``progress`` is told as its hops complete.
     """
+    try:
+        return await _run_hops(call, a, b, x, last, behind, progress)
+    finally:
+        if progress is not None:
+            progress.advance(math.inf)  # done or failed: nothing waits on it any longer
+
+
+async def _run_hops(
+    call: _Call, a: int, b: int, x: torch.Tensor, last: bool, behind: _Progress | None, progress: _Progress | None
+) -> tuple[torch.Tensor | None, list[KeptHop]]:
     trace: list[KeptHop] = []
     while a < b:
         hop = call.next_hop(a, b)
+        if behind is not None:
+            await behind.wait(hop.end)
         if not last and hop.end == b:
             trace.append(KeptHop(hop, x))
             return None, trace
@@ -197,6 +239,8 @@ async def _forward_trace(
                 continue
         trace.append(KeptHop(hop, x, activation))
         x, a = out, hop.end
+        if progress is not None:
+            progress.advance(a)
     return x, trace
 
 
@@ -299,6 +343,7 @@ async def _prepare_call(
         lora=lora,
         adapter=kwargs.get("adapter"),
         keep=kwargs.get("keep", False),
+        pipeline_min_tokens=kwargs.get("pipeline_min_tokens", router.pipeline_min_tokens),
     )
     return call, end
 
@@ -320,11 +365,14 @@ async def forward(
     split_min_rows: int = 8,
     lora: Lora | None = None,
     adapter: str | None = None,
+    pipeline_min_tokens: int | None = None,
 ) -> torch.Tensor:
     """Blocks [start, end) (the whole model by default) applied to ``hidden`` ``[B, T, H]``, no cache.
 
     Each hop goes to a server picked at random weighted by throughput; a failed hop is banned and retried
-    elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span.
+    elsewhere; a batch of at least ``2 * split_min_rows`` rows is split across servers of the same span. A batch
+    of several rows runs as a pipeline of micro-batches of at least ``pipeline_min_tokens`` tokens (0: never; None:
+    the router's setting), so the chain's servers compute at the same time (`chains.pipeline_parts`).
     ``lora`` (client-owned LoRA weights for blocks inside [start, end)) is applied by the servers for this call;
     ``adapter`` names a server-hosted adapter (only servers hosting it are used).
     """
@@ -345,6 +393,7 @@ async def forward(
             split_min_rows=split_min_rows,
             lora=lora,
             adapter=adapter,
+            pipeline_min_tokens=router.pipeline_min_tokens if pipeline_min_tokens is None else pipeline_min_tokens,
         ),
     )
     return out
@@ -378,9 +427,48 @@ async def _forward(
 ) -> tuple[torch.Tensor, KeptChain]:
     call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, kwargs)
     hidden = hidden.detach()
-    out, trace = await _forward_trace(call, start, end, hidden)
-    assert out is not None
-    return out, KeptChain(model, start, end, hidden, mask, tuple(trace))
+    parts = [(0, hidden.shape[0])]
+    if not call.keep and call.pipeline_min_tokens > 0:
+        chain = throughput_chain(call.candidates(), start, end, router.rng)
+        parts = pipeline_parts(hidden.shape[0], hidden.shape[1], len(chain or ()), call.pipeline_min_tokens)
+    if len(parts) == 1:
+        out, trace = await _forward_trace(call, start, end, hidden)
+        assert out is not None
+        return out, KeptChain(model, start, end, hidden, mask, tuple(trace))
+    return await _pipelined(call, start, end, hidden, parts), KeptChain(model, start, end, hidden, mask, ())
+
+
+async def _pipelined(
+    call: _Call, start: int, end: int, hidden: torch.Tensor, parts: list[tuple[int, int]]
+) -> torch.Tensor:
+    """[start, end) applied to each row range of ``parts`` as a pipeline (`pipeline_parts`), joined in order; the
+    micro-batches share the call's failure count, and the first error cancels the others."""
+    progress = [_Progress() for _ in parts]
+    tasks = [
+        asyncio.ensure_future(
+            _forward_trace(
+                replace(
+                    call,
+                    mask=None if call.mask is None else call.mask[lo:hi],
+                    prompts=None if call.prompts is None else call.prompts[:, lo:hi],
+                ),
+                start,
+                end,
+                hidden[lo:hi],
+                behind=progress[i - 1] if i else None,
+                progress=progress[i],
+            )
+        )
+        for i, (lo, hi) in enumerate(parts)
+    ]
+    try:
+        outs = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return torch.cat([out for out, _ in outs if out is not None], dim=0)
 
 
 async def backward(

@@ -1,6 +1,6 @@
 """Route choice, pure (no I/O, so it is tested without a network): the minimum-latency chain for inference, a
-throughput-weighted chain and batch split for forward/backward, which servers a request may use, and the error
-that names the blocks nobody covers.
+throughput-weighted chain, batch split and pipeline micro-batches for forward/backward, which servers a request may
+use, and the error that names the blocks nobody covers.
 
 Inference wants the *fastest* chain (each step crosses every hop, so latency dominates); forward/backward want the
 *highest throughput* and spread load across servers, so they choose at random weighted by throughput (Petals §3.2).
@@ -252,6 +252,26 @@ def split_batch(batch: int, servers: Sequence[ServerInfo], min_rows: int = 1) ->
         if c > 0:
             parts.append((s, lo, lo + c))
             lo += c
+    return parts
+
+
+def pipeline_parts(rows: int, tokens: int, hops: int, min_tokens: int = 128) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of the micro-batches a forward of ``rows`` x ``tokens`` runs as through ``hops`` hops.
+
+    Hop j of micro-batch i runs while hop j+1 runs micro-batch i-1, so the servers of a chain compute at the same
+    time instead of in turn: k micro-batches through n hops take about (k + n - 1) / k hop-times instead of n. Up to
+    2n micro-batches (more buys little and costs a message each), none under ``min_tokens`` tokens (small matmuls
+    run slower per token); one hop, or too small a batch, gives one part: no pipeline.
+    """
+    if rows <= 0 or tokens <= 0:
+        raise ValueError("pipeline_parts needs a positive batch")
+    k = 1 if hops < 2 else max(1, min(rows, 2 * hops, rows * tokens // max(1, min_tokens)))
+    base, extra = divmod(rows, k)
+    parts, lo = [], 0
+    for i in range(k):
+        hi = lo + base + (1 if i < extra else 0)
+        parts.append((lo, hi))
+        lo = hi
     return parts
 
 

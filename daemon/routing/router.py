@@ -135,6 +135,7 @@ class Router:
         max_views: int = MAX_VIEWS,
         spot_check_rate: float = 0.0,
         local_forward: LocalForward | None = None,
+        pipeline_min_tokens: int = 128,
     ) -> None:
         self.transport = transport
         self.dht = dht
@@ -159,6 +160,7 @@ class Router:
         self._views: OrderedDict[str, SwarmView] = OrderedDict()
         # trust (spotcheck.py): re-run a fraction of hops elsewhere; servers others reported weigh less in routing
         self.spot = SpotChecker(self, spot_check_rate, local_forward)
+        self.pipeline_min_tokens = pipeline_min_tokens  # calls.forward's default (chains.pipeline_parts)
         self.reported: dict[str, int] = {}  # peer -> distinct signers of unexpired mismatch reports about it
         self._reports_read: dict[str, float] = {}  # model -> monotonic time reports were last read
         self._reading: dict[str, asyncio.Task[None]] = {}

@@ -9,7 +9,10 @@ process on `--threads` torch threads:
   3 hops        three petald serving [0,n/3) [n/3,2n/3) [2n/3,n) + a client petald with no blocks; this process is
                 the Python client (`RemoteModelForCausalLM.from_pretrained(dir, socket)`), so the socket, the client
                 daemon, the wire between daemons and the servers are all on the path;
-  1 hop         one petald serving every block + a client petald (with --hops: per extra hop = (3 hops - 1 hop) / 2).
+  1 hop         one petald serving every block + a client petald (with --hops: per extra hop = (3 hops - 1 hop) / 2);
+  3 hops in turn  (forward only) 3 hops whose client petald runs with --pipeline-min-tokens 0: the batch goes hop
+                after hop as one, where by default it runs as a pipeline of micro-batches (the servers compute at
+                the same time).
 
 Workloads: decode (greedy, one token per step, the inference session streamed over the socket; per-step times of
 `--steps` steps after a prefill), forward `--fwd-batch` x `--tokens` (logits, no grad), forward+backward 1 x
@@ -153,6 +156,7 @@ class Swarmed:
         args: argparse.Namespace,
         env: dict[str, str] | None = None,
         server_args: tuple[str, ...] = (),
+        client_args: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=f"pf-{name}-", dir="/tmp"))  # AF_UNIX paths <= 108 bytes
         self.swarm = Swarm(self.root)
@@ -163,7 +167,9 @@ class Swarmed:
             boot = self.swarm.make("s0", "--new-swarm", *serve, "--blocks", f"{cuts[0][0]}:{cuts[0][1]}").start(env)
             for i, (a, b) in enumerate(cuts[1:], 1):
                 self.swarm.make(f"s{i}", "--initial-peer", boot.address, *serve, "--blocks", f"{a}:{b}").start(env)
-            self.client_daemon: Daemon = self.swarm.make("c", "--initial-peer", boot.address, *extra).start(env)
+            self.client_daemon: Daemon = self.swarm.make(
+                "c", "--initial-peer", boot.address, *extra, *client_args
+            ).start(env)
             info = open_model(path)
             wait_for_route(self.client_daemon, info.name, info.num_blocks)
             self.model = RemoteModelForCausalLM.from_pretrained(path, self.client_daemon.socket)
@@ -174,6 +180,9 @@ class Swarmed:
     def close(self) -> None:
         self.swarm.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+IN_TURN = "3 hops in turn"
 
 
 def thirds(n: int) -> list[tuple[int, int]]:
@@ -199,15 +208,18 @@ def figures(args: argparse.Namespace, path: Path) -> None:
         if args.also:
             swarms.append(Swarmed("3also", path, thirds(n), args, server_args=(args.also,)))
             setups[f"3 hops {args.also}"] = swarms[-1].model
+        if "forward" in args.only:
+            swarms.append(Swarmed("3turn", path, thirds(n), args, client_args=("--pipeline-min-tokens", "0")))
+            setups[IN_TURN] = swarms[-1].model
         hidden = int(info.config.hidden_size)
         init = torch.randn(args.prompts, hidden, generator=gen) * 0.02
         print(f"# model {info.name} ({n} blocks), {args.threads} thread(s), transport {args.transport}, load {load()}")
-        for model in setups.values():  # untimed warm-up of every set-up alike: first calls build kernels, caches
-            if "decode" in args.only:
+        for name, model in setups.items():  # untimed warm-up of every set-up alike: first calls build kernels
+            if "decode" in args.only and name != IN_TURN:
                 decode_times(model, prompt_ids, 2)
             if "forward" in args.only:
                 forward_s(model, fwd_ids)
-            if "train" in args.only:
+            if "train" in args.only and name != IN_TURN:
                 train_s(model, train_ids, init)
         samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for r in range(args.rounds):
@@ -215,11 +227,11 @@ def figures(args: argparse.Namespace, path: Path) -> None:
             if r % 2:
                 order.reverse()
             for name, model in order:
-                if "decode" in args.only:
+                if "decode" in args.only and name != IN_TURN:
                     samples[(name, "decode")] += decode_times(model, prompt_ids, args.steps)
                 if "forward" in args.only:
                     samples[(name, "forward")].append(forward_s(model, fwd_ids))
-                if "train" in args.only:
+                if "train" in args.only and name != IN_TURN:
                     samples[(name, "train")].append(train_s(model, train_ids, init))
             latest = {f"{name} {kind}": f"{v[-1]:.3f}" for (name, kind), v in samples.items() if kind != "decode"}
             latest |= {
@@ -247,12 +259,15 @@ def report(samples: dict[tuple[str, str], list[float]], setups: dict[str, Any], 
     for label, key, rate in rows:
         if not samples.get(("local", key)):
             continue
-        med = {name: statistics.median(samples[(name, key)]) for name in names}
-        cells = [f"{rate(med[name]):.2f}" for name in names]
-        print(f"| {label} | " + " | ".join(cells) + f" | {med['local'] / med['3 hops']:.3f} |")
+        med = {name: statistics.median(samples[(name, key)]) for name in names if samples.get((name, key))}
+        cells = [f"{rate(med[name]):.2f}" if name in med else "—" for name in names]
+        ratio = f"{med['local'] / med['3 hops']:.3f}"
+        if IN_TURN in med:
+            ratio += f" (in turn {med['local'] / med[IN_TURN]:.3f})"
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     if not samples.get(("local", "decode")):
         return
-    dec = {name: statistics.median(samples[(name, "decode")]) * 1e3 for name in names}
+    dec = {name: statistics.median(samples[(name, "decode")]) * 1e3 for name in names if name != IN_TURN}
     line = "decode ms/step (median): " + ", ".join(f"{k} {v:.2f}" for k, v in dec.items())
     if "1 hop" in dec:
         line += f"; per extra hop {(dec['3 hops'] - dec['1 hop']) / 2:.2f} ms"

@@ -167,6 +167,24 @@ def test_openai_chat_streamed_equals_non_streamed(swarm, reference):
     http.close()
 
 
+def test_all_defaults_forward_runs_as_a_pipeline_and_equals_transformers(swarm, smollm2_dir, local_model):
+    """A forward of several rows with every default runs as a pipeline of micro-batches (each server gets them one
+    by one, so the three compute at the same time) and its logits equal transformers'."""
+    from petal.ctl.remote_model import RemoteModelForCausalLM
+
+    model = RemoteModelForCausalLM.from_pretrained(smollm2_dir, socket=str(swarm.socket))
+    x = torch.randint(0, local_model.config.vocab_size, (6, 64), generator=torch.Generator().manual_seed(2))
+    calls_before = swarm.status()["serving"][0]["training_calls"]
+    with torch.no_grad():
+        got = model(x).logits
+        want = local_model(input_ids=x).logits
+    runs = swarm.status()["serving"][0]["training_calls"] - calls_before
+    assert runs >= 3, f"blocks 0..10 ran {runs} forward(s): 6 x 64 tokens should be 3 micro-batches of 128"
+    diff, scale = float((got - want).abs().max()), float(want.abs().max())
+    print(f"\nSmolLM2 pipelined forward 6x64: max |diff| {diff:.2e} (max |ref| {scale:.1f})")
+    assert diff <= 1e-4 * max(1.0, scale)
+
+
 def test_lora_forward_and_backward_equal_peft(swarm, smollm2_dir, local_model):
     """Fine-tuning on the real model: logits and LoRA gradients through the 3 daemons equal PEFT run locally."""
     from petal.ctl.remote_model import RemoteModelForCausalLM
