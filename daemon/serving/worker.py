@@ -99,7 +99,8 @@ class ComputeWorker:
             with self._cond:
                 self._busy = False
                 self.inline += 1
-                self._cond.notify()
+                if self._heap:  # a job queued meanwhile waits for _busy; else waking the thread only costs the hop
+                    self._cond.notify()
         return future
 
     def _next(self) -> list[_Job]:
