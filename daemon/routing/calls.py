@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,6 +32,8 @@ from petal.daemon.routing.router import Router, no_adapter_error
 from petal.daemon.routing.swarm import ServerInfo, SwarmView
 from petal.protocol.errors import PetalError
 from petal.protocol.lora import Lora
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -126,20 +128,29 @@ class KeptHop:
 
 
 @dataclass(frozen=True)
+class KeptPiece:
+    """The rows [lo, hi) of a kept forward (all of them, or one micro-batch of a pipeline) and their hops in order."""
+
+    lo: int
+    hi: int
+    hops: tuple[KeptHop, ...]
+
+
+@dataclass(frozen=True)
 class KeptChain:
-    """What ``forward_kept`` leaves for the backward: the call it was (to check a backward is the same one) and its
-    hops in order."""
+    """What ``forward_kept`` leaves for the backward: the call it was (to check a backward is the same one) and the
+    hops of each of its pieces (one, or the micro-batches it ran as a pipeline)."""
 
     model: str
     start: int
     end: int
     hidden: torch.Tensor
     mask: torch.Tensor | None
-    hops: tuple[KeptHop, ...]
+    pieces: tuple[KeptPiece, ...]
 
     @property
     def nbytes(self) -> int:
-        return sum(h.hidden.numel() * h.hidden.element_size() for h in self.hops)
+        return sum(h.hidden.numel() * h.hidden.element_size() for p in self.pieces for h in p.hops)
 
     def fits(self, model: str, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
         """Whether a backward of these arguments is this forward's (same model, blocks, input and mask)."""
@@ -156,21 +167,22 @@ def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 
 class _Progress:
-    """How far one micro-batch of a pipelined forward has got: the block its chain has run up to. The micro-batch
-    behind it runs a hop only once this one has run past that hop's blocks, so each server gets them one at a time,
-    in order (queued together, a server would batch them, and the chain would compute in turn again)."""
+    """How far one micro-batch of a pipeline has got along its chain: a forward's level is the block it has run up
+    to, a backward's minus the first block it has run back to. The micro-batch behind runs a hop only once this one
+    has run past that hop's blocks, so each server gets them one at a time, in order (queued together, a server
+    would batch them, and the chain would compute in turn again)."""
 
     def __init__(self) -> None:
-        self.reached = 0
+        self.reached = -math.inf
         self._moved = asyncio.Event()
 
-    def advance(self, block: int | float) -> None:
-        self.reached = max(self.reached, block)  # type: ignore[assignment]
+    def advance(self, level: float) -> None:
+        self.reached = max(self.reached, level)
         self._moved.set()
         self._moved = asyncio.Event()
 
-    async def wait(self, block: int) -> None:
-        while self.reached < block:
+    async def wait(self, level: float) -> None:
+        while self.reached < level:
             await self._moved.wait()
 
 
@@ -268,11 +280,15 @@ async def _backward_hops(
     grad: torch.Tensor,
     grad_prompts: torch.Tensor | None,
     grad_lora: dict[str, torch.Tensor] | None,
+    behind: _Progress | None = None,
+    progress: _Progress | None = None,
 ) -> torch.Tensor:
     """The backward of ``hops`` (a chain, in order), last first; a hop that fails runs again elsewhere by
-    recomputation (`_backward_range`)."""
+    recomputation (`_backward_range`). In a pipeline, ``behind`` and ``progress`` as in `_forward_trace`."""
     for kept in reversed(hops):
         hop, inp = kept.hop, kept.hidden
+        if behind is not None:
+            await behind.wait(-hop.start)
         prompts = slice_prompts(call.prompts, call.offset, hop)
         try:
             grad, gp, gl = await call.span(hop).backward(
@@ -288,7 +304,66 @@ async def _backward_hops(
             grad_prompts[hop.start - call.offset : hop.end - call.offset] = gp
         if grad_lora is not None and gl is not None:
             grad_lora.update(gl)
+        if progress is not None:
+            progress.advance(-hop.start)
     return grad
+
+
+async def _backward_pieces(
+    call: _Call,
+    pieces: tuple[KeptPiece, ...],
+    grad: torch.Tensor,
+    grad_prompts: torch.Tensor | None,
+    grad_lora: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The backward of a kept forward: of its one piece, or of its micro-batches as a pipeline, last hop first (each
+    piece's LoRA gradients are summed, as one batch's would be)."""
+    if len(pieces) == 1:
+        return await _backward_hops(call, list(pieces[0].hops), grad, grad_prompts, grad_lora)
+    progress = [_Progress() for _ in pieces]
+    loras: list[dict[str, torch.Tensor] | None] = [None if grad_lora is None else {} for _ in pieces]
+
+    async def piece(i: int, p: KeptPiece) -> torch.Tensor:
+        try:
+            return await _backward_hops(
+                _rows(call, p.lo, p.hi),
+                list(p.hops),
+                grad[p.lo : p.hi],
+                None if grad_prompts is None else grad_prompts[:, p.lo : p.hi],  # a view: filled in place
+                loras[i],
+                behind=progress[i - 1] if i else None,
+                progress=progress[i],
+            )
+        finally:
+            progress[i].advance(math.inf)
+
+    grads = await _all_or_none([piece(i, p) for i, p in enumerate(pieces)])
+    if grad_lora is not None:
+        for part in loras:
+            for key, g in (part or {}).items():
+                grad_lora[key] = g if key not in grad_lora else grad_lora[key] + g
+    return torch.cat(grads, dim=0)
+
+
+def _rows(call: _Call, lo: int, hi: int) -> _Call:
+    """``call`` for rows [lo, hi) of its batch (a micro-batch); the failure count stays shared."""
+    return replace(
+        call,
+        mask=None if call.mask is None else call.mask[lo:hi],
+        prompts=None if call.prompts is None else call.prompts[:, lo:hi],
+    )
+
+
+async def _all_or_none(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """The results of ``coros`` run at once, in order; the first error cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _prepare_call(
@@ -428,47 +503,31 @@ async def _forward(
     call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, kwargs)
     hidden = hidden.detach()
     parts = [(0, hidden.shape[0])]
-    if not call.keep and call.pipeline_min_tokens > 0:
+    if call.pipeline_min_tokens > 0:
         chain = throughput_chain(call.candidates(), start, end, router.rng)
         parts = pipeline_parts(hidden.shape[0], hidden.shape[1], len(chain or ()), call.pipeline_min_tokens)
     if len(parts) == 1:
         out, trace = await _forward_trace(call, start, end, hidden)
         assert out is not None
-        return out, KeptChain(model, start, end, hidden, mask, tuple(trace))
-    return await _pipelined(call, start, end, hidden, parts), KeptChain(model, start, end, hidden, mask, ())
-
-
-async def _pipelined(
-    call: _Call, start: int, end: int, hidden: torch.Tensor, parts: list[tuple[int, int]]
-) -> torch.Tensor:
-    """[start, end) applied to each row range of ``parts`` as a pipeline (`pipeline_parts`), joined in order; the
-    micro-batches share the call's failure count, and the first error cancels the others."""
+        return out, KeptChain(model, start, end, hidden, mask, (KeptPiece(0, hidden.shape[0], tuple(trace)),))
     progress = [_Progress() for _ in parts]
-    tasks = [
-        asyncio.ensure_future(
+    runs = await _all_or_none(
+        [
             _forward_trace(
-                replace(
-                    call,
-                    mask=None if call.mask is None else call.mask[lo:hi],
-                    prompts=None if call.prompts is None else call.prompts[:, lo:hi],
-                ),
+                _rows(call, lo, hi),
                 start,
                 end,
                 hidden[lo:hi],
                 behind=progress[i - 1] if i else None,
                 progress=progress[i],
             )
-        )
-        for i, (lo, hi) in enumerate(parts)
-    ]
-    try:
-        outs = await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    return torch.cat([out for out, _ in outs if out is not None], dim=0)
+            for i, (lo, hi) in enumerate(parts)
+        ]
+    )
+    pieces = tuple(KeptPiece(lo, hi, tuple(trace)) for (lo, hi), (_, trace) in zip(parts, runs, strict=True))
+    return torch.cat([out for out, _ in runs if out is not None], dim=0), KeptChain(
+        model, start, end, hidden, mask, pieces
+    )
 
 
 async def backward(
@@ -522,7 +581,7 @@ async def backward(
     grad_prompts = None if prompts is None else torch.zeros_like(prompts)
     grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
     if kept is not None and kept.fits(model, start, end, hidden, mask):
-        grad_in = await _backward_hops(call, list(kept.hops), grad.detach(), grad_prompts, grad_lora)
+        grad_in = await _backward_pieces(call, kept.pieces, grad.detach(), grad_prompts, grad_lora)
     else:
         grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
     if lora is not None:

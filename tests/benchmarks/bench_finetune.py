@@ -2,8 +2,10 @@
 
 Starts three servers (the model's blocks split in three) and a client daemon under a temp dir, then times one
 training step (forward, loss, backward; no optimizer) of LoRA on q/v, of deep prompts and of input prompts, through
-the swarm (with the servers keeping the forward's activations for the backward, and without: recomputed) and with
-transformers + PEFT in this process, the three interleaved. Same threads, same inputs. Prints one line per case.
+the swarm (with the servers keeping the forward's activations for the backward, and without: recomputed; and kept
+through a second client daemon run with --pipeline-min-tokens 0, whose batches go hop after hop as one instead of as
+a pipeline of micro-batches) and with transformers + PEFT in this process, all interleaved. Same threads, same
+inputs. Prints one line per case.
 
     .venv/bin/python tests/benchmarks/bench_finetune.py                 # tiny random 30-block Llama
     .venv/bin/python tests/benchmarks/bench_finetune.py --model DIR     # e.g. SmolLM2-135M's model dir
@@ -75,6 +77,7 @@ def main() -> None:
         for name, span in (("s1", spans[1]), ("s2", spans[2])):
             swarm.join(name, boot, "--serve", str(path), "--blocks", span)
         client = swarm.join("c", boot, "--codec", "none")
+        in_turn = swarm.join("c2", boot, "--codec", "none", "--pipeline-min-tokens", "0")
         print(
             f"swarm of 3 servers + client up in {time.monotonic() - t0:.1f} s; blocks {spans}, "
             f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s)"
@@ -84,11 +87,14 @@ def main() -> None:
         )
         tokens = x.numel()
         for method in args.methods.split(","):
-            remote = RemoteModelForCausalLM.from_pretrained(path, client.socket, codec="none")
-            if method == "lora":
-                remote.enable_lora(rank=8, alpha=16)
-            else:
-                remote.enable_ptune(args.prompts, deep=method == "deep_ptune")
+            remote, remote_in_turn = (
+                RemoteModelForCausalLM.from_pretrained(path, c.socket, codec="none") for c in (client, in_turn)
+            )
+            for r in (remote, remote_in_turn):
+                if method == "lora":
+                    r.enable_lora(rank=8, alpha=16)
+                else:
+                    r.enable_ptune(args.prompts, deep=method == "deep_ptune")
 
             def swarm_step(keep: bool, remote: RemoteModelForCausalLM = remote) -> None:
                 remote.keep_activations = keep
@@ -99,12 +105,18 @@ def main() -> None:
             def local_step(ref: Callable[[torch.Tensor], object] = ref) -> None:
                 ref(x)
 
-            kept, recomputed, loc = timed(
-                [lambda: swarm_step(True), lambda: swarm_step(False), local_step], args.repeats
+            kept, recomputed, turn, loc = timed(
+                [
+                    lambda: swarm_step(True),
+                    lambda: swarm_step(False),
+                    lambda r=remote_in_turn: swarm_step(True, r),
+                    local_step,
+                ],
+                args.repeats,
             )
-            for name, s in (("kept", kept), ("recomputed", recomputed)):
+            for name, s in (("kept", kept), ("recomputed", recomputed), ("kept, in turn", turn)):
                 print(
-                    f"{method:>10} {name:>10}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
+                    f"{method:>10} {name:>13}: swarm {tokens / s:8.1f} tokens/s ({s * 1000:.0f} ms/step)   local "
                     f"{tokens / loc:8.1f} tokens/s ({loc * 1000:.0f} ms/step)   swarm/local {loc / s:.2f}"
                 )
     finally:

@@ -108,11 +108,52 @@ async def test_a_kept_hop_whose_server_died_is_recomputed_elsewhere() -> None:
         grad = torch.randn(2, 7, h.shape[-1], generator=torch.Generator().manual_seed(7))
         expected, _, _ = await backward(local.router, MODEL, h, grad, codec="none")
         _, chain = await forward_kept(local.router, MODEL, h, codec="none")
-        assert [k.activation is not None for k in chain.hops] == [True, True]
-        await local.kill(chain.hops[1].hop.peer_id)  # the server that kept blocks [3, 6)
+        assert [k.activation is not None for k in chain.pieces[0].hops] == [True, True]
+        await local.kill(chain.pieces[0].hops[1].hop.peer_id)  # the server that kept blocks [3, 6)
         got, _, _ = await backward(local.router, MODEL, h, grad, codec="none", kept=chain)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-        first = local.servers[chain.hops[0].hop.peer_id][0]
+        first = local.servers[chain.pieces[0].hops[0].hop.peer_id][0]
         assert first.activations.reused == 1 and len(first.activations) == 0  # the surviving hop reused its graph
+    finally:
+        await local.close()
+
+
+async def test_a_pipelined_kept_forward_and_its_backward_equal_the_unsplit_ones() -> None:
+    """A kept forward of 4 rows through 2 servers runs as 4 micro-batches (each server keeps 4 graphs); its backward
+    runs them back as a pipeline too, reuses every graph, and gives the unsplit call's output and gradients: input,
+    deep prompts, and LoRA weights (summed over the micro-batches)."""
+    from tests.unit.daemon.test_session_reorder import random_lora
+
+    model = tiny_llama(num_hidden_layers=N)
+    local = LocalSwarm(model)
+    await local.start()
+    try:
+        await local.add(0, 3)
+        await local.add(3, 6)
+        gen = torch.Generator().manual_seed(8)
+        h = embed(model, torch.randint(0, 128, (4, 7), generator=gen)).detach()
+        mask = torch.ones(4, 7, dtype=torch.long)
+        mask[1, :2] = 0  # left padding in one row
+        prompts = torch.randn(N, 4, 2, h.shape[-1], generator=gen) * 0.1
+        grad = torch.randn(4, 7, h.shape[-1], generator=gen)
+        lora, _ = random_lora(model)
+        args = dict(mask=mask, prompts=prompts, codec="none", lora=lora)
+        want_out, whole = await forward_kept(local.router, MODEL, h, **args, pipeline_min_tokens=0)
+        assert [(p.lo, p.hi) for p in whole.pieces] == [(0, 4)]
+        want = await backward(local.router, MODEL, h, grad, **args, kept=whole)
+
+        out, chain = await forward_kept(local.router, MODEL, h, **args, pipeline_min_tokens=4)
+        assert [(p.lo, p.hi) for p in chain.pieces] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+        servers = [s for s, _, _ in local.servers.values()]
+        assert all(len(s.activations) == 4 for s in servers)
+        got = await backward(local.router, MODEL, h, grad, **args, kept=chain)
+        # 1-row matmuls and per-piece LoRA sums round differently (bit-equal without LoRA): within 1e-4 of the max
+        assert got[2] is not None and want[2] is not None and got[2].keys() == want[2].keys()
+        for a, b in [(out, want_out), (got[0], want[0]), (got[1], want[1])] + [
+            (got[2][k], want[2][k]) for k in want[2]
+        ]:
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), float((a - b).abs().max())
+        assert all(s.recomputed == 0 and len(s.activations) == 0 for s in servers)
+        assert all(s.activations.reused == 1 + 4 for s in servers)  # the unsplit call's graph, then the pieces'
     finally:
         await local.close()

@@ -83,6 +83,23 @@ class _Span:
             self.busy[peer] -= 1
             self.log.append((peer, "end", float(hidden[0, 0, 0])))
 
+    async def forward_keep(self, hidden, mask=None, prompts=None, timeout=60.0, lora=None, *, keep=True):  # type: ignore[no-untyped-def]
+        return await self.forward(hidden), f"kept-{float(hidden[0, 0, 0])}"
+
+    async def backward(self, hidden, grad, mask=None, prompts=None, timeout=60.0, lora=None, activation=None):  # type: ignore[no-untyped-def]
+        """d(hidden + blocks)/d(hidden) = 1: the gradient passes through; logs the kept graph it was asked for."""
+        peer = self.hop.peer_id
+        self.busy[peer] = self.busy.get(peer, 0) + 1
+        self.log.append((peer, "back", float(hidden[0, 0, 0])))
+        try:
+            assert self.busy[peer] == 1, f"{peer} got two micro-batches at once"
+            assert activation == f"kept-{float(hidden[0, 0, 0])}", "not the graph its forward kept"
+            await asyncio.sleep(0.02)
+            return grad.clone(), None, None
+        finally:
+            self.busy[peer] -= 1
+            self.log.append((peer, "back-end", float(hidden[0, 0, 0])))
+
 
 def _router(spare: bool, log: list, fail: set[str], min_tokens: int) -> Router:
     router = Router(None, cast(SwarmDHT, _DHT(spare)), max_age=0.0, max_stale=0.0, pipeline_min_tokens=min_tokens)  # type: ignore[arg-type]
@@ -110,6 +127,27 @@ async def test_micro_batches_pass_each_server_in_order_one_at_a_time_while_the_s
         running.add(peer) if event == "start" else running.discard(peer)
         overlapped |= len(running) > 1
     assert overlapped, "the servers of the chain never computed at the same time"
+
+
+async def test_a_kept_forward_and_its_backward_run_as_pipelines_in_opposite_directions():
+    log: list[tuple[str, str, float]] = []
+    router = _router(False, log, set(), min_tokens=4)
+    x = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 4, 3).contiguous()
+    out, chain = await calls.forward_kept(router, "m", x)
+    assert torch.equal(out, x + N) and len(chain.pieces) == 6
+    log.clear()
+    grad = torch.randn(8, 4, 3)
+    got, _, _ = await calls.backward(router, "m", x, grad, kept=chain)
+    assert torch.equal(got, grad)
+    assert next(p for p, e, _ in log if e == "back") == "s2"  # last hop first
+    for peer, before in (("s0", 0), ("s1", 2), ("s2", 4)):
+        assert [v - before for p, e, v in log if p == peer and e == "back"] == [0, 2, 4, 5, 6, 7]
+    running: set[str] = set()
+    overlapped = False
+    for peer, event, _ in log:
+        running.add(peer) if event == "back" else running.discard(peer)
+        overlapped |= len(running) > 1
+    assert overlapped, "the backward's servers never computed at the same time"
 
 
 async def test_without_a_pipeline_the_whole_batch_runs_hop_after_hop():
