@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="soft prompts of ptune and deep_ptune")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the daemons it starts inherit it: the same thread count
     root = Path(tempfile.mkdtemp(prefix="petal-bf-", dir="/tmp"))
     from transformers import AutoModelForCausalLM
 
