@@ -13,6 +13,10 @@ input, and each server recomputes its forward with grad (one extra forward per h
 server). Either way losing state costs time, never a wrong result: a server that no longer holds a graph (evicted,
 expired, restarted) recomputes from the input sent along, and a hop that fails is banned and its blocks run again
 elsewhere by recomputation.
+
+Pipelines: a batch of several rows runs as micro-batches (`chains.pipeline_parts`, ``pipeline_min_tokens``), each
+entering a hop once the one ahead has left it (`_Progress`), so the chain's servers compute at the same time; a kept
+forward keeps one graph per micro-batch (`KeptPiece`) and the backward runs them back the same way, last hop first.
 """
 
 from __future__ import annotations
@@ -311,38 +315,63 @@ async def _backward_hops(
 
 async def _backward_pieces(
     call: _Call,
-    pieces: tuple[KeptPiece, ...],
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    pieces: list[tuple[int, int, tuple[KeptHop, ...] | None]],
     grad: torch.Tensor,
     grad_prompts: torch.Tensor | None,
     grad_lora: dict[str, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The backward of a kept forward: of its one piece, or of its micro-batches as a pipeline, last hop first (each
-    piece's LoRA gradients are summed, as one batch's would be)."""
+    """The backward of rows ``[lo, hi)`` for each piece, along its kept hops, or (hops None) along a forward re-run
+    for its hops' inputs first: one piece as it is, several as a pipeline (the re-run forwards first block first,
+    the backwards last hop first). Each piece's LoRA gradients are summed, as one batch's would be."""
     if len(pieces) == 1:
-        return await _backward_hops(call, list(pieces[0].hops), grad, grad_prompts, grad_lora)
-    progress = [_Progress() for _ in pieces]
+        hops = pieces[0][2]
+        if hops is None:
+            return await _backward_range(call, start, end, hidden, grad, grad_prompts, grad_lora)
+        return await _backward_hops(call, list(hops), grad, grad_prompts, grad_lora)
+    forwards = [_Progress() for _ in pieces]
+    backwards = [_Progress() for _ in pieces]
     loras: list[dict[str, torch.Tensor] | None] = [None if grad_lora is None else {} for _ in pieces]
 
-    async def piece(i: int, p: KeptPiece) -> torch.Tensor:
+    async def piece(i: int, lo: int, hi: int, hops: tuple[KeptHop, ...] | None) -> torch.Tensor:
+        sub = _rows(call, lo, hi)
         try:
+            if hops is None:
+                behind = forwards[i - 1] if i else None
+                _, trace = await _forward_trace(
+                    sub, start, end, hidden[lo:hi], last=False, behind=behind, progress=forwards[i]
+                )
+                hops = tuple(trace)
             return await _backward_hops(
-                _rows(call, p.lo, p.hi),
-                list(p.hops),
-                grad[p.lo : p.hi],
-                None if grad_prompts is None else grad_prompts[:, p.lo : p.hi],  # a view: filled in place
+                sub,
+                list(hops),
+                grad[lo:hi],
+                None if grad_prompts is None else grad_prompts[:, lo:hi],  # a view: filled in place
                 loras[i],
-                behind=progress[i - 1] if i else None,
-                progress=progress[i],
+                behind=backwards[i - 1] if i else None,
+                progress=backwards[i],
             )
         finally:
-            progress[i].advance(math.inf)
+            forwards[i].advance(math.inf)
+            backwards[i].advance(math.inf)
 
-    grads = await _all_or_none([piece(i, p) for i, p in enumerate(pieces)])
+    grads = await _all_or_none([piece(i, lo, hi, hops) for i, (lo, hi, hops) in enumerate(pieces)])
     if grad_lora is not None:
         for part in loras:
             for key, g in (part or {}).items():
                 grad_lora[key] = g if key not in grad_lora else grad_lora[key] + g
     return torch.cat(grads, dim=0)
+
+
+def _parts(call: _Call, start: int, end: int, hidden: torch.Tensor) -> list[tuple[int, int]]:
+    """The micro-batches (row ranges) ``hidden`` runs as through [start, end): `pipeline_parts` for the number of
+    hops a chain has now; one part when the call asks for no pipeline."""
+    if call.pipeline_min_tokens <= 0:
+        return [(0, hidden.shape[0])]
+    chain = throughput_chain(call.candidates(), start, end, call.router.rng)
+    return pipeline_parts(hidden.shape[0], hidden.shape[1], len(chain or ()), call.pipeline_min_tokens)
 
 
 def _rows(call: _Call, lo: int, hi: int) -> _Call:
@@ -502,10 +531,7 @@ async def _forward(
 ) -> tuple[torch.Tensor, KeptChain]:
     call, end = await _prepare_call(router, model, hidden, mask, prompts, start, end, kwargs)
     hidden = hidden.detach()
-    parts = [(0, hidden.shape[0])]
-    if call.pipeline_min_tokens > 0:
-        chain = throughput_chain(call.candidates(), start, end, router.rng)
-        parts = pipeline_parts(hidden.shape[0], hidden.shape[1], len(chain or ()), call.pipeline_min_tokens)
+    parts = _parts(call, start, end, hidden)
     if len(parts) == 1:
         out, trace = await _forward_trace(call, start, end, hidden)
         assert out is not None
@@ -548,12 +574,14 @@ async def backward(
     lora: Lora | None = None,
     adapter: str | None = None,
     kept: KeptChain | None = None,
+    pipeline_min_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
     """Gradients w.r.t. ``hidden`` (the input of block ``start``), ``prompts`` and ``lora``'s weights, given ``grad``
     w.r.t. the output of block ``end - 1``. ``kept``: the chain of this call's ``forward_kept``: its hops' kept
     graphs are reused; without it (or when it is another call's) the forward is re-run along a chain to get each
-    hop's input (see module doc). Returns ``(grad_in, grad_prompts or None, grad_lora or None)``; ``grad_lora`` has
-    ``lora``'s keys.
+    hop's input (see module doc). Several rows run as a pipeline either way (``pipeline_min_tokens`` as in
+    ``forward``; a kept chain's own micro-batches when reused). Returns ``(grad_in, grad_prompts or None, grad_lora
+    or None)``; ``grad_lora`` has ``lora``'s keys.
     """
     call, end = await _prepare_call(
         router,
@@ -572,6 +600,7 @@ async def backward(
             split_min_rows=1 << 30,
             lora=lora,
             adapter=adapter,
+            pipeline_min_tokens=router.pipeline_min_tokens if pipeline_min_tokens is None else pipeline_min_tokens,
         ),
     )
     if tuple(grad.shape) != tuple(hidden.shape):
@@ -580,10 +609,12 @@ async def backward(
         )
     grad_prompts = None if prompts is None else torch.zeros_like(prompts)
     grad_lora: dict[str, torch.Tensor] | None = None if lora is None else {}
+    pieces: list[tuple[int, int, tuple[KeptHop, ...] | None]]
     if kept is not None and kept.fits(model, start, end, hidden, mask):
-        grad_in = await _backward_pieces(call, kept.pieces, grad.detach(), grad_prompts, grad_lora)
-    else:
-        grad_in = await _backward_range(call, start, end, hidden.detach(), grad.detach(), grad_prompts, grad_lora)
+        pieces = [(p.lo, p.hi, p.hops) for p in kept.pieces]
+    else:  # re-run the forward for each hop's input: as a pipeline, as forward would
+        pieces = [(lo, hi, None) for lo, hi in _parts(call, start, end, hidden)]
+    grad_in = await _backward_pieces(call, start, end, hidden.detach(), pieces, grad.detach(), grad_prompts, grad_lora)
     if lora is not None:
         assert grad_lora is not None
         missing = sorted(set(lora.weights) - set(grad_lora))

@@ -87,18 +87,19 @@ class _Span:
         return await self.forward(hidden), f"kept-{float(hidden[0, 0, 0])}"
 
     async def backward(self, hidden, grad, mask=None, prompts=None, timeout=60.0, lora=None, activation=None):  # type: ignore[no-untyped-def]
-        """d(hidden + blocks)/d(hidden) = 1: the gradient passes through; logs the kept graph it was asked for."""
-        peer = self.hop.peer_id
+        """d(hidden + blocks)/d(hidden) = 1: the gradient passes through (one backward at a time per server; a
+        re-run forward may be queued beside it, as on a real server)."""
+        peer = self.hop.peer_id + "/back"
         self.busy[peer] = self.busy.get(peer, 0) + 1
-        self.log.append((peer, "back", float(hidden[0, 0, 0])))
+        self.log.append((self.hop.peer_id, "back", float(hidden[0, 0, 0])))
         try:
             assert self.busy[peer] == 1, f"{peer} got two micro-batches at once"
-            assert activation == f"kept-{float(hidden[0, 0, 0])}", "not the graph its forward kept"
+            assert activation in (None, f"kept-{float(hidden[0, 0, 0])}"), "not the graph its forward kept"
             await asyncio.sleep(0.02)
             return grad.clone(), None, None
         finally:
             self.busy[peer] -= 1
-            self.log.append((peer, "back-end", float(hidden[0, 0, 0])))
+            self.log.append((self.hop.peer_id, "back-end", float(hidden[0, 0, 0])))
 
 
 def _router(spare: bool, log: list, fail: set[str], min_tokens: int) -> Router:
@@ -148,6 +149,20 @@ async def test_a_kept_forward_and_its_backward_run_as_pipelines_in_opposite_dire
         running.add(peer) if event == "back" else running.discard(peer)
         overlapped |= len(running) > 1
     assert overlapped, "the backward's servers never computed at the same time"
+
+
+async def test_a_backward_without_a_kept_forward_re_runs_it_as_a_pipeline_then_goes_back_as_one():
+    log: list[tuple[str, str, float]] = []
+    router = _router(False, log, set(), min_tokens=4)
+    x = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 4, 3).contiguous()
+    grad = torch.randn(8, 4, 3)
+    got, _, _ = await calls.backward(router, "m", x, grad)
+    assert torch.equal(got, grad)
+    assert not any(p == "s2" and e == "start" for p, e, _ in log)  # the last hop's input is all the re-run needs
+    for peer, before in (("s0", 0), ("s1", 2)):
+        assert [v - before for p, e, v in log if p == peer and e == "start"] == [0, 2, 4, 5, 6, 7]
+    for peer, before in (("s0", 0), ("s1", 2), ("s2", 4)):
+        assert [v - before for p, e, v in log if p == peer and e == "back"] == [0, 2, 4, 5, 6, 7]
 
 
 async def test_without_a_pipeline_the_whole_batch_runs_hop_after_hop():
