@@ -94,7 +94,8 @@ class DirectUpgrade:
         self._proto = DCUtRProtocol(host, dial_timeout=DIAL_TIMEOUT)
         self.relayed_seen: set[str] = set()  # peers we ever held a relayed connection to
         self.upgraded: set[str] = set()  # of those, the ones we now (or last) held a direct connection to
-        self._started: set[str] = set()  # relayed-only peers we started an upgrade for (while they stay connected)
+        # relayed-only peers we started an upgrade for, while they stay connected and relayed-only
+        self._started: set[str] = set()
         self._nursery: trio.Nursery | None = None
 
     @asynccontextmanager
@@ -143,6 +144,8 @@ class DirectUpgrade:
                 self._started.add(peer)
                 self._nursery.start_soon(self._upgrade, pid)
             direct = [c for c in conns if c not in relayed]
+            if direct:  # should the direct connection drop and the peer come back through a relay: upgrade again
+                self._started.discard(peer)
             if direct and peer in self.relayed_seen and peer not in self.upgraded:
                 self.upgraded.add(peer)
                 log.info("the connection to %s is direct now (upgraded from a relayed one)", peer)
