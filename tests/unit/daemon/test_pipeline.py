@@ -119,15 +119,20 @@ async def test_micro_batches_pass_each_server_in_order_one_at_a_time_while_the_s
     x = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 4, 3).contiguous()  # row r holds r
     out = await calls.forward(router, "m", x)
     assert torch.equal(out, x + N)
-    for peer, before in (("s0", 0), ("s1", 2), ("s2", 4)):  # each hop adds its block count
-        starts = [v - before for p, e, v in log if p == peer and e == "start"]
-        assert starts == [0, 2, 4, 5, 6, 7]  # six micro-batches (2 x 3 hops) by their first row, in order
+    _assert_pipelined(log, "start")
+
+
+def _assert_pipelined(log: list[tuple[str, str, float]], begin: str) -> None:
+    """Each server began (``begin`` events) the six micro-batches (2 x 3 hops) in order, by their first row (each hop
+    adds its block count), and two servers were computing at some moment."""
+    for peer, before in (("s0", 0), ("s1", 2), ("s2", 4)):
+        assert [v - before for p, e, v in log if p == peer and e == begin] == [0, 2, 4, 5, 6, 7]
     running: set[str] = set()
     overlapped = False
     for peer, event, _ in log:
-        running.add(peer) if event == "start" else running.discard(peer)
+        running.add(peer) if event == begin else running.discard(peer)
         overlapped |= len(running) > 1
-    assert overlapped, "the servers of the chain never computed at the same time"
+    assert overlapped, f"the servers of the chain never ran at the same time ({begin})"
 
 
 async def test_a_kept_forward_and_its_backward_run_as_pipelines_in_opposite_directions():
@@ -141,14 +146,7 @@ async def test_a_kept_forward_and_its_backward_run_as_pipelines_in_opposite_dire
     got, _, _ = await calls.backward(router, "m", x, grad, kept=chain)
     assert torch.equal(got, grad)
     assert next(p for p, e, _ in log if e == "back") == "s2"  # last hop first
-    for peer, before in (("s0", 0), ("s1", 2), ("s2", 4)):
-        assert [v - before for p, e, v in log if p == peer and e == "back"] == [0, 2, 4, 5, 6, 7]
-    running: set[str] = set()
-    overlapped = False
-    for peer, event, _ in log:
-        running.add(peer) if event == "back" else running.discard(peer)
-        overlapped |= len(running) > 1
-    assert overlapped, "the backward's servers never computed at the same time"
+    _assert_pipelined(log, "back")
 
 
 async def test_a_backward_without_a_kept_forward_re_runs_it_as_a_pipeline_then_goes_back_as_one():
