@@ -353,8 +353,7 @@ async def _backward_pieces(
                 behind=backwards[i - 1] if i else None,
                 progress=backwards[i],
             )
-        finally:
-            forwards[i].advance(math.inf)
+        finally:  # a re-run forward's progress is told by _forward_trace itself
             backwards[i].advance(math.inf)
 
     grads = await _all_or_none([piece(i, lo, hi, hops) for i, (lo, hi, hops) in enumerate(pieces)])
@@ -431,7 +430,7 @@ async def _prepare_call(
                 f"lora has weights for block(s) {outside[:5]} outside the call's blocks "
                 f"[{start}, {end}); send only the weights of the blocks you run (Lora.for_blocks)",
             )
-    allowed = kwargs.get("allowed")
+    allowed, tokens = kwargs.get("allowed"), kwargs.get("pipeline_min_tokens")
     call = _Call(
         router,
         view,
@@ -447,7 +446,7 @@ async def _prepare_call(
         lora=lora,
         adapter=kwargs.get("adapter"),
         keep=kwargs.get("keep", False),
-        pipeline_min_tokens=kwargs.get("pipeline_min_tokens", router.pipeline_min_tokens),
+        pipeline_min_tokens=router.pipeline_min_tokens if tokens is None else tokens,
     )
     return call, end
 
@@ -497,7 +496,7 @@ async def forward(
             split_min_rows=split_min_rows,
             lora=lora,
             adapter=adapter,
-            pipeline_min_tokens=router.pipeline_min_tokens if pipeline_min_tokens is None else pipeline_min_tokens,
+            pipeline_min_tokens=pipeline_min_tokens,
         ),
     )
     return out
@@ -600,7 +599,7 @@ async def backward(
             split_min_rows=1 << 30,
             lora=lora,
             adapter=adapter,
-            pipeline_min_tokens=router.pipeline_min_tokens if pipeline_min_tokens is None else pipeline_min_tokens,
+            pipeline_min_tokens=pipeline_min_tokens,
         ),
     )
     if tuple(grad.shape) != tuple(hidden.shape):

@@ -255,7 +255,11 @@ def split_batch(batch: int, servers: Sequence[ServerInfo], min_rows: int = 1) ->
     return parts
 
 
-def pipeline_parts(rows: int, tokens: int, hops: int, min_tokens: int = 128) -> list[tuple[int, int]]:
+PIPELINE_MIN_TOKENS = 128
+"""The fewest tokens of a pipeline's micro-batch by default (petald --pipeline-min-tokens)."""
+
+
+def pipeline_parts(rows: int, tokens: int, hops: int, min_tokens: int = PIPELINE_MIN_TOKENS) -> list[tuple[int, int]]:
     """Row ranges ``[lo, hi)`` of the micro-batches a forward of ``rows`` x ``tokens`` runs as through ``hops`` hops.
 
     Hop j of micro-batch i runs while hop j+1 runs micro-batch i-1, so the servers of a chain compute at the same

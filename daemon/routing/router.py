@@ -28,6 +28,7 @@ from petal.daemon.net.transport import Transport
 from petal.daemon.routing.bans import BanList
 from petal.daemon.routing.chains import (
     DEFAULT_LATENCY,
+    PIPELINE_MIN_TOKENS,
     Hop,
     min_latency_chain,
     no_route_error,
@@ -135,7 +136,7 @@ class Router:
         max_views: int = MAX_VIEWS,
         spot_check_rate: float = 0.0,
         local_forward: LocalForward | None = None,
-        pipeline_min_tokens: int = 128,
+        pipeline_min_tokens: int = PIPELINE_MIN_TOKENS,
     ) -> None:
         self.transport = transport
         self.dht = dht

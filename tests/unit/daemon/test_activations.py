@@ -147,26 +147,30 @@ async def test_a_pipelined_kept_forward_and_its_backward_equal_the_unsplit_ones(
         servers = [s for s, _, _ in local.servers.values()]
         assert all(len(s.activations) == 4 for s in servers)
         got = await backward(local.router, MODEL, h, grad, **args, kept=chain)
-        # 1-row matmuls and per-piece LoRA sums round differently (bit-equal without LoRA): within 1e-4 of the max
         assert got[2] is not None and want[2] is not None and got[2].keys() == want[2].keys()
-        for a, b in [(out, want_out), (got[0], want[0]), (got[1], want[1])] + [
-            (got[2][k], want[2][k]) for k in want[2]
-        ]:
-            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), float((a - b).abs().max())
+        _assert_near(
+            [(out, want_out), (got[0], want[0]), (got[1], want[1])] + [(got[2][k], want[2][k]) for k in want[2]]
+        )
         assert all(s.recomputed == 0 and len(s.activations) == 0 for s in servers)
         assert all(s.activations.reused == 1 + 4 for s in servers)  # the unsplit call's graph, then the pieces'
 
         # no kept forward (a stateless caller): the forward re-runs as a pipeline, the servers recompute, same grads
         runs = [s.compute.forwards for s in servers]
         again = await backward(local.router, MODEL, h, grad, **args, pipeline_min_tokens=4)
-        first, last = (s for s in servers if s.span.start == 0), (s for s in servers if s.span.start == 3)
-        (first,), (last,) = first, last
+        first = next(s for s in servers if s.span.start == 0)
         # 4 micro-batches: the first server re-runs each forward, then recomputes it in its backward; the last only
         assert [s.compute.forwards - r for s, r in zip(servers, runs, strict=True)] == [
             8 if s is first else 4 for s in servers
         ]
         assert again[2] is not None
-        for a, b in [(again[0], want[0]), (again[1], want[1])] + [(again[2][k], want[2][k]) for k in want[2]]:
-            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), float((a - b).abs().max())
+        _assert_near([(again[0], want[0]), (again[1], want[1])] + [(again[2][k], want[2][k]) for k in want[2]])
     finally:
         await local.close()
+
+
+def _assert_near(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each (got, want) within 1e-4 of want's largest magnitude: 1-row matmuls and per-piece LoRA sums round
+    differently from the unsplit batch (bit-equal without LoRA)."""
+    for got, want in pairs:
+        diff = float((got - want).abs().max())
+        assert diff <= 1e-4 * float(want.abs().max()), diff
