@@ -37,8 +37,9 @@ ROUTE_TIMEOUT: Final = 10.0
 
 async def model_json(state: ApiState, model: SwarmModel) -> dict[str, Any]:
     router = state.router
-    try:  # the router's view checks the records against this daemon's copy of the model, when it has one
-        view = await router.view(model.name)
+    try:  # the router's view checks the records against this daemon's copy of the model, when it has one; fresh,
+        # so the route below never goes through a server this very answer shows offline
+        view = await router.view(model.name, fresh=True)
         num_blocks, fingerprint, family = view.num_blocks, view.fingerprint, view.family
     except PetalError:  # no server record confirms the model's shape: draw what the model records claim
         num_blocks, fingerprint, family = None, None, ""

@@ -107,6 +107,7 @@ async def get_route(request: web.Request) -> web.Response:
     model = request.query.get("model")
     if not model:
         raise PetalError("bad_request", "pass ?model=NAME")
+    await state.router.view(model, fresh=True)  # a diagnostic: route on what servers announce now, not a cached view
     chain = await state.router.inference_chain(model)
     links: dict[str, dict[str, str]] = getattr(state.node.transport, "peer_links", dict)()
     hops = [
