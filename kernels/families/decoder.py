@@ -279,6 +279,7 @@ class Prepared:
     key_mask: torch.Tensor  # [B, past + t], 1 = real token
     t: int
     masks: dict[int | None, torch.Tensor]  # attention window (None: full) -> additive mask [B, 1, t, past + t]
+    causal: bool = False  # no past, no padding: plain causal attention, no mask (see `Attention._attend`)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """The additive mask for a block with this attention window, built once per call."""
@@ -370,13 +371,16 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if kv is not None:
             k, v = kv.update(k, v)
-        mask = prepared.mask(self.window)
+        # a prompt without past or padding needs no mask: sdpa's causal kernel skips the hidden half of the scores
+        # (2048 tokens: 52 instead of 98 ms a layer on one CPU thread, the same output); else the explicit mask
+        causal = prepared.causal and (self.window is None or self.window >= t)
+        mask = None if causal else prepared.mask(self.window)
         if self.groups > 1:
             if t == 1:  # decode: fold the query heads of a group onto their kv head instead of copying keys
                 q = q.reshape(batch, self.kv_heads, self.groups, self.head_dim)
             else:
                 k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling)
         return out.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, -1)
 
 
@@ -476,7 +480,8 @@ class BlockRunner:
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, t, head_dim]
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        return Prepared(cos=cos, sin=sin, key_mask=attention_mask, t=t, masks={})
+        causal = t > 1 and attention_mask.shape[1] == t and bool(attention_mask.all())
+        return Prepared(cos=cos, sin=sin, key_mask=attention_mask, t=t, masks={}, causal=causal)
 
     def run_block(
         self, block: nn.Module, hidden: torch.Tensor, prepared: Prepared, kv: LayerSlot | None

@@ -210,6 +210,35 @@ def test_cached_steps_equal_full_forward(model: torch.nn.Module) -> None:
     maxdiff("prefill 5 + 6 steps", model, torch.cat(outs, 1), full)
 
 
+def test_a_prompt_without_past_or_padding_runs_unmasked_and_equals_the_masked_run(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoder families skip the explicit mask (sdpa's causal kernel) exactly when nothing needs masking."""
+    from petal.kernels.families.decoder import BlockRunner
+
+    span, x = Span.from_model(model, 0, 6), torch.randn(2, 12, model.config.hidden_size)
+    if type(span._runner).prepare is not BlockRunner.prepare:
+        pytest.skip("this family builds its own masks (soft-capped scores, ALiBi)")
+    ones = torch.ones(2, 12, dtype=torch.long)
+    assert span._runner.prepare(ones, 12, x.dtype).causal
+    assert not span._runner.prepare(ones, 4, x.dtype).causal  # a past: the mask is needed
+    assert not span._runner.prepare(
+        torch.cat([torch.zeros(2, 1, dtype=torch.long), ones[:, 1:]], 1), 12, x.dtype
+    ).causal
+    assert not span._runner.prepare(ones[:, :1], 1, x.dtype).causal
+    with torch.no_grad():
+        fast = span(x)
+        prepare = span._runner.prepare
+
+        def masked(*args: object) -> object:
+            prepared = prepare(*args)
+            prepared.causal = False
+            return prepared
+
+        monkeypatch.setattr(span._runner, "prepare", masked)
+        maxdiff("unmasked causal vs masked", model, fast, span(x))
+
+
 def test_history_replay_after_truncate(model: torch.nn.Module) -> None:
     """A replacement server replays inputs: truncating and re-running gives the same outputs."""
     span, x = Span.from_model(model, 2, 5), torch.randn(1, 8, model.config.hidden_size)
