@@ -145,8 +145,9 @@ class Config:
     # trust (petal.daemon.routing.spotcheck): fraction of hops of this daemon's requests re-run on a second server
     # (or on its own blocks) and compared; 0 disables
     spot_check_rate: float = 0.01
-    # this daemon's forwards of several rows run as a pipeline of micro-batches of at least this many tokens, so a
-    # chain's servers compute at the same time (petal.daemon.routing.chains.pipeline_parts); 0: one batch, in turn
+    # this daemon's forwards of several rows, and long session steps (a prompt's prefill), run as a pipeline of
+    # micro-batches of at least this many tokens, so a chain's servers compute at the same time
+    # (petal.daemon.routing.chains.pipeline_parts, prefill_parts); 0: one batch, in turn
     pipeline_min_tokens: int = 128
     # TEST ONLY: served spans add noise of this relative size to their output (a "lying" server for tests of spot
     # checks); refused unless PETAL_TEST_ONLY=1 is in the environment. 0: off (the default)

@@ -94,7 +94,8 @@ EPILOG = (
 @click.option(
     "--pipeline-min-tokens",
     type=int,
-    help="Forwards of several rows run as a pipeline of micro-batches of at least this many tokens; 0: off [128].",
+    help="Forwards of several rows and long prefills run as a pipeline of micro-batches of at least this many tokens; "
+    "0: off [128].",
 )
 @click.option("--test-lie", type=float, hidden=True, help="TEST ONLY (needs PETAL_TEST_ONLY=1): add noise to output.")
 @click.option("--alloc-timeout", type=float, help="Seconds a session waits for KV budget before 'busy' [10].")

@@ -269,8 +269,26 @@ def pipeline_parts(rows: int, tokens: int, hops: int, min_tokens: int = PIPELINE
     """
     if rows <= 0 or tokens <= 0:
         raise ValueError("pipeline_parts needs a positive batch")
-    k = 1 if hops < 2 else max(1, min(rows, 2 * hops, rows * tokens // max(1, min_tokens)))
-    base, extra = divmod(rows, k)
+    return _even_ranges(rows, _micro_batches(rows, rows * tokens, hops, min_tokens))
+
+
+def prefill_parts(rows: int, tokens: int, hops: int, min_tokens: int = PIPELINE_MIN_TOKENS) -> list[tuple[int, int]]:
+    """Token ranges ``[lo, hi)`` an inference step of ``rows`` x ``tokens`` (a prompt's prefill) runs as through
+    ``hops`` hops: the same pipeline as `pipeline_parts`, cut along positions instead of rows, since a session's rows
+    share one cache. Each server runs the chunks in order, so every chunk finds the positions before it cached."""
+    if rows <= 0 or tokens <= 0:
+        raise ValueError("prefill_parts needs a positive step")
+    return _even_ranges(tokens, _micro_batches(tokens, rows * tokens, hops, min_tokens))
+
+
+def _micro_batches(most: int, tokens: int, hops: int, min_tokens: int) -> int:
+    """How many micro-batches: up to 2 per hop and ``most``, none under ``min_tokens``; one without a pipeline."""
+    return 1 if hops < 2 else max(1, min(most, 2 * hops, tokens // max(1, min_tokens)))
+
+
+def _even_ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into ``k`` contiguous ranges whose sizes differ by at most one."""
+    base, extra = divmod(n, k)
     parts, lo = [], 0
     for i in range(k):
         hi = lo + base + (1 if i < extra else 0)

@@ -19,8 +19,14 @@ import torch
 
 from petal.daemon import trace
 from petal.daemon.net.transport import StreamClosed, TransportError
-from petal.daemon.routing.chains import Hop
-from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
+from petal.daemon.routing.chains import Hop, prefill_parts
+from petal.daemon.routing.faults import (
+    DEFAULT_MAX_RETRIES,
+    check_hidden,
+    gave_up,
+    is_server_fault,
+    slice_prompts,
+)
 from petal.daemon.routing.remote import RemoteInference
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.swarm import SwarmView
@@ -273,7 +279,10 @@ class InferenceSession:
                 self._reordered(reorder)
             x = hidden.detach().clone()
             try:
-                if self.push and any(self._pushes(i) for i in range(len(self._links) - 1)):
+                out = await self._step_pipelined(x, mask, failures) if reorder is None else None
+                if out is not None:
+                    x = out
+                elif self.push and any(self._pushes(i) for i in range(len(self._links) - 1)):
                     x = await self._step_push(x, mask, failures)
                 else:
                     x = await self._step_plain(x, mask, failures)
@@ -323,8 +332,11 @@ class InferenceSession:
     def _reorder_for(self, link: _Link) -> list[int] | None:
         return self._reorder if link.reorder else None
 
-    def _prompts(self, link: _Link) -> torch.Tensor | None:
-        if self.prompts is None or self.position >= self.prompts.shape[2]:
+    def _prompts(self, link: _Link, position: int | None = None) -> torch.Tensor | None:
+        """The deep prompts ``link``'s server needs with a step at ``position`` (default: the session's): its blocks'
+        share while the step starts inside the prompt positions, else None."""
+        at = self.position if position is None else position
+        if self.prompts is None or at >= self.prompts.shape[2]:
             return None
         return slice_prompts(self.prompts, self.start, link.hop)
 
@@ -373,6 +385,65 @@ class InferenceSession:
             x = out
             i += 1
         return x
+
+    async def _step_pipelined(
+        self, x: torch.Tensor, mask: torch.Tensor | None, failures: list[BaseException]
+    ) -> torch.Tensor | None:
+        """A long step (a prompt's prefill) as a pipeline: cut along positions (`chains.prefill_parts`), chunk c
+        enters a hop once chunk c - 1 has left it, so the chain's servers compute at the same time instead of in
+        turn. None when the step is too short or the chain has one hop: the caller runs it whole.
+
+        Each chunk makes a round trip per hop (no push: a chunk is long, a round trip is small beside it). When a
+        hop fails, no chunk is sent any further, the ones in flight finish (so healthy servers' streams stay usable),
+        nothing of the step is kept, and a server fault is handled as the other paths do (ban, replace the hop with
+        its history replayed) before the caller runs the step whole; other errors are raised.
+        """
+        links, min_tokens = list(self._links), self.router.pipeline_min_tokens
+        parts = prefill_parts(self.batch, x.shape[1], len(links), min_tokens) if min_tokens > 0 else []
+        if len(parts) < 2:
+            return None
+        left = [[asyncio.Event() for _ in links] for _ in parts]  # chunk c has left hop i
+        inputs: list[list[torch.Tensor]] = [[] for _ in links]  # each hop's input, chunk after chunk
+        failed: list[tuple[int, Exception]] = []  # (hop, error): the first one stops the pipeline
+
+        async def run(c: int, lo: int, hi: int) -> torch.Tensor | None:
+            y, at = x[:, lo:hi], self.position + lo
+            m = None if mask is None else mask[:, : at + hi - lo]
+            for i, link in enumerate(links):
+                if c:
+                    await left[c - 1][i].wait()
+                if failed:
+                    return None
+                inputs[i].append(y)  # in chunk order: chunk c - 1 appended before it left this hop
+                try:
+                    y = await link.remote.step(
+                        y, mask=m, position=at, prompts=self._prompts(link, at), timeout=self.step_timeout
+                    )
+                except Exception as e:  # noqa: BLE001 - handled (or re-raised) once the chunks in flight are done
+                    failed.append((i, e))
+                    for events in left:  # wake the chunks waiting behind: they stop where they are
+                        for event in events:
+                            event.set()
+                    return None
+                left[c][i].set()
+            return y
+
+        outs = await asyncio.gather(*(run(c, lo, hi) for c, (lo, hi) in enumerate(parts)))
+        if failed:
+            i, error = failed[0]
+            self._failed(links[i], error, failures)  # re-raises the caller's errors
+            log.info(
+                "a pipelined step at position %d failed on %s (%s); running it whole",
+                self.position,
+                links[i].hop.peer_id,
+                error,
+            )
+            await self._replace(i, failures)
+            await self._repair(failures)  # any other stream a failure closed
+            return None
+        for link, chunks in zip(links, inputs, strict=True):
+            link.history.append(torch.cat(chunks, dim=1))  # one entry per step, as the other paths keep it
+        return torch.cat([out for out in outs if out is not None], dim=1)
 
     def _pushes(self, i: int) -> bool:
         """Whether hop ``i`` may push its output to hop ``i + 1``."""

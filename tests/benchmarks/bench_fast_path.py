@@ -10,13 +10,14 @@ process on `--threads` torch threads:
                 the Python client (`RemoteModelForCausalLM.from_pretrained(dir, socket)`), so the socket, the client
                 daemon, the wire between daemons and the servers are all on the path;
   1 hop         one petald serving every block + a client petald (with --hops: per extra hop = (3 hops - 1 hop) / 2);
-  3 hops in turn  (forward only) 3 hops whose client petald runs with --pipeline-min-tokens 0: the batch goes hop
-                after hop as one, where by default it runs as a pipeline of micro-batches (the servers compute at
-                the same time).
+  3 hops in turn  (forward and prefill only) 3 hops whose client petald runs with --pipeline-min-tokens 0: the
+                batch (the prompt) goes hop after hop as one, where by default it runs as a pipeline of micro-batches
+                (position chunks) and the servers compute at the same time.
 
 Workloads: decode (greedy, one token per step, the inference session streamed over the socket; per-step times of
 `--steps` steps after a prefill), forward `--fwd-batch` x `--tokens` (logits, no grad), forward+backward 1 x
-`--tokens` with `--prompts` trainable soft prompts (prompt tuning: loss.backward() through the swarm).
+`--tokens` with `--prompts` trainable soft prompts (prompt tuning: loss.backward() through the swarm), prefill
+(time to first token of a 1 x `--prefill` prompt: open a session, run the prompt, the last position's logits).
 
 `--budget` instead runs decode steps through 3 hops with PETAL_TRACE on in every daemon (petal.daemon.trace) and
 prints where the time of one step goes: every traced event's median offset from the step's start, the gap from
@@ -123,6 +124,20 @@ def forward_s(model: Any, ids: torch.Tensor) -> float:
         return time.perf_counter() - t0
 
 
+def prefill_s(model: Any, ids: torch.Tensor) -> float:
+    """Seconds to the first token of prompt `ids`: open an inference session, prefill it, the last logits."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        if isinstance(model, Transformers):
+            logits = model.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[:, -1]
+            return time.perf_counter() - t0
+        with model.inference_session(ids.shape[1] + 1) as session:
+            logits = model.parts.logits(session.step(model.parts.embed(ids))[:, -1:])
+            took = time.perf_counter() - t0
+        assert logits.shape[:2] == (1, 1)
+        return took
+
+
 def train_s(model: Any, ids: torch.Tensor, init: torch.Tensor) -> float:
     """One prompt-tuning step: soft prompts (from `init`) in front of the embeddings, next-token loss, backward."""
     t0 = time.perf_counter()
@@ -197,6 +212,7 @@ def figures(args: argparse.Namespace, path: Path) -> None:
     prompt_ids = torch.randint(0, vocab, (1, 8), generator=gen)
     fwd_ids = torch.randint(0, vocab, (args.fwd_batch, args.tokens), generator=gen)
     train_ids = torch.randint(0, vocab, (1, args.tokens), generator=gen)
+    long_ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
     setups: dict[str, Any] = {"local": LocalModel(path), "transformers": Transformers(path)}
     swarms: list[Swarmed] = []
     try:
@@ -208,7 +224,7 @@ def figures(args: argparse.Namespace, path: Path) -> None:
         if args.also:
             swarms.append(Swarmed("3also", path, thirds(n), args, server_args=(args.also,)))
             setups[f"3 hops {args.also}"] = swarms[-1].model
-        if "forward" in args.only:
+        if "forward" in args.only or "prefill" in args.only:
             swarms.append(Swarmed("3turn", path, thirds(n), args, client_args=("--pipeline-min-tokens", "0")))
             setups[IN_TURN] = swarms[-1].model
         hidden = int(info.config.hidden_size)
@@ -221,6 +237,8 @@ def figures(args: argparse.Namespace, path: Path) -> None:
                 forward_s(model, fwd_ids)
             if "train" in args.only and name != IN_TURN:
                 train_s(model, train_ids, init)
+            if "prefill" in args.only:
+                prefill_s(model, long_ids)
         samples: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for r in range(args.rounds):
             order = list(setups.items())
@@ -233,6 +251,8 @@ def figures(args: argparse.Namespace, path: Path) -> None:
                     samples[(name, "forward")].append(forward_s(model, fwd_ids))
                 if "train" in args.only and name != IN_TURN:
                     samples[(name, "train")].append(train_s(model, train_ids, init))
+                if "prefill" in args.only:
+                    samples[(name, "prefill")].append(prefill_s(model, long_ids))
             latest = {f"{name} {kind}": f"{v[-1]:.3f}" for (name, kind), v in samples.items() if kind != "decode"}
             latest |= {
                 f"{name} decode ms": f"{statistics.median(v[-args.steps :]) * 1e3:.2f}"
@@ -252,6 +272,7 @@ def report(samples: dict[tuple[str, str], list[float]], setups: dict[str, Any], 
         ("decode steps/s", "decode", lambda s: 1 / s),
         (f"forward {args.fwd_batch}x{args.tokens} tokens/s", "forward", lambda s: fwd_tokens / s),
         (f"fwd+bwd 1x{args.tokens} tokens/s ({args.prompts} prompts)", "train", lambda s: train_tokens / s),
+        (f"prefill 1x{args.prefill} tokens/s (to first token)", "prefill", lambda s: args.prefill / s),
     ]
     names = list(setups)
     print("| workload | " + " | ".join(names) + " | 3 hops ÷ local |")
@@ -354,13 +375,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--fwd-batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16, help="soft prompts trained in the fwd+bwd workload")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill workload")
     ap.add_argument("--hops", action="store_true", help="also a 1-hop swarm, for the cost per extra hop")
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["decode", "forward", "train"],
-        default=["decode", "forward", "train"],
-        help="the workloads to time [all three]",
+        choices=["decode", "forward", "train", "prefill"],
+        default=["decode", "forward", "train", "prefill"],
+        help="the workloads to time [all four]",
     )
     ap.add_argument("--budget", action="store_true", help="trace decode steps through 3 hops instead")
     ap.add_argument(
