@@ -7,6 +7,9 @@ Server cases run a real `BlockServer` over MemoryTransport (the `swarm` fixture 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import torch
 
 from petal.daemon.net.transport import MemoryTransport, PeerAddr
@@ -19,6 +22,20 @@ from tests.support.tinymodels import tiny_llama
 from tests.unit.daemon.test_server import model_dir, swarm  # noqa: F401  # fixtures
 
 MB = 2**20
+
+
+@contextlib.asynccontextmanager
+async def local_swarm(*spans: tuple[int, int]) -> AsyncIterator[tuple[LocalSwarm, torch.nn.Module]]:
+    """In-process servers of a tiny Llama, one per span, and the model they serve."""
+    model = tiny_llama(num_hidden_layers=N)
+    local = LocalSwarm(model)
+    await local.start()
+    try:
+        for a, b in spans:
+            await local.add(a, b)
+        yield local, model
+    finally:
+        await local.close()
 
 
 def kept(nbytes: int) -> Kept:
@@ -97,13 +114,7 @@ async def test_a_gone_or_foreign_activation_is_recomputed(swarm) -> None:  # noq
 
 
 async def test_a_kept_hop_whose_server_died_is_recomputed_elsewhere() -> None:
-    model = tiny_llama(num_hidden_layers=N)
-    local = LocalSwarm(model)
-    await local.start()
-    try:
-        await local.add(0, 3)
-        await local.add(3, 6)
-        await local.add(3, 6)
+    async with local_swarm((0, 3), (3, 6), (3, 6)) as (local, model):
         h = embed(model, torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(6))).detach()
         grad = torch.randn(2, 7, h.shape[-1], generator=torch.Generator().manual_seed(7))
         expected, _, _ = await backward(local.router, MODEL, h, grad, codec="none")
@@ -114,8 +125,6 @@ async def test_a_kept_hop_whose_server_died_is_recomputed_elsewhere() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
         first = local.servers[chain.pieces[0].hops[0].hop.peer_id][0]
         assert first.activations.reused == 1 and len(first.activations) == 0  # the surviving hop reused its graph
-    finally:
-        await local.close()
 
 
 async def test_a_pipelined_kept_forward_and_its_backward_equal_the_unsplit_ones() -> None:
@@ -124,12 +133,7 @@ async def test_a_pipelined_kept_forward_and_its_backward_equal_the_unsplit_ones(
     deep prompts, and LoRA weights (summed over the micro-batches)."""
     from tests.unit.daemon.test_session_reorder import random_lora
 
-    model = tiny_llama(num_hidden_layers=N)
-    local = LocalSwarm(model)
-    await local.start()
-    try:
-        await local.add(0, 3)
-        await local.add(3, 6)
+    async with local_swarm((0, 3), (3, 6)) as (local, model):
         gen = torch.Generator().manual_seed(8)
         h = embed(model, torch.randint(0, 128, (4, 7), generator=gen)).detach()
         mask = torch.ones(4, 7, dtype=torch.long)
@@ -164,8 +168,6 @@ async def test_a_pipelined_kept_forward_and_its_backward_equal_the_unsplit_ones(
         ]
         assert again[2] is not None
         _assert_near([(again[0], want[0]), (again[1], want[1])] + [(again[2][k], want[2][k]) for k in want[2]])
-    finally:
-        await local.close()
 
 
 def _assert_near(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
