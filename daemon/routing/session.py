@@ -20,13 +20,7 @@ import torch
 from petal.daemon import trace
 from petal.daemon.net.transport import StreamClosed, TransportError
 from petal.daemon.routing.chains import Hop, prefill_parts
-from petal.daemon.routing.faults import (
-    DEFAULT_MAX_RETRIES,
-    check_hidden,
-    gave_up,
-    is_server_fault,
-    slice_prompts,
-)
+from petal.daemon.routing.faults import DEFAULT_MAX_RETRIES, check_hidden, gave_up, is_server_fault, slice_prompts
 from petal.daemon.routing.remote import RemoteInference
 from petal.daemon.routing.router import Router
 from petal.daemon.routing.swarm import SwarmView
@@ -398,10 +392,11 @@ class InferenceSession:
         nothing of the step is kept, and a server fault is handled as the other paths do (ban, replace the hop with
         its history replayed) before the caller runs the step whole; other errors are raised.
         """
-        links, min_tokens = list(self._links), self.router.pipeline_min_tokens
-        parts = prefill_parts(self.batch, x.shape[1], len(links), min_tokens) if min_tokens > 0 else []
+        min_tokens = self.router.pipeline_min_tokens  # every decode step asks: answer it before allocating anything
+        parts = prefill_parts(self.batch, x.shape[1], len(self._links), min_tokens) if min_tokens > 0 else []
         if len(parts) < 2:
             return None
+        links = list(self._links)
         left = [[asyncio.Event() for _ in links] for _ in parts]  # chunk c has left hop i
         inputs: list[list[torch.Tensor]] = [[] for _ in links]  # each hop's input, chunk after chunk
         failed: list[tuple[int, Exception]] = []  # (hop, error): the first one stops the pipeline

@@ -119,14 +119,14 @@ def test_all_defaults_long_prompt_prefills_as_a_pipeline_and_equals_transformers
     by one, so the three compute at the same time) and the greedy tokens still equal transformers'."""
     tokenizer, ids_of = greedy_ids
     prompt = " ".join(f"Fact {i}: the {i}th city on the list is larger than the one before it." for i in range(20))
-    n = len(tokenizer(prompt)["input_ids"])
-    assert n >= 256, f"the prompt is {n} tokens: too short for 2 chunks of 128"
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) >= 256, f"the prompt is {len(ids)} tokens: too short for 2 chunks of 128"
     before = swarm.status()["serving"][0]["inference_steps"]
     done = petalctl(swarm.socket, "--json", "generate", "-m", MODEL, prompt, "--max-new-tokens", "8")
     assert done.returncode == 0, done.stderr
     ran = swarm.status()["serving"][0]["inference_steps"] - before
     last = json.loads(done.stdout.splitlines()[-1])
-    assert last["tokens"] == ids_of(tokenizer(prompt)["input_ids"], 8)
+    assert last["tokens"] == ids_of(ids, 8)
     assert ran >= 7 + 2, f"blocks 0..10 ran {ran} steps for 7 decode steps: the prefill was not cut in chunks"
 
 

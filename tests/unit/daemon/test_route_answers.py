@@ -8,7 +8,6 @@ before, shows it offline (a flaky ``petalctl route`` in CI, stop 22).
 from __future__ import annotations
 
 import json
-import time
 from types import SimpleNamespace
 
 from petal.daemon.api.dashboard_data import model_json
@@ -36,8 +35,8 @@ async def test_route_and_dashboard_leave_out_a_server_that_withdrew_since_the_vi
             await node.announce(block_key(MODEL, block), record.to_value(), ttl=60)
     fast_id, slow_id = fast.identity.peer_id, slow.identity.peer_id
     router = Router(None, reader, max_age=60.0)  # type: ignore[arg-type]  # no probes: latencies are set below
-    router.latency.update({fast_id: 0.001, slow_id: 0.050})
-    router._probed_at.update(dict.fromkeys((fast_id, slow_id), time.monotonic()))
+    router.record_latency(fast_id, 0.001)
+    router.record_latency(slow_id, 0.050)
     state = SimpleNamespace(router=router, node=SimpleNamespace(dht=reader, transport=None))
     request = SimpleNamespace(query={"model": MODEL}, app={STATE_KEY: state})
     try:
